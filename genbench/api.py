@@ -1,0 +1,129 @@
+"""The one interface every generator implements, and its small value types.
+
+A generator is trained by ``fit`` and then asked for samples by ``sample``; ``nfe`` declares how
+many network evaluations one ``sample`` call makes, and ``nfe_module`` names the module whose
+forward calls are those evaluations, so that the runner and the tests can count them with a hook
+instead of trusting the declaration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+BUDGETS = ("quick", "default", "full")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class FitInfo:
+    steps: int
+    final_loss: float
+    train_s: float
+    losses: list[float] = field(default_factory=list)  # loss curve, one value per logged step
+    log_every: int = 1
+    extras: dict[str, float] = field(default_factory=dict)  # e.g. teacher_train_s
+
+
+class Generator:
+    """Base class of every model (built-in or plugin).
+
+    Subclasses set ``name``, a ``Config`` dataclass (documented defaults) and ``budgets``, a map
+    from budget name to the config fields it overrides (usually the number of training steps).
+    """
+
+    name: ClassVar[str] = "generator"
+    Config: ClassVar[type] = object
+    budgets: ClassVar[dict[str, dict[str, Any]]] = {b: {} for b in BUDGETS}
+    #: the name of a model that must be fitted first and is passed to ``fit`` as ``teacher``
+    teacher: ClassVar[str | None] = None
+    #: True where ``sample(steps=k)`` gives a different sampler per k (diffusion, CM multistep)
+    multistep: ClassVar[bool] = False
+
+    def __init__(self, budget: str = "default", params: dict[str, str] | None = None, config: Any = None):
+        """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
+        from ``--param``, parsed to each field's type), are applied to the defaults."""
+        if budget not in self.budgets:
+            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join(self.budgets)}")
+        if config is None:
+            config = apply_params(dataclasses.replace(self.Config(), **self.budgets[budget]), params or {})
+        self.config = config
+        self.budget = budget
+
+    # -- the interface ------------------------------------------------------------------------
+    def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: "Generator | None" = None) -> FitInfo:
+        raise NotImplementedError
+
+    def sample(self, n: int, *, steps: int | None = None, seed: int | None = None):
+        raise NotImplementedError
+
+    def nfe(self, steps: int | None = None) -> int:
+        raise NotImplementedError
+
+    @property
+    def nfe_module(self):
+        """The torch module one forward call of which is one network evaluation."""
+        raise NotImplementedError
+
+    @property
+    def variant(self) -> str:
+        """A short label of the sampler / architecture in use (shown in tables)."""
+        return ""
+
+    def default_steps(self) -> int | None:
+        return None
+
+    # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, device: str = "cpu") -> None:
+        raise NotImplementedError
+
+    # -- extras a family can report (e.g. the flow's test NLL, the VAE's ELBO) ------------------
+    def evaluate(self, test_data) -> dict[str, float]:
+        return {}
+
+
+def _coerce(value: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        typ = args[0]
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+    if typ in (int, float, str):
+        return typ(value)
+    if origin is tuple:
+        inner = typing.get_args(typ)[0]
+        return tuple(_coerce(v, inner) for v in value.split(":") if v)
+    raise ValueError(f"cannot parse {typ}")
+
+
+def apply_params(config: Any, params: dict[str, str]) -> Any:
+    """Returns ``config`` with string overrides applied, each parsed to the field's type."""
+    if not params:
+        return config
+    hints = typing.get_type_hints(type(config))
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for key, raw in params.items():
+        if key not in fields:
+            raise UsageError(
+                f"unknown parameter {key!r} for {type(config).__qualname__}; valid: {', '.join(sorted(fields))}"
+            )
+        try:
+            changes[key] = _coerce(raw, hints[key])
+        except ValueError as e:
+            raise UsageError(f"bad value {raw!r} for parameter {key!r}: {e}") from None
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,267 @@
+"""Consistency models (Song et al. 2023): distillation from the diffusion model (``cm-cd``) and
+improved consistency training from scratch (``cm-ct``, Song & Dhariwal 2023).
+
+The consistency function is ``f(x, t) = c_skip(t) x + c_out(t) F(c_in x, c_noise)`` with
+``c_skip(eps) = 1`` and ``c_out(eps) = 0``, so ``f(x, eps) = x`` holds exactly for any weights.
+Two parametrisations:
+
+- ``song`` (default): c_skip = sd^2 / ((t - eps)^2 + sd^2), c_out = sd (t - eps) / sqrt(sd^2 + t^2)
+  (the EDM coefficients shifted by eps). With the same c_in / c_noise as the diffusion model, a
+  student initialised from the teacher's weights starts as the teacher's one-step denoiser.
+- ``linear`` (the source report's): s = clamp((t - eps)/(T - eps), 0, 1), c_skip = 1 - s, c_out = s.
+
+As for diffusion, data are standardised to sd = 0.5 so that the image-scale constants of the papers
+(eps = 0.002, T = 80, sd = 0.5, the pseudo-Huber c = 0.00054 sqrt(dim), P_mean / P_std) apply as
+published; every time below is in those units.
+
+Sampling: one step ``f(x_T, T)``, ``x_T ~ N(0, T^2 I)`` (1 NFE), or multistep (Algorithm 1 of the
+paper): after the first step, for each tau_n of a decreasing schedule, ``x <- f(x + sqrt(tau_n^2 -
+eps^2) z, tau_n)`` (k steps = k NFE). The schedule for k steps is the k - 1 points of a Karras
+(rho = 7) grid from ``tau_max`` down towards eps, without eps itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..api import FitInfo, Generator
+from .diffusion import Diffusion, time_grid
+from .nets import EMA, Standardizer, TimeMLP, fit_loop, generator, seeded
+
+PARAMETRIZATIONS = ("song", "linear")
+DISTANCES = ("l2", "huber")
+
+
+class ConsistencyFunction(torch.nn.Module):
+    def __init__(self, hidden: int, depth: int, emb_dim: int, eps: float, T: float, sd: float, form: str = "song"):
+        super().__init__()
+        if form not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {form!r}; valid: {', '.join(PARAMETRIZATIONS)}")
+        self.eps, self.T, self.sd, self.form = eps, T, sd, form
+        self.net = TimeMLP(2, hidden, depth, emb_dim)
+
+    def coefficients(self, t: torch.Tensor):
+        if self.form == "song":
+            c_skip = self.sd**2 / ((t - self.eps) ** 2 + self.sd**2)
+            c_out = self.sd * (t - self.eps) / (self.sd**2 + t**2).sqrt()
+        else:
+            s = ((t - self.eps) / (self.T - self.eps)).clamp(0, 1)
+            c_skip, c_out = 1 - s, s
+        return c_skip, c_out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c_skip, c_out = self.coefficients(t)
+        return c_skip * x + c_out * self.net(x / (t**2 + self.sd**2).sqrt(), t.log() / 4)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """``sqrt(|a - b|^2 + c^2) - c`` per row."""
+    return (((a - b) ** 2).sum(1) + c * c).sqrt() - c
+
+
+def ct_discretisation(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's curriculum: N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1))."""
+    k_prime = max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // k_prime), s1) + 1
+
+
+def lognormal_level_probs(sigmas: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+    """iCT's discretised lognormal: p(i) ∝ erf((ln s_{i+1} - P_mean)/(sqrt2 P_std)) - erf((ln s_i - P_mean)/(sqrt2 P_std))
+    over the N - 1 adjacent pairs of the ascending grid ``sigmas``."""
+    e = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2) * p_std))
+    p = e[1:] - e[:-1]
+    return (p / p.sum()).float()
+
+
+@dataclass
+class ConsistencyConfig:
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    parametrization: str = "song"  # song | linear
+    distance: str = "l2"  # l2 | huber (pseudo-Huber, c = 0.00054 sqrt(2))
+    hidden: int = 128
+    depth: int = 3
+    emb_dim: int = 64
+    lr: float = 1e-3
+    batch: int = 512
+    train_steps: int = 4000
+    ema_decay: float = 0.999  # CD: the target network theta^-, also used for sampling; CT: evaluation EMA
+    tau_max: float = 0.5  # multistep: the first re-noising level
+    default_steps: int = 1
+    # CD only
+    grid_points: int = 32  # N, Karras (rho = 7) spaced, as in the source report
+    teacher_solver: str = "euler"  # euler | heun
+    bc_weight: float = 0.0  # the report's optional boundary loss |f(x + eps z, eps) - x|^2
+    init_from_teacher: bool = True
+    # CT only
+    s0: int = 10
+    s1: int = 1280
+    p_mean: float = -1.1
+    p_std: float = 2.0
+
+
+class _Consistency(Generator):
+    Config = ConsistencyConfig
+    multistep = True
+
+    def _build(self, device: str):
+        c = self.config
+        if c.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {c.distance!r}; valid: {', '.join(DISTANCES)}")
+        self.device = device
+        self.model = ConsistencyFunction(c.hidden, c.depth, c.emb_dim, c.sigma_min, c.sigma_max, c.sigma_data,
+                                         c.parametrization).to(device)
+
+    def _distance(self, a, b):
+        if self.config.distance == "huber":
+            return pseudo_huber(a, b, 0.00054 * math.sqrt(a.shape[1]))
+        return ((a - b) ** 2).sum(1)
+
+    def _t(self, v) -> torch.Tensor:
+        return torch.full((1, 1), float(v), device=self.device)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def taus(self, steps: int) -> list[float]:
+        c = self.config
+        if steps <= 1:
+            return []
+        return time_grid(steps - 1, c.sigma_min, c.tau_max)[:-1].tolist()
+
+    @torch.no_grad()
+    def sample(self, n, *, steps=None, seed=None):
+        c = self.config
+        steps = steps or c.default_steps
+        g = generator(seed, self.device)
+        f = self.ema.model
+        x = f(c.sigma_max * torch.randn(n, 2, generator=g, device=self.device), self._t(c.sigma_max))
+        for tau in self.taus(steps):
+            z = torch.randn(n, 2, generator=g, device=self.device)
+            x = f(x + math.sqrt(tau**2 - c.sigma_min**2) * z, self._t(tau))
+        return self.std.back(x)
+
+    @torch.no_grad()
+    def one_step_map(self, n, *, steps=None, seed=None):
+        """[n, 2, 2]: pairs (x_T, f(x_T, T)) in data units, for the one-step arrow figure."""
+        c = self.config
+        x_T = c.sigma_max * torch.randn(n, 2, generator=generator(seed, self.device), device=self.device)
+        y = self.ema.model(x_T, self._t(c.sigma_max))
+        return torch.stack([self.std.back(x_T), self.std.back(y)], 1).cpu()
+
+    def nfe(self, steps=None) -> int:
+        return steps or self.config.default_steps
+
+    def default_steps(self) -> int:
+        return self.config.default_steps
+
+    @property
+    def nfe_module(self):
+        return self.ema.model.net
+
+    @property
+    def variant(self) -> str:
+        return f"{self.config.parametrization}/{self.config.distance}"
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "ema": self.ema.model.state_dict(), "std": self.std.state()}
+
+    def load_state_dict(self, state: dict, device: str = "cpu") -> None:
+        self._build(device)
+        self.ema = EMA(self.model, self.config.ema_decay)
+        self.ema.model.load_state_dict(state["ema"])
+        self.std = Standardizer.from_state(state["std"], device)
+
+
+class ConsistencyDistillation(_Consistency):
+    """Consistency distillation from the diffusion model of the same dataset and seed."""
+
+    name = "cm-cd"
+    teacher = "diffusion"
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
+
+    def fit(self, data, *, device="cpu", seed=0, teacher: Diffusion | None = None) -> FitInfo:
+        c = self.config
+        if teacher is None:
+            raise ValueError("cm-cd needs the trained diffusion model as teacher")
+        tc = teacher.config
+        if (tc.sigma_min, tc.sigma_max, tc.sigma_data) != (c.sigma_min, c.sigma_max, c.sigma_data):
+            raise ValueError("cm-cd and its diffusion teacher must share sigma_min, sigma_max and sigma_data")
+        with seeded(seed, device):
+            self._build(device)
+        if c.init_from_teacher:
+            self.model.net.load_state_dict(teacher.denoiser().net.state_dict())
+        self.ema = EMA(self.model, c.ema_decay)
+        self.std = teacher.std
+        x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
+        ts = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
+        D = teacher.denoiser()
+        g = generator(seed + 1, device)
+
+        def loss_fn(k):
+            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
+            n = torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device)
+            t_n, t_next = ts[n], ts[n + 1]
+            z = torch.randn(x.shape, generator=g, device=device)
+            x_next = x + t_next * z
+            with torch.no_grad():
+                d = D(x_next, t_next)
+                x_hat = torch.lerp(d, x_next, t_n / t_next)  # Euler step of dx/dt = (x - D)/t
+                if c.teacher_solver == "heun":
+                    d2 = D(x_hat, t_n)
+                    x_hat = x_next + 0.5 * (t_n - t_next) * ((x_next - d) / t_next + (x_hat - d2) / t_n)
+                target = self.ema.model(x_hat, t_n)
+            loss = self._distance(self.model(x_next, t_next), target).mean()
+            if c.bc_weight:
+                eps_t = torch.full_like(t_n, c.sigma_min)
+                loss = loss + c.bc_weight * ((self.model(x + c.sigma_min * z, eps_t) - x) ** 2).sum(1).mean()
+            return loss
+
+        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr,
+                        after_step=lambda k: self.ema.update(self.model), device=device)
+
+
+@dataclass
+class CTConfig(ConsistencyConfig):
+    distance: str = "huber"  # iCT's pseudo-Huber
+    train_steps: int = 8000
+
+
+class ConsistencyTraining(_Consistency):
+    """Improved consistency training (iCT) from scratch: no teacher."""
+
+    name = "cm-ct"
+    Config = CTConfig
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000}}
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        c = self.config
+        with seeded(seed, device):
+            self._build(device)
+        self.ema = EMA(self.model, c.ema_decay)
+        data = torch.as_tensor(data, dtype=torch.float32, device=device)
+        self.std = Standardizer(data, c.sigma_data)
+        x0 = self.std.to(data)
+        g = generator(seed + 1, device)
+        cache: dict[int, tuple] = {}
+
+        def levels(N: int):
+            if N not in cache:
+                s = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending, N points
+                cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).to(device))
+            return cache[N]
+
+        def loss_fn(k):
+            sig, probs = levels(ct_discretisation(k, c.train_steps, c.s0, c.s1))
+            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
+            i = torch.multinomial(probs, c.batch, replacement=True, generator=g).unsqueeze(1)
+            s_i, s_next = sig[i], sig[i + 1]
+            z = torch.randn(x.shape, generator=g, device=device)
+            with torch.no_grad():
+                target = self.model(x + s_i * z, s_i)  # stop-gradient of the online net, same z
+            dist = self._distance(self.model(x + s_next * z, s_next), target)
+            return (dist / (s_next - s_i).squeeze(1)).mean()
+
+        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr,
+                        after_step=lambda k: self.ema.update(self.model), device=device)

@@ -1,0 +1,206 @@
+"""Score-based diffusion with the variance-exploding perturbation ``x_t = x + t z`` and
+probability-flow ODE samplers (Song et al. 2021; Karras et al. 2022, "EDM").
+
+Parametrisation. The network F is wrapped as a denoiser ``D(x; t) = c_skip x + c_out F(c_in x,
+c_noise)`` and the score is ``s = (D - x) / t^2``. Two wrappings are available:
+``edm`` (default; Karras et al. Table 1: c_skip = sd^2/(t^2+sd^2), c_out = t sd/sqrt(t^2+sd^2)) and
+``score`` (plain denoising score matching: c_skip = 1, c_out = t, so F predicts -z and the loss is
+the classic ``t^2 |s - (-(x_t - x)/t^2)|^2``). Both use c_in = 1/sqrt(t^2+sd^2), c_noise = ln(t)/4
+and the loss weight lambda(t) = 1/c_out^2, which makes the target of F unit-variance at every t.
+
+Scale. The data are standardised to sd = 0.5 (zero mean, one scale for both axes) so that the image
+constants of EDM (sigma_min = 0.002, sigma_max = 80, sd = 0.5, P_mean = -1.2, P_std = 1.2) hold
+unchanged; all times t in this module are in those units. The mapping is undone on the samples.
+
+Training times: ln t ~ N(P_mean, P_std^2) (EDM's lognormal). Sampling integrates
+``dx/dt = -t s(x, t) = (x - D(x; t)) / t`` from ``x_T ~ N(0, T^2 I)`` down to ``eps`` with Euler
+(N NFE) or Heun (EDM Algorithm 1, last step Euler: 2N - 1 NFE) on a Karras (rho = 7) or uniform grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..api import FitInfo, Generator
+from .nets import EMA, Standardizer, TimeMLP, fit_loop, generator, seeded
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_min: float = 0.002  # eps, in standardised units
+    sigma_max: float = 80.0  # T
+    sigma_data: float = 0.5
+    parametrization: str = "edm"  # edm | score
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    hidden: int = 128
+    depth: int = 3
+    emb_dim: int = 64
+    lr: float = 2e-3
+    batch: int = 512
+    train_steps: int = 4500
+    ema_decay: float = 0.999
+    sampler: str = "euler"  # euler | heun
+    grid: str = "karras"  # karras | uniform
+    rho: float = 7.0
+    default_steps: int = 100
+
+
+PARAMETRIZATIONS = ("edm", "score")
+SAMPLERS = ("euler", "heun")
+GRIDS = ("karras", "uniform")
+
+
+def time_grid(steps: int, t_min: float, t_max: float, kind: str = "karras", rho: float = 7.0) -> torch.Tensor:
+    """``steps + 1`` decreasing times from t_max to t_min (Karras et al. eq. 5, or uniform)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    i = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if kind == "karras":
+        t = (t_max ** (1 / rho) + i * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+    elif kind == "uniform":
+        t = t_max + i * (t_min - t_max)
+    else:
+        raise ValueError(f"unknown grid {kind!r}; valid: {', '.join(GRIDS)}")
+    return t.float()
+
+
+class Denoiser(torch.nn.Module):
+    """``D(x; t) = c_skip x + c_out F(c_in x, c_noise)`` around a TimeMLP F."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        if cfg.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {cfg.parametrization!r}; valid: {', '.join(PARAMETRIZATIONS)}")
+        self.sd = cfg.sigma_data
+        self.edm = cfg.parametrization == "edm"
+        self.net = TimeMLP(2, cfg.hidden, cfg.depth, cfg.emb_dim)
+
+    def coefficients(self, t: torch.Tensor):
+        sd2 = self.sd**2
+        if self.edm:
+            c_skip = sd2 / (t**2 + sd2)
+            c_out = t * self.sd / (t**2 + sd2).sqrt()
+        else:
+            c_skip, c_out = torch.ones_like(t), t
+        return c_skip, c_out, 1 / (t**2 + sd2).sqrt(), t.log() / 4
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``t``: one time per row ([n, 1]) or one for the batch ([1, 1])."""
+        c_skip, c_out, c_in, c_noise = self.coefficients(t)
+        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+
+
+@torch.no_grad()
+def pf_ode(denoise, x: torch.Tensor, ts: torch.Tensor, sampler: str = "euler", trajectory: list | None = None) -> torch.Tensor:
+    """Integrates ``dx/dt = (x - D(x; t)) / t`` along the decreasing grid ``ts``.
+
+    An Euler step is ``x + (t' - t)(x - D)/t = lerp(D, x, t'/t)``: one fused op per step, so the loop
+    adds little to the network's own time (benchmarked by ``genbench bench-sampler``)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    ratios = (ts[1:] / ts[:-1]).tolist()
+    ts = ts.to(x.device).reshape(-1, 1, 1)
+    last = len(ts) - 2
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i], ts[i + 1]
+        d = denoise(x, t)
+        if sampler == "euler" or i == last:
+            x = torch.lerp(d, x, ratios[i])
+        else:
+            x_e = torch.lerp(d, x, ratios[i])
+            d2 = denoise(x_e, t_next)
+            # Heun: x + h (dx/dt(x, t) + dx/dt(x_e, t'))/2 with dx/dt = (x - D)/t
+            h = t_next - t
+            x = x + 0.5 * h * ((x - d) / t + (x_e - d2) / t_next)
+        if trajectory is not None:
+            trajectory.append(x)
+    return x
+
+
+class Diffusion(Generator):
+    """VE diffusion (EDM-preconditioned score network) with PF-ODE Euler / Heun samplers."""
+
+    name = "diffusion"
+    Config = DiffusionConfig
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000}}
+    multistep = True
+
+    def _build(self, device: str):
+        cfg = self.config
+        if cfg.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {cfg.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        time_grid(1, cfg.sigma_min, cfg.sigma_max, cfg.grid)  # validates the grid name
+        self.device = device
+        self.model = Denoiser(cfg).to(device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        cfg = self.config
+        with seeded(seed, device):
+            self._build(device)
+        data = torch.as_tensor(data, dtype=torch.float32, device=device)
+        self.std = Standardizer(data, cfg.sigma_data)
+        x0 = self.std.to(data)
+        g = generator(seed + 1, device)
+
+        def loss_fn(k):
+            x = x0[torch.randint(len(x0), (cfg.batch,), generator=g, device=device)]
+            t = (cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, 1, generator=g, device=device)).exp()
+            z = torch.randn(x.shape, generator=g, device=device)
+            _, c_out, _, _ = self.model.coefficients(t)
+            return (((self.model(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
+
+        return fit_loop(self.model.parameters(), loss_fn, steps=cfg.train_steps, lr=cfg.lr,
+                        after_step=lambda k: self.ema.update(self.model, min(cfg.ema_decay, (1 + k) / (10 + k))),
+                        device=device)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def default_steps(self) -> int:
+        return self.config.default_steps
+
+    def grid(self, steps: int) -> torch.Tensor:
+        cfg = self.config
+        return time_grid(steps, cfg.sigma_min, cfg.sigma_max, cfg.grid, cfg.rho)
+
+    def prior(self, n: int, seed: int | None) -> torch.Tensor:
+        return self.config.sigma_max * torch.randn(n, 2, generator=generator(seed, self.device), device=self.device)
+
+    @torch.no_grad()
+    def sample(self, n, *, steps=None, seed=None, trajectory: bool = False):
+        steps = steps or self.config.default_steps
+        traj = [] if trajectory else None
+        x = self.prior(n, seed)
+        if traj is not None:
+            traj.append(x)
+        x = pf_ode(self.ema.model, x, self.grid(steps), self.config.sampler, traj)
+        if trajectory:
+            return self.std.back(x), torch.stack([self.std.back(p) for p in traj])
+        return self.std.back(x)
+
+    def nfe(self, steps=None) -> int:
+        steps = steps or self.config.default_steps
+        return steps if self.config.sampler == "euler" else 2 * steps - 1
+
+    @property
+    def nfe_module(self):
+        return self.ema.model.net
+
+    @property
+    def variant(self) -> str:
+        return f"{self.config.sampler}/{self.config.grid}"
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "ema": self.ema.model.state_dict(), "std": self.std.state()}
+
+    def load_state_dict(self, state: dict, device: str = "cpu") -> None:
+        self._build(device)
+        self.ema.model.load_state_dict(state["ema"])
+        self.std = Standardizer.from_state(state["std"], device)
+
+    def denoiser(self):
+        """The EMA denoiser in standardised units (the teacher of consistency distillation)."""
+        return self.ema.model

@@ -1,0 +1,141 @@
+"""Networks and training helpers shared by the diffusion and consistency models."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+class TimeMLP(nn.Module):
+    """MLP of a 2D point and a noise level, with a sinusoidal embedding of the level.
+
+    The point and the embedding are projected separately and added: concatenating the 2D point
+    with a 64-dim embedding into one first layer was measured to train to nothing (loss stuck
+    near 1), the point's two coordinates drowned by 64 embedding features.
+    A level shared by the whole batch may be given as one value: its embedding is then computed
+    once and broadcast (the samplers rely on this).
+    """
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64, max_freq: float = 100.0):
+        super().__init__()
+        half = emb_dim // 2
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), half)))
+        self.point = nn.Linear(dim, hidden)
+        self.time = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        layers: list[nn.Module] = []
+        for _ in range(depth - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
+        layers += [nn.SiLU(), nn.Linear(hidden, dim)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        args = c_noise.reshape(-1, 1) * self.freqs
+        emb = torch.cat([torch.sin(args), torch.cos(args)], 1)
+        return self.body(self.point(x) + self.time(emb))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters: ``ema <- mu ema + (1 - mu) online``."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        mu = self.decay if decay is None else decay
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - mu)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: str = "cpu"):
+    """Runs the block with torch's RNG seeded, restoring the caller's RNG state after (so weight
+    initialisation is reproducible without touching global RNG state)."""
+    devices = [torch.device(device)] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def generator(seed: int | None, device: str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(0 if seed is None else int(seed))
+    return g
+
+
+class Standardizer:
+    """Maps data to zero mean and a given overall std (one scale for both axes, so shapes keep
+    their aspect), and back."""
+
+    def __init__(self, data: torch.Tensor, target_std: float = 1.0):
+        self.mean = data.mean(0)
+        self.scale = float(target_std / data.std().clamp_min(1e-8))
+
+    def to(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.scale
+
+    def back(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale + self.mean
+
+    def state(self) -> dict:
+        return {"mean": self.mean.cpu(), "scale": float(self.scale)}
+
+    @classmethod
+    def from_state(cls, state: dict, device: str) -> "Standardizer":
+        s = cls.__new__(cls)
+        s.mean, s.scale = state["mean"].to(device), state["scale"]
+        return s
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss; the runner records the cell as ``diverged``."""
+
+
+def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
+             after_step=None, log_every: int = 50, device: str = "cpu"):
+    """The training loop every torch family shares: Adam, warm-up + cosine schedule, gradient
+    clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
+    ``loss_fn(step)`` returns the scalar loss; ``after_step(step)`` runs after each update (EMA).
+    Returns a ``FitInfo``."""
+    import time
+
+    from ..api import FitInfo
+    from ..timing import synchronize
+
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
+    curve, window = [], []
+    synchronize(device)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        loss = loss_fn(k)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(k)
+        window.append(loss.detach())
+        if len(window) == log_every or k == steps - 1:
+            mean = torch.stack(window).mean().item()
+            if not math.isfinite(mean):
+                raise Diverged(f"non-finite loss at step {k}")
+            curve.append(mean)
+            window = []
+    synchronize(device)
+    return FitInfo(steps=steps, final_loss=curve[-1] if curve else float("nan"),
+                   train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)

@@ -1,0 +1,336 @@
+"""The runner: the one place that ties datasets, models, metrics, timing and the store together.
+
+A plan (models x datasets x seeds x sampler steps) becomes fit units (model, dataset, seed), each
+trained once, and cells (one per step count), each sampled, timed, scored and written as a row the
+moment it ends. A failing unit becomes rows with status ``error`` / ``diverged`` and the rest go on.
+Re-running the same plan into the same directory skips finished cells, reloads trained weights
+from their checkpoints and redoes the failed cells.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import subprocess
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, metrics
+from . import datasets as ds_mod
+from .api import Generator, UsageError
+from .models.nets import Diverged
+from .registry import Entry, resolve
+from .store import RunDir, cell_name, row_key
+from .timing import time_call
+
+N_TRAIN = 50_000  # training points drawn per (dataset, seed)
+N_TEST = 5_000  # held-out points for NLL / ELBO
+FLOOR_DRAWS = 5  # independent true draws averaged into the W2 noise floor
+
+
+@dataclass
+class Plan:
+    models: list[str]
+    datasets: list[str] = field(default_factory=lambda: [ds_mod.DEFAULT_DATASET])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: list[int] | None = None  # None: each model's default
+    budget: str = "default"
+    n_samples: int = 2000
+    device: str = "auto"
+    threads: int = 1
+    repeats: int = 5
+    params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
+    out: str | None = None  # None: results/<budget>-<device>
+
+    def settings(self) -> dict:
+        """What must match for a run dir to be resumed or extended."""
+        return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
+                "params": self.params, "repeats": self.repeats, "n_train": N_TRAIN}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch here; valid here: auto, cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: torch has no MPS device here; valid here: auto, cpu")
+    if device not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {device!r}; valid: auto, cpu, cuda, mps")
+    return device
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    if device == "mps":
+        return "Apple MPS"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_model(entry: Entry, plan: Plan) -> Generator:
+    return entry.cls(budget=plan.budget, params=plan.params.get(entry.name))
+
+
+class NFECounter:
+    """Counts forward calls of a module with a forward hook."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.count = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class Progress:
+    """What the runner reports to; the CLI passes a Rich-backed one."""
+
+    def start(self, total: int) -> None: ...
+    def update(self, description: str) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+
+
+class Runner:
+    def __init__(self, plan: Plan, progress: Progress | None = None):
+        self.plan = plan
+        self.progress = progress or Progress()
+        self.entries = resolve(plan.models)
+        for d in plan.datasets:
+            ds_mod.get(d)
+        if plan.n_samples < 2:
+            raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
+        # instantiate once to validate budget and --param values before anything is trained
+        self.configs = {e.name: dataclasses.asdict(make_model(e, plan).config) for e in self.entries}
+        unknown = set(plan.params) - {e.name for e in self.entries} - self._teacher_names()
+        if unknown:
+            raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
+        self.device = resolve_device(plan.device)
+        if plan.out is None:
+            plan.out = f"results/{plan.budget}-{self.device}"
+        self.store = RunDir(plan.out)
+        self._check_manifest()
+        self._floors: dict[tuple, tuple[float, float]] = {}
+
+    def _teacher_names(self) -> set[str]:
+        return {e.cls.teacher for e in self.entries if e.cls.teacher}
+
+    # -- manifest -----------------------------------------------------------------------------
+    def _check_manifest(self) -> None:
+        old = self.store.read_manifest()
+        if old is None:
+            return
+        for k, v in self.plan.settings().items():
+            if json_norm(old.get("settings", {}).get(k)) != json_norm(v):
+                raise UsageError(
+                    f"run dir {self.store.path} was made with {k}={old.get('settings', {}).get(k)!r}, "
+                    f"not {v!r}; use another --out or the same settings"
+                )
+        if old.get("device") != self.device:
+            raise UsageError(f"run dir {self.store.path} was run on device {old.get('device')!r}, not "
+                             f"{self.device!r}; use another --out")
+
+    def _write_manifest(self) -> None:
+        old = self.store.read_manifest() or {}
+        union = lambda k, new: sorted(set(old.get(k, [])) | set(new), key=str)  # noqa: E731
+        self.store.write_manifest({
+            "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
+            "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": self.plan.settings(),
+            "models": union("models", [e.name for e in self.entries]),
+            "datasets": union("datasets", self.plan.datasets),
+            "seeds": union("seeds", self.plan.seeds),
+            "configs": {**old.get("configs", {}), **self.configs},
+            "dataset_versions": {**old.get("dataset_versions", {}),
+                                 **{d: ds_mod.get(d).version for d in self.plan.datasets}},
+            **self.provenance(),
+        })
+
+    def provenance(self) -> dict:
+        return {
+            "device": self.device,
+            "device_name": device_name(self.device),
+            "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda if self.device.startswith("cuda") else None,
+            "genbench_version": __version__,
+            "git_sha": git_sha(),
+            "python": platform.python_version(),
+        }
+
+    # -- the plan -------------------------------------------------------------------------------
+    def steps_for(self, model: Generator) -> list[int | None]:
+        if not model.multistep:
+            return [None]
+        return list(self.plan.steps) if self.plan.steps else [model.default_steps()]
+
+    def units(self):
+        """(entry, dataset, seed), teachers' models first so that students find their checkpoint."""
+        order = sorted(self.entries, key=lambda e: e.cls.teacher is not None)
+        for e in order:
+            for d in self.plan.datasets:
+                for s in self.plan.seeds:
+                    yield e, d, s
+
+    def run(self) -> list[dict]:
+        torch.set_num_threads(self.plan.threads)
+        self.prov = self.provenance()
+        self._write_manifest()
+        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"}
+        units = list(self.units())
+        total = sum(len(self.steps_for(make_model(e, self.plan))) for e, _, _ in units)
+        self.progress.start(total)
+        for entry, dataset, seed in units:
+            model = make_model(entry, self.plan)
+            todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
+            self.progress.advance(len(self.steps_for(model)) - len(todo))
+            if todo:
+                self._run_unit(entry, model, dataset, seed, todo)
+        keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
+        return [r for r in self.store.rows() if row_key(r) in keys]
+
+    # -- one fit unit ---------------------------------------------------------------------------
+    def _data(self, dataset: str, seed: int):
+        ds = ds_mod.get(dataset)
+        return ds, ds.sample(N_TRAIN, [seed, 0]), ds.sample(self.plan.n_samples, [seed, 1]), ds.sample(N_TEST, [seed, 2])
+
+    def _fit_or_load(self, entry_name: str, model: Generator, dataset: str, seed: int, train) -> dict:
+        """Fits the model, or loads it from this run dir's checkpoint; returns its fit record."""
+        unit = cell_name(entry_name, dataset, seed)
+        ckpt = self.store.path / "checkpoints" / f"{unit}.pt"
+        record = self.store.load_json("fits", unit)
+        if ckpt.exists() and record is not None:
+            model.load_state_dict(torch.load(ckpt, map_location=self.device, weights_only=False), device=self.device)
+            return record
+        teacher = None
+        extras: dict[str, float] = {}
+        if model.teacher:
+            teacher_entry = resolve([model.teacher])[0]
+            teacher = make_model(teacher_entry, self.plan)
+            self.progress.update(f"{model.teacher} (teacher of {entry_name}) on {dataset} seed {seed}: training")
+            trec = self._fit_or_load(teacher_entry.name, teacher, dataset, seed, train)
+            extras["teacher_train_s"] = trec["train_s"]
+        self.progress.update(f"{entry_name} on {dataset} seed {seed}: training")
+        info = model.fit(train, device=self.device, seed=seed, **({"teacher": teacher} if teacher else {}))
+        record = {**dataclasses.asdict(info), **extras}
+        record.update(record.pop("extras", {}))
+        try:
+            torch.save(model.state_dict(), self.store.file("checkpoints", unit, ".pt"))
+        except NotImplementedError:
+            pass  # a plugin without checkpoints is simply retrained on resume
+        self.store.save_json("fits", unit, record)
+        return record
+
+    def _run_unit(self, entry: Entry, model: Generator, dataset: str, seed: int, steps: list) -> None:
+        ds, train, ref, test = self._data(dataset, seed)
+        base = {"run_id": self.store.read_manifest()["run_id"], "model": entry.name, "source": entry.source,
+                "dataset": dataset, "dataset_version": ds.version, "seed": seed, "budget": self.plan.budget,
+                "n_samples": self.plan.n_samples, **self.prov}
+        try:
+            record = self._fit_or_load(entry.name, model, dataset, seed, train)
+            extras = model.evaluate(test)
+        except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
+            for k in steps:
+                self._write(base | {"steps": k, "variant": _safe_variant(model)}, e)
+            return
+        floor, floor_std = self._floor(ds, seed, ref)
+        for k in steps:
+            self.progress.update(f"{entry.name} on {dataset} seed {seed}: sampling" + (f" {k} steps" if k else ""))
+            row = base | {"steps": k, "variant": model.variant, "train_s": record["train_s"],
+                          "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
+                          "train_steps": record["steps"], "w2_floor": floor, "w2_floor_std": floor_std, **extras}
+            try:
+                row |= self._sample_cell(model, ds, seed, k, ref)
+                self._write(row, None)
+            except Exception as e:  # noqa: BLE001
+                self._write(row, e)
+
+    def _sample_cell(self, model: Generator, ds, seed: int, k, ref) -> dict:
+        n, sample_seed = self.plan.n_samples, 10_000 + seed
+        with NFECounter(model.nfe_module) as counter:
+            x = model.sample(n, steps=k, seed=sample_seed)
+        declared = model.nfe(k)
+        if counter.count != declared:
+            raise RuntimeError(f"NFE mismatch: declared {declared}, counted {counter.count} forward passes")
+        x = x.detach().float().cpu().numpy()
+        if not np.isfinite(x).all():
+            raise Diverged(f"{int((~np.isfinite(x)).any(1).sum())} of {n} samples are not finite")
+        med, mn = time_call(lambda: model.sample(n, steps=k, seed=sample_seed), device=self.device,
+                            repeats=self.plan.repeats)
+        out = {"nfe": counter.count, "sample_s": med, "sample_s_min": mn, "w2": metrics.w2(x, ref)}
+        if ds.is_mixture:
+            out |= metrics.mode_stats(x, ds.means, ds.stds, ds.weights)
+        arrays = {"x": x, "ref": ref}
+        for name, fn in (("trajectory", "trajectory_sample"), ("one_step_map", "one_step_map")):
+            extra = getattr(model, fn, None)
+            if extra is not None:
+                arrays[name] = np.asarray(extra(64, steps=k, seed=sample_seed))
+        self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
+        return out
+
+    def _floor(self, ds, seed: int, ref) -> tuple[float, float]:
+        key = (ds.name, seed, len(ref))
+        if key not in self._floors:
+            draws = iter(range(FLOOR_DRAWS))
+            self._floors[key] = metrics.w2_floor(lambda n: ds.sample(n, [seed, 3, next(draws)]), ref,
+                                                 len(ref), FLOOR_DRAWS)
+        return self._floors[key]
+
+    def _write(self, row: dict, error: BaseException | None) -> None:
+        if error is None:
+            row |= {"status": "done", "error": None}
+        else:
+            status = "diverged" if isinstance(error, Diverged) else "error"
+            msg = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            row |= {"status": status, "error": msg}
+            if os.environ.get("GENBENCH_DEBUG"):
+                traceback.print_exception(error)
+        self.store.append_row(row)
+        self.progress.advance()
+
+
+def _safe_variant(model: Generator) -> str:
+    try:
+        return model.variant
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def json_norm(v):
+    import json
+
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def run(plan: Plan, progress: Progress | None = None) -> list[dict]:
+    return Runner(plan, progress).run()

@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+PLUGIN = '''
+from dataclasses import dataclass
+import torch
+from genbench.api import FitInfo, Generator
+
+
+@dataclass
+class GaussConfig:
+    mode: str = "ok"  # ok | fail | nan
+
+
+class GaussFit(Generator):
+    """Full-covariance Gaussian fitted by moments (a throw-away test plugin)."""
+
+    name = "gauss"
+    Config = GaussConfig
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None):
+        if self.config.mode == "fail":
+            raise RuntimeError("planned failure")
+        x = torch.as_tensor(data, dtype=torch.float64)
+        self.lin = torch.nn.Linear(2, 2).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.linalg.cholesky(torch.cov(x.T)))
+            self.lin.bias.copy_(x.mean(0))
+        return FitInfo(steps=0, final_loss=0.0, train_s=0.0)
+
+    def sample(self, n, *, steps=None, seed=None):
+        g = torch.Generator().manual_seed(seed or 0)
+        with torch.no_grad():
+            x = self.lin(torch.randn(n, 2, generator=g, dtype=torch.float64))
+        return x * float("nan") if self.config.mode == "nan" else x
+
+    def nfe(self, steps=None):
+        return 1
+
+    @property
+    def nfe_module(self):
+        return self.lin
+'''
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory) -> Path:
+    """A throw-away plugin distribution: a module plus a dist-info with genbench.models entry
+    points (one good, one whose import fails), found through PYTHONPATH like any installed one."""
+    root = tmp_path_factory.mktemp("plugins")
+    (root / "toyplug.py").write_text(PLUGIN)
+    (root / "brokenplug.py").write_text("import no_such_module_xyz\n")
+    info = root / "toyplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[genbench.models]\ngauss = toyplug:GaussFit\nbroken = brokenplug:Thing\n"
+    )
+    return root
+
+
+@pytest.fixture
+def cli(plugin_path, tmp_path):
+    """Runs the genbench CLI in a subprocess with the plugin on the path; returns CompletedProcess."""
+
+    def run(*args, timeout=600):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+        return subprocess.run([sys.executable, "-m", "genbench.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=timeout)
+
+    return run
