@@ -87,9 +87,10 @@ class ConsistencyConfig:
     emb_dim: int = 64
     lr: float = 1e-3
     batch: int = 512
-    train_steps: int = 4000
-    ema_decay: float = 0.999  # CD: the target network theta^-, also used for sampling; CT: evaluation EMA
-    tau_max: float = 0.5  # multistep: the first re-noising level
+    train_steps: int = 6000
+    ema_decay: float = 0.999  # the EMA of the weights that sampling uses
+    target_decay: float = 0.9  # CD: mu of the target network theta^- (0: stop-gradient of the online net)
+    tau_max: float = 0.1  # multistep: the first re-noising level
     default_steps: int = 1
     # CD only
     grid_points: int = 32  # N, Karras (rho = 7) spaced, as in the source report
@@ -193,6 +194,7 @@ class ConsistencyDistillation(_Consistency):
         if c.init_from_teacher:
             self.model.net.load_state_dict(teacher.denoiser().net.state_dict())
         self.ema = EMA(self.model, c.ema_decay)
+        target_net = EMA(self.model, c.target_decay) if c.target_decay > 0 else None
         self.std = teacher.std
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
         ts = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
@@ -211,15 +213,20 @@ class ConsistencyDistillation(_Consistency):
                 if c.teacher_solver == "heun":
                     d2 = D(x_hat, t_n)
                     x_hat = x_next + 0.5 * (t_n - t_next) * ((x_next - d) / t_next + (x_hat - d2) / t_n)
-                target = self.ema.model(x_hat, t_n)
+                target = (target_net.model if target_net else self.model)(x_hat, t_n)
             loss = self._distance(self.model(x_next, t_next), target).mean()
             if c.bc_weight:
                 eps_t = torch.full_like(t_n, c.sigma_min)
                 loss = loss + c.bc_weight * ((self.model(x + c.sigma_min * z, eps_t) - x) ** 2).sum(1).mean()
             return loss
 
-        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr,
-                        after_step=lambda k: self.ema.update(self.model), device=device)
+        def after_step(k):
+            self.ema.update(self.model)
+            if target_net:
+                target_net.update(self.model)
+
+        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, after_step=after_step,
+                        device=device)
 
 
 @dataclass

@@ -42,14 +42,14 @@ class UnboundedAffineCoupling(AffineCouplingTransform):
 
 @dataclass
 class FlowConfig:
-    layers: int = 8
+    layers: int = 6
     hidden: int = 64
-    blocks: int = 2
+    blocks: int = 1
     coupling: str = "unbounded"  # unbounded | nflows (the bounded original, for comparison)
     actnorm: bool = True
-    lr: float = 2e-3
-    batch: int = 512
-    train_steps: int = 3000
+    lr: float = 3e-3
+    batch: int = 256
+    train_steps: int = 7000
 
 
 class RealNVP(Generator):
@@ -57,7 +57,7 @@ class RealNVP(Generator):
 
     name = "flow"
     Config = FlowConfig
-    budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 12000}}
+    budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8}}
 
     def _build(self, device: str):
         c = self.config

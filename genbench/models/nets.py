@@ -115,6 +115,7 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
 
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, fused=True)
+    warmup = max(1, min(warmup, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
     curve, window = [], []
     synchronize(device)
