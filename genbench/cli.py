@@ -39,6 +39,21 @@ def _ints(value: str, what: str, minimum: int) -> list[int]:
     return list(dict.fromkeys(vals))
 
 
+def _steps(value: str | None) -> dict:
+    """``1,2,5`` (every multistep model) or ``diffusion=100,cm-cd=1:2`` (per model)."""
+    if not value:
+        return {"steps": None}
+    if "=" not in value:
+        return {"steps": _ints(value, "--steps", 1)}
+    per: dict[str, list[int]] = {}
+    for item in _list(value, "--steps"):
+        model, sep, counts = item.partition("=")
+        if not sep or not model:
+            raise UsageError(f"--steps {value!r}: mix of forms; use 1,2,5 or MODEL=1:2,MODEL=5")
+        per[model] = _ints(counts.replace(":", ","), f"--steps {model}", 1)
+    return {"steps": None, "steps_by_model": per}
+
+
 def _params(items: list[str]) -> dict[str, dict[str, str]]:
     params: dict[str, dict[str, str]] = {}
     for item in items:
@@ -55,7 +70,7 @@ def run(
     models: Optional[str] = typer.Option(None, help="Comma-separated models or aliases (cm = cm-cd,cm-ct). Default: every registered model."),
     datasets: str = typer.Option("ring8", help="Comma-separated datasets (see 'genbench list')."),
     seeds: str = typer.Option("0", help="Comma-separated integer seeds; each seeds data, weights and sampling."),
-    steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count). Default: each model's own."),
+    steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
     n_samples: int = typer.Option(2000, help="Samples generated, scored and timed per cell (>= 2)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -77,9 +92,9 @@ def run(
         model_names = _list(models, "--models") if models else [
             n for n, e in registry.discover().items() if e.cls is not None]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
-                    steps=_ints(steps, "--steps", 1) if steps else None, budget=budget, n_samples=n_samples,
+                    **_steps(steps), budget=budget, n_samples=n_samples,
                     device=device, threads=threads, params=_params(param),
-                    out=str(out) if out else None)
+                    out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
         with _RichProgress() as runner.progress:
             rows = runner.run()
@@ -96,9 +111,10 @@ def run(
 
 @app.command(name="report")
 def report_cmd(
-    run_dirs: List[Path] = typer.Argument(..., help="One or more run directories written by 'genbench run'."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'genbench run' (or folders of them)."),
     format: str = typer.Option("md", "--format", help="md (tables aggregated over seeds, per device) or csv (one row per cell)."),
     out: Optional[Path] = typer.Option(None, help="Write to this file instead of printing."),
+    compare: Optional[Path] = typer.Option(None, help="A baseline run dir (e.g. baselines/cpu): per-cell deltas, regressions beyond the seed-to-seed spread flagged."),
 ):
     """Tables from run directories: Markdown aggregated over seeds, or CSV with one row per cell."""
     try:
@@ -106,19 +122,84 @@ def report_cmd(
             raise UsageError(f"--format {format!r}; valid: md, csv")
         from . import report, store
 
-        rows = [r for d in run_dirs for r in store.open_existing(d).rows()]
+        rows = [r for d in run_dirs for rd in store.open_many(d) for r in rd.rows()]
         if not rows:
             raise UsageError(f"no rows in {', '.join(map(str, run_dirs))}; run 'genbench run' first")
+        base_rows = [r for rd in store.open_many(compare) for r in rd.rows()] if compare else None
     except UsageError as e:
         raise fail(str(e))
     df = report.tidy(rows)
-    text = df.to_csv(index=False) if format == "csv" else report.markdown(df)
+    if base_rows is not None:
+        cmp = report.compare(df, report.tidy(base_rows))
+        text = cmp.to_csv(index=False) if format == "csv" else (
+            f"# {', '.join(map(str, run_dirs))} against {compare}\n\n" + cmp.to_markdown(index=False, floatfmt=".4g") + "\n")
+        bad = int(cmp["flag"].str.startswith("REGRESSION").sum())
+        err.print(f"{len(cmp)} cells compared, {bad} flagged as regressions")
+    else:
+        text = df.to_csv(index=False) if format == "csv" else report.markdown(df)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         err.print(f"wrote {out}")
     else:
         sys.stdout.write(text)
+
+
+@app.command()
+def reproduce(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+    budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
+    param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>)."),
+):
+    """The source report's headline: ring8, 2000 samples, diffusion (100 Euler steps) against
+    cm-cd and cm-ct (1 and 2 steps): NFE, sampling time and ratio, W2 with its floor, modes."""
+    try:
+        if budget not in BUDGETS:
+            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+        from .runner import Plan, Runner
+
+        plan = Plan(models=["diffusion", "cm-cd", "cm-ct"], datasets=["ring8"], seeds=[0],
+                    steps_by_model={"diffusion": [100], "cm-cd": [1, 2], "cm-ct": [1, 2]}, budget=budget,
+                    n_samples=2000, device=device, threads=threads, params=_params(param),
+                    out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
+        runner = Runner(plan)
+        with _RichProgress() as runner.progress:
+            rows = runner.run()
+    except UsageError as e:
+        raise fail(str(e))
+    from . import report
+
+    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(report.tidy(rows)),
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory written by 'genbench run'."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs and report.md (default RUN_DIR/report)."),
+):
+    """PNG figures (samples, PF-ODE paths, one-step maps, NFE-W2 frontier, losses) and a Markdown
+    report embedding them. Reads only saved run data; a figure without data is skipped with a notice."""
+    try:
+        from . import store
+
+        rd = store.open_existing(run_dir)
+        rows = rd.rows()
+        if not rows:
+            raise UsageError(f"no rows in {run_dir}; run 'genbench run' first")
+    except UsageError as e:
+        raise fail(str(e))
+    from . import plots, report
+
+    df = report.tidy(rows)
+    folder = out or rd.path / "report"
+    written = plots.plot_run(rd, df, folder, notice=lambda m: err.print(m, highlight=False))
+    md = report.markdown(df, title=f"genbench report: {rd.path.name}")
+    md += "\n" + "\n".join(f"## {plots.FIGURES[p.name][0]}\n\n![{p.stem}]({p.name})\n" for p in written)
+    (folder / "report.md").write_text(md)
+    err.print(f"wrote {len(written)} figure(s) and {folder / 'report.md'}")
 
 
 @app.command(name="list")
@@ -143,6 +224,58 @@ def list_cmd():
     for ds in ds_mod.DATASETS.values():
         d.add_row(ds.name, ds.version, f"mixture of {len(ds.means)}" if ds.is_mixture else "continuous", ds.description)
     console.print(d)
+
+
+@app.command(name="bench-sampler")
+def bench_sampler(
+    steps: int = typer.Option(100, help="Sampler steps."),
+    n: int = typer.Option(2000, help="Batch size (samples per call)."),
+    sampler: str = typer.Option("euler", help="euler or heun."),
+    device: str = typer.Option("cpu", help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+    repeats: int = typer.Option(7, help="Timed repeats of the whole sampling call (>= 5)."),
+):
+    """Benchmark: the diffusion sampling loop's wall time against NFE x one network forward pass."""
+    try:
+        if steps < 1 or n < 2 or repeats < 5 or threads < 1:
+            raise UsageError("need --steps >= 1, --n >= 2, --repeats >= 5, --threads >= 1")
+        if sampler not in ("euler", "heun"):
+            raise UsageError(f"unknown sampler {sampler!r}; valid: euler, heun")
+        from .bench import sampler_overhead
+
+        r = sampler_overhead(steps=steps, n=n, device=device, threads=threads, repeats=repeats, sampler=sampler)
+    except UsageError as e:
+        raise fail(str(e))
+    console.print(
+        f"{r['device_name']} ({r['device']}, {r['threads']} thread(s)), {r['sampler']} {r['steps']} steps "
+        f"= {r['nfe']} NFE, n = {r['n']}\n"
+        f"  one forward pass: median {r['forward_s'] * 1e3:.3f} ms (min {r['forward_s_min'] * 1e3:.3f})\n"
+        f"  sampling loop:    median {r['loop_s'] * 1e3:.2f} ms (min {r['loop_s_min'] * 1e3:.2f})\n"
+        f"  loop / (NFE x forward) = {r['ratio']:.3f}", highlight=False)
+
+
+@app.command(name="bench-graph")
+def bench_graph(
+    n: int = typer.Option(2000, help="Batch size (samples per call)."),
+    device: str = typer.Option("cuda", help="A CUDA device (graphs are CUDA-only)."),
+    repeats: int = typer.Option(20, help="Timed repeats (>= 5)."),
+):
+    """Benchmark: sampling time eager vs replayed from a CUDA graph, and per NFE."""
+    try:
+        if repeats < 5 or n < 2:
+            raise UsageError("need --repeats >= 5 and --n >= 2")
+        from .bench import graph_vs_eager
+        from .runner import device_name, resolve_device
+
+        if not resolve_device(device).startswith("cuda"):
+            raise UsageError(f"--device {device}: CUDA graphs need a CUDA device")
+        rows = graph_vs_eager(n=n, device=device, repeats=repeats)
+    except UsageError as e:
+        raise fail(str(e))
+    import pandas as pd
+
+    console.print(f"{device_name(device)}, n = {n}, median of {repeats} (min in the CSV)\n"
+                  + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"), highlight=False)
 
 
 class _RichProgress:

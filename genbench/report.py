@@ -111,3 +111,71 @@ def numeric_summary(df: pd.DataFrame) -> pd.DataFrame:
     g = ok.groupby(["device_name", "model", "dataset", "steps"])[num]
     res = g.mean().join(g.std(), rsuffix="_std").join(g.size().rename("seeds"))
     return res.replace({np.inf: np.nan})
+
+
+def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, dataset, steps): the run's mean figures beside the baseline's, with deltas. A
+    cell is flagged when it is worse than the baseline by more than twice the spread: the
+    baseline's seed-to-seed std (or, with one seed, the W2 floor's std / the binomial std of
+    hq_frac), so that noise alone rarely flags."""
+    key = ["model", "dataset", "steps"]
+    r = numeric_summary(run).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
+    b_full = base[base["status"] == "done"].copy()
+    b = numeric_summary(base).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
+    floor_std = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["w2_floor_std"].mean()
+    n = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["n_samples"].mean()
+    j = r.join(b, lsuffix="", rsuffix="_base", how="inner")
+    w2_spread = j["w2_std_base"].fillna(floor_std.reindex(j.index)).fillna(0)
+    hq_spread = j["hq_frac_std_base"].fillna(np.sqrt(j["hq_frac_base"] * (1 - j["hq_frac_base"]) / n.reindex(j.index)))
+    out = pd.DataFrame({
+        "w2": j["w2"], "w2_base": j["w2_base"], "d_w2": j["w2"] - j["w2_base"],
+        "modes": j["modes_captured"], "modes_base": j["modes_captured_base"],
+        "hq_frac": j["hq_frac"], "hq_frac_base": j["hq_frac_base"],
+        "sample_s": j["sample_s"], "sample_s_base": j["sample_s_base"],
+        "time_ratio": j["sample_s"] / j["sample_s_base"],
+    })
+    flags = []
+    for idx in out.index:
+        f = []
+        if out.at[idx, "d_w2"] > 2 * max(w2_spread[idx], 1e-9):
+            f.append("w2")
+        if pd.notna(out.at[idx, "modes"]) and out.at[idx, "modes"] < out.at[idx, "modes_base"] - 0.5:
+            f.append("modes")
+        if pd.notna(out.at[idx, "hq_frac"]) and out.at[idx, "hq_frac"] < out.at[idx, "hq_frac_base"] - 2 * (hq_spread[idx] or 0):
+            f.append("hq_frac")
+        flags.append("REGRESSION: " + ", ".join(f) if f else "ok")
+    out["flag"] = flags
+    out = out.reset_index()
+    out["steps"] = out["steps"].map(lambda s: "–" if s == -1 else int(s))
+    return out
+
+
+#: the source report's own figures (diffusion: Euler 100 steps; consistency: 1 step)
+REPORT_FIGURES = {"diffusion": {"nfe": 99, "sample_s": 1.14}, "cm": {"nfe": 1, "sample_s": 0.018}}
+REPORT_RATIO = 65.0
+
+
+def headline(df: pd.DataFrame) -> str:
+    """The source report's comparison on this run: NFE, sampling time and its ratio to diffusion
+    at 100 steps, W2 beside its floor, modes; with the report's own figures alongside."""
+    ok = df[df["status"] == "done"]
+    lines = []
+    for dev, sub in ok.groupby("device_name", sort=False):
+        ref = sub[(sub["model"] == "diffusion") & (sub["steps"] == 100)]
+        t_ref = ref["sample_s"].median() if len(ref) else float("nan")
+        recs = []
+        for (m, k), g in sub.groupby(["model", "steps"], sort=False):
+            rep = REPORT_FIGURES.get("diffusion" if m == "diffusion" else "cm") if (m == "diffusion" and k == 100) or (m.startswith("cm") and k == 1) else None
+            recs.append({
+                "model": m, "steps": int(k), "nfe": int(g["nfe"].median()),
+                "sample_s": _fmt(g["sample_s"].median(), 3), "time_ratio": _fmt(t_ref / g["sample_s"].median(), 3),
+                "w2": _pm(g["w2"]), "w2_floor": _pm(g["w2_floor"]),
+                "modes": f"{_fmt(g['modes_captured'].mean())}/{int(g['modes_total'].max())}", "hq_frac": _pm(g["hq_frac"]),
+                "report: nfe": rep["nfe"] if rep else "", "report: sample_s": rep["sample_s"] if rep else "",
+            })
+        threads = ",".join(str(int(t)) for t in sub["threads"].unique())
+        lines += [f"## {dev} ({sub['device'].iloc[0]}, {threads} thread(s))", "",
+                  pd.DataFrame(recs).to_markdown(index=False), "",
+                  f"time_ratio = sample_s(diffusion, 100 steps) / sample_s(row). The source report measured "
+                  f"~{REPORT_RATIO:.0f}x wall time and ~100x NFE (99 vs 1).", "", protocol_line(sub), ""]
+    return "\n".join(lines)

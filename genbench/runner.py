@@ -40,13 +40,14 @@ class Plan:
     datasets: list[str] = field(default_factory=lambda: [ds_mod.DEFAULT_DATASET])
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: list[int] | None = None  # None: each model's default
+    steps_by_model: dict[str, list[int]] = field(default_factory=dict)  # per-model override of steps
     budget: str = "default"
     n_samples: int = 2000
     device: str = "auto"
     threads: int = 1
     repeats: int = 5
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
-    out: str | None = None  # None: results/<budget>-<device>
+    out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
 
     def settings(self) -> dict:
         """What must match for a run dir to be resumed or extended."""
@@ -84,7 +85,7 @@ def device_name(device: str) -> str:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -92,7 +93,9 @@ def git_sha() -> str | None:
 
 
 def make_model(entry: Entry, plan: Plan) -> Generator:
-    return entry.cls(budget=plan.budget, params=plan.params.get(entry.name))
+    model = entry.cls(budget=plan.budget, params=plan.params.get(entry.name))
+    model.name = entry.name  # the registered name is the one rows and files use
+    return model
 
 
 class NFECounter:
@@ -135,8 +138,7 @@ class Runner:
         if unknown:
             raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
         self.device = resolve_device(plan.device)
-        if plan.out is None:
-            plan.out = f"results/{plan.budget}-{self.device}"
+        plan.out = plan.out.replace("{budget}", plan.budget).replace("{device}", self.device)
         self.store = RunDir(plan.out)
         self._check_manifest()
         self._floors: dict[tuple, tuple[float, float]] = {}
@@ -192,6 +194,8 @@ class Runner:
     def steps_for(self, model: Generator) -> list[int | None]:
         if not model.multistep:
             return [None]
+        if model.name in self.plan.steps_by_model:
+            return list(self.plan.steps_by_model[model.name])
         return list(self.plan.steps) if self.plan.steps else [model.default_steps()]
 
     def units(self):

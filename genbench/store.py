@@ -123,3 +123,13 @@ def open_existing(path: str | os.PathLike) -> RunDir:
     if not rd.rows_path.exists():
         raise UsageError(f"run dir {rd.path} holds no rows.jsonl; give a directory written by 'genbench run'")
     return rd
+
+
+def open_many(path: str | os.PathLike) -> list[RunDir]:
+    """A run dir, or a folder whose subfolders are run dirs (a baseline made by several processes)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "rows.jsonl").exists():
+        subs = sorted(d for d in p.iterdir() if (d / "rows.jsonl").exists())
+        if subs:
+            return [open_existing(d) for d in subs]
+    return [open_existing(p)]

@@ -77,3 +77,14 @@ def cli(plugin_path, tmp_path):
                               env=env, cwd=tmp_path, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One tiny run of every built-in family on ring8 and moons, shared by the tests that read runs."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    r = subprocess.run([sys.executable, "-m", "genbench.cli", "run", "--models", "diffusion,cm,vae,flow",
+                        "--datasets", "ring8,moons", "--steps", "1,4", "--budget", "quick", "--n-samples", "300",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -49,7 +49,7 @@ class FlowConfig:
     actnorm: bool = True
     lr: float = 3e-3
     batch: int = 256
-    train_steps: int = 7000
+    train_steps: int = 4500
 
 
 class RealNVP(Generator):

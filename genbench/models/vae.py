@@ -27,8 +27,8 @@ class VAEConfig:
     depth: int = 3
     lr: float = 2e-3
     batch: int = 512
-    train_steps: int = 4000
-    kl_warmup: int = 1000
+    train_steps: int = 2500
+    kl_warmup: int = 600
     elbo_samples: int = 1  # Monte-Carlo samples of z per point for the reported test ELBO
 
 

@@ -1,0 +1,223 @@
+"""PNG figures from a run directory. Reads only saved run data (rows, samples/*.npz, fits/*.json),
+never live models, and needs no display (Agg backend)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .store import RunDir, cell_name  # noqa: E402
+
+#: fixed colours so a model looks the same in every figure; plugins take the remaining ones
+BUILTIN_COLOURS = {"diffusion": "#1f77b4", "cm-cd": "#d62728", "cm-ct": "#ff7f0e", "vae": "#2ca02c", "flow": "#9467bd"}
+_SPARE = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def colour(model: str) -> str:
+    if model in BUILTIN_COLOURS:
+        return BUILTIN_COLOURS[model]
+    return _SPARE[sum(map(ord, model)) % len(_SPARE)]
+
+
+def _label(model: str, steps) -> str:
+    return model if steps is None or (isinstance(steps, float) and math.isnan(steps)) else f"{model} ({int(steps)} steps)"
+
+
+def _limits(ref: np.ndarray, pad: float = 0.15):
+    lo, hi = np.percentile(ref, 0.5, 0), np.percentile(ref, 99.5, 0)
+    span = (hi - lo).max() * (1 + 2 * pad)
+    centre = (hi + lo) / 2
+    return [(c - span / 2, c + span / 2) for c in centre]
+
+
+def _done(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "done"]
+
+
+def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+    ok = _done(df)
+    if ok.empty:
+        return "no finished cells"
+    seed = ok["seed"].min()
+    ok = ok[ok["seed"] == seed]
+    dsets = list(dict.fromkeys(ok["dataset"]))
+    rows = list(dict.fromkeys(zip(ok["model"], ok["steps"])))
+    fig, axes = plt.subplots(len(rows), len(dsets), figsize=(2.8 * len(dsets), 2.6 * len(rows)), squeeze=False)
+    for j, d in enumerate(dsets):
+        for i, (m, k) in enumerate(rows):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            cell = ok[(ok["dataset"] == d) & (ok["model"] == m) & (ok["steps"].astype(str) == str(k))]
+            arr = rd.load_samples(cell_name(m, d, int(seed), None if pd.isna(k) else int(k))) if len(cell) else None
+            if arr is None:
+                ax.set_axis_off()
+                continue
+            ref, x = arr["ref"], arr["x"]
+            ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", alpha=0.5, lw=0)
+            ax.scatter(x[:, 0], x[:, 1], s=1, c=colour(m), alpha=0.6, lw=0)
+            (x0, x1), (y0, y1) = _limits(ref)
+            ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
+            r = cell.iloc[0]
+            modes = "" if pd.isna(r["modes_total"]) else f", {int(r['modes_captured'])}/{int(r['modes_total'])} modes"
+            ax.set_title(f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f}){modes}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(_label(m, k), fontsize=8)
+            if i == 0:
+                ax.set_xlabel(d, fontsize=9)
+                ax.xaxis.set_label_position("top")
+    fig.suptitle(f"Samples (colour) over true data (grey), seed {seed}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _one_per_dataset(rd: RunDir, df: pd.DataFrame, model: str, key: str):
+    """For each dataset: (seed, steps, array) of the cell with the most steps that saved ``key``."""
+    ok = _done(df)
+    ok = ok[ok["model"] == model].sort_values("steps", ascending=False)
+    out = {}
+    for _, r in ok.iterrows():
+        if r["dataset"] in out:
+            continue
+        arr = rd.load_samples(cell_name(model, r["dataset"], int(r["seed"]), None if pd.isna(r["steps"]) else int(r["steps"])))
+        if arr is not None and key in arr:
+            out[r["dataset"]] = (r, arr)
+    return out
+
+
+def trajectories(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+    found = _one_per_dataset(rd, df, "diffusion", "trajectory")
+    if not found:
+        return "no diffusion cells with saved trajectories"
+    fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 3.6), squeeze=False)
+    for ax, (d, (r, arr)) in zip(axes[0], found.items()):
+        traj, ref = arr["trajectory"], arr["ref"]
+        (x0, x1), (y0, y1) = _limits(ref, pad=0.6)
+        inside = (np.abs(traj - [(x0 + x1) / 2, (y0 + y1) / 2]) < (x1 - x0) / 2).all(-1)  # [k+1, n]
+        ax.scatter(ref[:, 0], ref[:, 1], s=1, c="tab:blue", alpha=0.3, lw=0, label="data")
+        for p in range(traj.shape[1]):
+            first = int(np.argmax(inside[:, p]))  # x_T lies far outside the view: start where the path enters it
+            ax.plot(traj[first:, p, 0], traj[first:, p, 1], c="0.3", lw=0.6, alpha=0.7)
+            ax.scatter(*traj[first, p], c="red", s=8, zorder=3, label="start (x_T, or where the path enters the view)" if p == 0 else None)
+            ax.scatter(*traj[-1, p], c="green", s=8, zorder=3, label="end point" if p == 0 else None)
+        ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
+        ax.set_title(f"{d}: PF-ODE paths, {r['variant']}, {int(r['steps'])} steps", fontsize=8)
+        ax.set_xlabel("x1"), ax.set_ylabel("x2")
+    axes[0, 0].legend(fontsize=6, loc="lower left", markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def one_step_maps(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+    panels = []
+    for m in ("cm-cd", "cm-ct"):
+        for d, (r, arr) in _one_per_dataset(rd, df, m, "one_step_map").items():
+            panels.append((m, d, arr))
+    if not panels:
+        return "no consistency-model cells with saved one-step maps"
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (m, d, arr) in zip(axes[0], panels):
+        z, fz, ref = arr["one_step_map"][:, 0], arr["one_step_map"][:, 1], arr["ref"]
+        ax.scatter(ref[:, 0], ref[:, 1], s=1, c="tab:blue", alpha=0.3, lw=0)
+        ax.quiver(z[:, 0], z[:, 1], fz[:, 0] - z[:, 0], fz[:, 1] - z[:, 1], angles="xy", scale_units="xy", scale=1,
+                  color=colour(m), width=0.004, alpha=0.8)
+        ax.scatter(z[:, 0], z[:, 1], c="red", s=6, zorder=3)
+        lim = _limits(np.concatenate([ref, z]), pad=0.05)
+        ax.set_xlim(*lim[0]), ax.set_ylim(*lim[1]), ax.set_aspect("equal")
+        ax.set_title(f"{m} on {d}: z (red) -> f(T z, T)", fontsize=8)
+        ax.set_xlabel("x1"), ax.set_ylabel("x2")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def frontier(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+    ok = _done(df)
+    if ok.empty:
+        return "no finished cells"
+    dsets = list(dict.fromkeys(ok["dataset"]))
+    fig, axes = plt.subplots(1, len(dsets), figsize=(4.2 * len(dsets), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], dsets):
+        sub = ok[ok["dataset"] == d]
+        floor, fstd = sub["w2_floor"].mean(), sub["w2_floor_std"].mean()
+        ax.axhspan(floor - fstd, floor + fstd, color="0.85", label="W2 noise floor (± std)")
+        ax.axhline(floor, color="0.5", lw=0.8)
+        for (m, v), g in sub.groupby(["model", "variant"], sort=False):
+            s = g.groupby("nfe")["w2"].agg(["mean", "std", "count"]).reset_index().sort_values("nfe")
+            ax.errorbar(s["nfe"], s["mean"], yerr=s["std"].fillna(0), marker="o", ms=3, capsize=2, c=colour(m),
+                        label=f"{m} ({v})" if v else m)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE per sample batch (log)")
+        ax.set_ylabel("W2 (mean ± std over seeds)")
+        ax.set_title(d, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def losses(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+    units = df.drop_duplicates(["model", "dataset"])[["model", "dataset", "seed"]]
+    curves = []
+    for _, u in units.iterrows():
+        seed = df[(df["model"] == u["model"]) & (df["dataset"] == u["dataset"])]["seed"].min()
+        rec = rd.load_json("fits", cell_name(u["model"], u["dataset"], int(seed)))
+        if rec and rec.get("losses"):
+            curves.append((u["model"], u["dataset"], rec))
+    if not curves:
+        return "no saved training curves"
+    models = list(dict.fromkeys(m for m, _, _ in curves))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.2), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    dsets = list(dict.fromkeys(d for _, d, _ in curves))
+    for ax, m in zip(axes[0], models):
+        allpos = True
+        for _, d, rec in [c for c in curves if c[0] == m]:
+            y = np.asarray(rec["losses"])
+            allpos &= bool((y > 0).all())
+            x = np.arange(1, len(y) + 1) * rec.get("log_every", 1)
+            ax.plot(x, y, styles[dsets.index(d) % 4], c=colour(m), lw=1, label=d)
+        ax.set_yscale("log" if allpos else "symlog")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss" + ("" if allpos else " (symlog: the loss goes negative)"), fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+FIGURES: dict[str, tuple[str, Callable]] = {
+    "samples.png": ("Samples", samples_grid),
+    "trajectories.png": ("PF-ODE trajectories (diffusion)", trajectories),
+    "one_step_map.png": ("Consistency one-step map", one_step_maps),
+    "frontier.png": ("NFE vs W2 frontier", frontier),
+    "losses.png": ("Training loss", losses),
+}
+
+
+def plot_run(rd: RunDir, df: pd.DataFrame, out: Path, notice: Callable[[str], None] = print) -> list[Path]:
+    """Writes every figure it has data for into ``out``; a figure without data is skipped with a
+    one-line notice. Returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (title, fn) in FIGURES.items():
+        reason = fn(rd, df, out / name)
+        if reason:
+            notice(f"skipped {name} ({title}): {reason}")
+        else:
+            written.append(out / name)
+    return written

@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; from genbench.cli import main; sys.argv = ['genbench'] + sys.argv[1:]; main()"
+
+
+def test_quick_run_rows(quick_run):
+    rows = [json.loads(l) for l in (quick_run / "rows.jsonl").read_text().splitlines()]
+    # diffusion, cm-cd, cm-ct: 2 step counts each; vae, flow: 1 row; x 2 datasets
+    assert len(rows) == 16 and all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
+    cd = [r for r in rows if r["model"] == "cm-cd"]
+    assert all(r["teacher_train_s"] > 0 for r in cd)
+    assert {r["nfe"] for r in rows if r["model"] == "diffusion"} == {1, 4}
+
+
+def test_plot_writes_every_figure_from_saved_data_only(quick_run, tmp_path):
+    """The plot command runs with torch made unimportable: it can only read saved run data."""
+    out = tmp_path / "fig"
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "plot", str(quick_run), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = ["samples.png", "trajectories.png", "one_step_map.png", "frontier.png", "losses.png"]
+    for name in names:
+        p = out / name
+        assert p.exists() and p.stat().st_size > 10_000, name
+        w, h = Image.open(p).size
+        assert w > 300 and h > 200
+    md = (out / "report.md").read_text()
+    for name in names:
+        assert f"]({name})" in md  # embedded with a relative path
+    assert "| diffusion" in md
+
+
+def test_plot_skips_what_a_run_lacks(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli("run", "--models", "gauss", "--n-samples", "200", "--out", str(out)).returncode == 0
+    r = cli("plot", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "skipped trajectories.png" in r.stderr and "skipped one_step_map.png" in r.stderr
+    assert (out / "report" / "samples.png").exists() and not (out / "report" / "trajectories.png").exists()
