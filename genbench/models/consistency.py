@@ -142,11 +142,11 @@ class _Consistency(Generator):
         steps = steps or c.default_steps
         noise = torch.randn(steps, n, 2, generator=generator(seed, self.device), device=self.device)
         taus = self.taus(steps)
-        times = torch.tensor([c.sigma_max, *taus], device=self.device).reshape(-1, 1, 1)
         scales = [c.sigma_max] + [math.sqrt(tau**2 - c.sigma_min**2) for tau in taus]
 
         def loop(noise):
             f = self.ema.model
+            times = torch.tensor([c.sigma_max, *taus], device=self.device).reshape(-1, 1, 1)
             x = f(scales[0] * noise[0], times[0])
             for i in range(1, steps):
                 x = f(x + scales[i] * noise[i], times[i])
