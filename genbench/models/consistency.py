@@ -23,6 +23,7 @@ eps^2) z, tau_n)`` (k steps = k NFE). The schedule for k steps is the k - 1 poin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -85,8 +86,8 @@ class ConsistencyConfig:
     sigma_data: float = 0.5
     parametrization: str = "song"  # song | linear
     distance: str = "l2"  # l2 | huber (pseudo-Huber, c = 0.00054 sqrt(2))
-    hidden: int = 128
-    depth: int = 3
+    hidden: int = 96  # as diffusion's (cm-cd copies its teacher's architecture)
+    depth: int = 4
     emb_dim: int = 64
     lr: float = 1e-3
     batch: int = 512
@@ -220,6 +221,8 @@ class ConsistencyDistillation(_Consistency):
         tc = teacher.config
         if (tc.sigma_min, tc.sigma_max, tc.sigma_data) != (c.sigma_min, c.sigma_max, c.sigma_data):
             raise ValueError("cm-cd and its diffusion teacher must share sigma_min, sigma_max and sigma_data")
+        if c.init_from_teacher:  # the student takes the teacher's architecture and weights
+            c = self.config = dataclasses.replace(c, hidden=tc.hidden, depth=tc.depth, emb_dim=tc.emb_dim)
         with seeded(seed, device):
             self._build(device)
         if c.init_from_teacher:
@@ -263,7 +266,7 @@ class ConsistencyDistillation(_Consistency):
 @dataclass
 class CTConfig(ConsistencyConfig):
     distance: str = "huber"  # iCT's pseudo-Huber
-    train_steps: int = 5000
+    train_steps: int = 10000
 
 
 class ConsistencyTraining(_Consistency):
