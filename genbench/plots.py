@@ -66,14 +66,12 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
             r = cell.iloc[0]
             modes = "" if pd.isna(r["modes_total"]) else f", {int(r['modes_captured'])}/{int(r['modes_total'])} modes"
-            ax.set_title(f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f}){modes}", fontsize=7)
+            head = f"{d}\n" if i == 0 else ""
+            ax.set_title(f"{head}W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f}){modes}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(_label(m, k), fontsize=8)
-            if i == 0:
-                ax.set_xlabel(d, fontsize=9)
-                ax.xaxis.set_label_position("top")
     fig.suptitle(f"Samples (colour) over true data (grey), seed {seed}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
