@@ -24,20 +24,43 @@ def _untrained(cls, device: str, **params):
 
 def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threads: int = 1,
                      repeats: int = 7, sampler: str = "euler") -> dict:
-    """Median wall time of ``sample(n, steps)`` against NFE x the median time of one denoiser
-    forward pass on the same batch."""
+    """Wall time of ``sample(n, steps)`` against NFE back-to-back forward passes of the denoiser on
+    the same batch. The two are timed in alternation, ``repeats`` rounds, and the ratio is the
+    median of the per-round ratios, so that a neighbour's load drifting over the run cancels out."""
+    import statistics
+    import time
+
+    from .timing import synchronize
+
     device = resolve_device(device)
     torch.set_num_threads(threads)
     m = _untrained(Diffusion, device, sampler=sampler)
+    nfe = m.nfe(steps)
     x = torch.randn(n, 2, device=device)
     t = torch.full((1, 1), 1.0, device=device)
-    with torch.no_grad():
-        fwd_med, fwd_min = time_call(lambda: m.ema.model(x, t), device=device, repeats=max(50, 5 * repeats))
-    loop_med, loop_min = time_call(lambda: m.sample(n, steps=steps, seed=0), device=device, repeats=repeats)
-    nfe = m.nfe(steps)
+
+    def forwards():
+        with torch.no_grad():
+            for _ in range(nfe):
+                m.ema.model(x, t)
+
+    def timed(fn) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    forwards(), m.sample(n, steps=steps, seed=0)  # warm-up
+    fwd, loop = [], []
+    for _ in range(repeats):
+        fwd.append(timed(forwards))
+        loop.append(timed(lambda: m.sample(n, steps=steps, seed=0)))
     return {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads(),
-            "sampler": sampler, "steps": steps, "nfe": nfe, "n": n, "forward_s": fwd_med, "forward_s_min": fwd_min,
-            "loop_s": loop_med, "loop_s_min": loop_min, "ratio": loop_med / (nfe * fwd_med)}
+            "sampler": sampler, "steps": steps, "nfe": nfe, "n": n,
+            "forward_s": statistics.median(fwd) / nfe, "forward_s_min": min(fwd) / nfe,
+            "loop_s": statistics.median(loop), "loop_s_min": min(loop),
+            "ratio": statistics.median(l / f for l, f in zip(loop, fwd))}
 
 
 def graph_vs_eager(n: int = 2000, device: str = "cuda", repeats: int = 20) -> list[dict]:
