@@ -116,8 +116,8 @@ def numeric_summary(df: pd.DataFrame) -> pd.DataFrame:
 def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     """Per (model, dataset, steps): the run's mean figures beside the baseline's, with deltas. A
     cell is flagged when it is worse than the baseline by more than twice the spread: the
-    baseline's seed-to-seed std (or, with one seed, the W2 floor's std / the binomial std of
-    hq_frac), so that noise alone rarely flags."""
+    baseline's seed-to-seed std, or the sampling noise (the W2 floor's std, the binomial std of
+    hq_frac) where that is larger, so that noise alone rarely flags; or when it loses a mode."""
     key = ["model", "dataset", "steps"]
     r = numeric_summary(run).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
     b_full = base[base["status"] == "done"].copy()
@@ -125,8 +125,12 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     floor_std = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["w2_floor_std"].mean()
     n = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["n_samples"].mean()
     j = r.join(b, lsuffix="", rsuffix="_base", how="inner")
-    w2_spread = j["w2_std_base"].fillna(floor_std.reindex(j.index)).fillna(0)
-    hq_spread = j["hq_frac_std_base"].fillna(np.sqrt(j["hq_frac_base"] * (1 - j["hq_frac_base"]) / n.reindex(j.index)))
+    # the spread is never taken below the sampling noise itself (the W2 floor's std, the binomial
+    # std of hq_frac): three seeds that happen to agree must not make every wobble a regression
+    # (sqrt 2: the spread of a difference of two such estimates)
+    w2_spread = np.sqrt(2) * np.fmax(j["w2_std_base"].fillna(0), floor_std.reindex(j.index).fillna(0))
+    binomial = np.sqrt(j["hq_frac_base"] * (1 - j["hq_frac_base"]) / n.reindex(j.index))
+    hq_spread = np.sqrt(2) * np.fmax(j["hq_frac_std_base"].fillna(0), binomial.fillna(0))
     out = pd.DataFrame({
         "w2": j["w2"], "w2_base": j["w2_base"], "d_w2": j["w2"] - j["w2_base"],
         "modes": j["modes_captured"], "modes_base": j["modes_captured_base"],

@@ -1,0 +1,28 @@
+import pandas as pd
+
+from genbench import report
+
+
+def _rows(w2s, hq, modes=8, device="cpu-x"):
+    return [{"model": "m", "variant": "", "dataset": "ring8", "seed": s, "steps": 1, "nfe": 1, "n_samples": 2000,
+             "w2": w, "w2_floor": 0.29, "w2_floor_std": 0.05, "modes_captured": modes, "modes_total": 8,
+             "hq_frac": hq, "mode_tv": 0.02, "train_s": 1.0, "sample_s": 0.01, "device": "cpu",
+             "device_name": device, "threads": 1, "status": "done"} for s, w in enumerate(w2s)]
+
+
+def test_compare_flags_only_what_is_beyond_the_seed_spread():
+    base = report.tidy(_rows([0.30, 0.31, 0.29], 0.95))
+    same = report.compare(report.tidy(_rows([0.305], 0.94, device="other")), base)
+    assert list(same["flag"]) == ["ok"]
+    worse = report.compare(report.tidy(_rows([0.50], 0.95)), base)
+    assert worse["flag"].iloc[0] == "REGRESSION: w2"
+    lost = report.compare(report.tidy(_rows([0.30], 0.60, modes=6)), base)
+    assert lost["flag"].iloc[0] == "REGRESSION: modes, hq_frac"
+
+
+def test_markdown_aggregates_seeds_with_a_t_interval():
+    df = report.tidy(_rows([0.30, 0.31, 0.29], 0.95))
+    md = report.markdown(df)
+    assert "0.3 ± 0.025" in md  # t_{0.975,2} * 0.01 / sqrt(3) = 0.0248
+    assert report.aggregate(df)["cpu-x"]["seeds"].tolist() == [3]
+    assert isinstance(report.aggregate(df)["cpu-x"], pd.DataFrame)
