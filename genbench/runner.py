@@ -23,7 +23,7 @@ import torch
 
 from . import __version__, metrics
 from . import datasets as ds_mod
-from .api import Generator, UsageError
+from .api import BUDGETS, Generator, UsageError
 from .models.nets import Diverged
 from .registry import Entry, resolve
 from .store import RunDir, cell_name, row_key
@@ -127,11 +127,16 @@ class Runner:
     def __init__(self, plan: Plan, progress: Progress | None = None):
         self.plan = plan
         self.progress = progress or Progress()
+        # every check of the plan lives here, so that every command that runs one gets it
+        if plan.budget not in BUDGETS:
+            raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join(BUDGETS)}")
+        if plan.threads < 1:
+            raise UsageError(f"--threads {plan.threads}: must be >= 1")
+        if plan.n_samples < 2:
+            raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
         self.entries = resolve(plan.models)
         for d in plan.datasets:
             ds_mod.get(d)
-        if plan.n_samples < 2:
-            raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
         # instantiate once to validate budget and --param values before anything is trained
         self.configs = {e.name: dataclasses.asdict(make_model(e, plan).config) for e in self.entries}
         unknown = set(plan.params) - {e.name for e in self.entries} - self._teacher_names()

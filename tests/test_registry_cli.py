@@ -76,6 +76,8 @@ BAD = [
     (["run", "--models", "gauss", "--param", "gauss.nope=1"], "unknown parameter 'nope'"),
     (["run", "--models", "gauss", "--param", "oops"], "expected MODEL.FIELD=VALUE"),
     (["run", "--models", "gauss", "--steps", "0"], "must be >= 1"),
+    (["run", "--models", "gauss", "--threads", "0"], "--threads 0: must be >= 1"),
+    (["reproduce", "--threads", "0"], "--threads 0: must be >= 1"),
     (["report", "does-not-exist"], "does not exist"),
     (["report", "."], "holds no rows.jsonl"),
     (["report", ".", "--format", "xls"], "valid: md, csv"),
