@@ -75,6 +75,7 @@ def run(
     n_samples: int = typer.Option(2000, help="Samples generated, scored and timed per cell (>= 2)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 gives stable timings on small shared machines)."),
+    jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
 ):
@@ -87,7 +88,7 @@ def run(
             n for n, e in registry.discover().items() if e.cls is not None]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples,
-                    device=device, threads=threads, params=_params(param),
+                    device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
         with _RichProgress() as runner.progress:
@@ -143,6 +144,7 @@ def report_cmd(
 def reproduce(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
+    jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>)."),
@@ -154,7 +156,7 @@ def reproduce(
 
         plan = Plan(models=["diffusion", "cm-cd", "cm-ct"], datasets=["ring8"], seeds=[0],
                     steps_by_model={"diffusion": [100], "cm-cd": [1, 2], "cm-ct": [1, 2]}, budget=budget,
-                    n_samples=2000, device=device, threads=threads, params=_params(param),
+                    n_samples=2000, device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
         runner = Runner(plan)
         with _RichProgress() as runner.progress:

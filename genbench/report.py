@@ -15,7 +15,7 @@ CELL_COLUMNS = [
     "run_id", "model", "variant", "source", "dataset", "dataset_version", "seed", "steps", "nfe", "n_samples",
     "w2", "w2_floor", "w2_floor_std", "modes_captured", "modes_total", "hq_frac", "mode_tv", "nll", "elbo",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "budget",
-    "device", "device_name", "threads", "torch_version", "cuda_version", "genbench_version", "git_sha",
+    "device", "device_name", "threads", "jobs", "torch_version", "cuda_version", "genbench_version", "git_sha",
     "status", "error",
 ]
 
@@ -80,7 +80,8 @@ def aggregate(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def protocol_line(df: pd.DataFrame) -> str:
     threads = ",".join(str(int(t)) for t in sorted(df["threads"].dropna().unique()))
     n = ",".join(str(int(t)) for t in sorted(df["n_samples"].dropna().unique()))
-    return PROTOCOL.format(n=n, repeats=">=5", threads=threads or "?")
+    jobs = ",".join(str(int(t)) for t in sorted(df["jobs"].dropna().unique()))
+    return PROTOCOL.format(n=n, repeats=">=5", threads=threads or "?", jobs=jobs or "?")
 
 
 NOTES = (

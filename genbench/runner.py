@@ -45,6 +45,7 @@ class Plan:
     n_samples: int = 2000
     device: str = "auto"
     threads: int = 1
+    jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.resolve_jobs)
     repeats: int = 5
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
     out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
@@ -132,6 +133,8 @@ class Runner:
             raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join(BUDGETS)}")
         if plan.threads < 1:
             raise UsageError(f"--threads {plan.threads}: must be >= 1")
+        if plan.jobs < 0:
+            raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
         if plan.n_samples < 2:
             raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
         self.entries = resolve(plan.models)
@@ -143,6 +146,7 @@ class Runner:
         if unknown:
             raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
         self.device = resolve_device(plan.device)
+        plan.jobs = plan.jobs or self.auto_jobs()
         plan.out = plan.out.replace("{budget}", plan.budget).replace("{device}", self.device)
         self.store = RunDir(plan.out)
         self._check_manifest()
@@ -188,6 +192,7 @@ class Runner:
             "device": self.device,
             "device_name": device_name(self.device),
             "threads": torch.get_num_threads(),
+            "jobs": self.plan.jobs,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if self.device.startswith("cuda") else None,
             "genbench_version": __version__,
@@ -211,22 +216,66 @@ class Runner:
                 for s in self.plan.seeds:
                     yield e, d, s
 
+    def chains(self) -> list[list[tuple]]:
+        """Fit units grouped so that a student runs after its teacher in the same process (it then
+        loads the teacher's checkpoint instead of training it again); the longest chains first."""
+        groups: dict[tuple, list[tuple]] = {}
+        for e, d, s in self.units():
+            groups.setdefault((e.cls.teacher or e.name, d, s), []).append((e, d, s))
+        return sorted(groups.values(), key=len, reverse=True)
+
+    def auto_jobs(self) -> int:
+        """One process per ``threads`` CPU cores on the CPU; one on a GPU, where processes sharing
+        the device would time each other's kernels."""
+        if self.device != "cpu":
+            return 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(cores // self.plan.threads, len(self.chains())))
+
     def run(self) -> list[dict]:
         torch.set_num_threads(self.plan.threads)
         self.prov = self.provenance()
         self._write_manifest()
-        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"}
         units = list(self.units())
-        total = sum(len(self.steps_for(make_model(e, self.plan))) for e, _, _ in units)
-        self.progress.start(total)
+        keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
+        self.progress.start(len(keys))
+        if self.plan.jobs == 1:
+            self.run_units(units)
+        else:
+            self._run_parallel(keys)
+        return [r for r in self.store.rows() if row_key(r) in keys]
+
+    def run_units(self, units) -> None:
+        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"}
         for entry, dataset, seed in units:
             model = make_model(entry, self.plan)
             todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
             self.progress.advance(len(self.steps_for(model)) - len(todo))
             if todo:
                 self._run_unit(entry, model, dataset, seed, todo)
-        keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
-        return [r for r in self.store.rows() if row_key(r) in keys]
+
+    def _run_parallel(self, keys: set) -> None:
+        """Chains of fit units in ``jobs`` worker processes; each appends its own rows (one
+        O_APPEND write per row), the progress bar follows the rows file."""
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
+        self.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
+        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"} & keys
+        self.progress.advance(len(done))
+        lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
+        start, seen = lines(), 0
+        with ProcessPoolExecutor(self.plan.jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            pending = {pool.submit(_run_chain, self.plan, c) for c in chains}
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    f.result()  # a worker that died outside a unit's own error handling
+                now = lines() - start  # every row a worker writes is one of this plan's cells
+                self.progress.advance(now - seen)
+                seen = now
 
     # -- one fit unit ---------------------------------------------------------------------------
     def _data(self, dataset: str, seed: int):
@@ -326,6 +375,26 @@ class Runner:
                 traceback.print_exception(error)
         self.store.append_row(row)
         self.progress.advance()
+
+
+def _worker_init(parent: int) -> None:
+    """Worker processes leave when the run that started them is gone (killed, not just ended)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _run_chain(plan: Plan, chain: list[tuple[str, str, int]]) -> None:
+    runner = Runner(plan)
+    torch.set_num_threads(plan.threads)
+    runner.prov = runner.provenance()
+    entries = {e.name: e for e in runner.entries}
+    runner.run_units([(entries[m], d, s) for m, d, s in chain])
 
 
 def _safe_variant(model: Generator) -> str:

@@ -37,5 +37,5 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 5
 
 PROTOCOL = (
     "Timing: {n} samples per call, 1 warm-up call, device synchronize around each timed call, "
-    "median (min) of {repeats} repeats; CPU threads = {threads}."
+    "median (min) of {repeats} repeats; CPU threads = {threads} per process, {jobs} fit process(es) at once."
 )

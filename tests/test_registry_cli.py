@@ -78,6 +78,7 @@ BAD = [
     (["run", "--models", "gauss", "--steps", "0"], "must be >= 1"),
     (["run", "--models", "gauss", "--threads", "0"], "--threads 0: must be >= 1"),
     (["reproduce", "--threads", "0"], "--threads 0: must be >= 1"),
+    (["run", "--models", "gauss", "--jobs", "-1"], "--jobs -1: must be >= 1, or 0 for auto"),
     (["report", "does-not-exist"], "does not exist"),
     (["report", "."], "holds no rows.jsonl"),
     (["report", ".", "--format", "xls"], "valid: md, csv"),

@@ -1,5 +1,7 @@
 import json
 import os
+
+import pytest
 import signal
 import subprocess
 import sys
@@ -7,10 +9,11 @@ import time
 from collections import Counter
 
 
-def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path, jobs):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "genbench.cli", "run", "--models", "gauss,vae", "--datasets", "ring8,moons",
-           "--budget", "quick", "--n-samples", "300", "--out", str(out)]
+           "--budget", "quick", "--n-samples", "300", "--jobs", str(jobs), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(plugin_path))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows_file = out / "rows.jsonl"
@@ -21,7 +24,10 @@ def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(2)  # worker processes must leave with the run that started them, writing nothing more
     first = rows_file.read_text()
+    time.sleep(2)
+    assert rows_file.read_text() == first
     n_first = len(first.splitlines())
     assert 2 <= n_first < 4, "the run should have been killed mid-way"
 
@@ -34,3 +40,23 @@ def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path
     assert set(keys) == {(m, d) for m in ("gauss", "vae") for d in ("ring8", "moons")}
     assert all(c == 1 for c in keys.values()), keys  # nothing redone
     assert all(x["status"] == "done" for x in rows)
+
+
+def test_parallel_run_gives_the_serial_rows(cli, tmp_path):
+    """--jobs 2 runs fit chains in two processes (cm-cd with its teacher in one); every cell is
+    written once and the numbers are those of the serial run (same seeds, one thread each)."""
+    common = ["run", "--models", "gauss,cm-cd,vae", "--datasets", "ring8,moons", "--budget", "quick",
+              "--n-samples", "300"]
+    for jobs in (1, 2):
+        r = cli(*common, "--jobs", str(jobs), "--out", str(tmp_path / f"j{jobs}"))
+        assert r.returncode == 0, r.stderr
+    rows = {}
+    for jobs in (1, 2):
+        lines = (tmp_path / f"j{jobs}" / "rows.jsonl").read_text().splitlines()
+        rows[jobs] = {(x["model"], x["dataset"]): x for x in map(json.loads, lines)}
+        assert len(lines) == len(rows[jobs]) == 6
+        assert {x["jobs"] for x in rows[jobs].values()} == {jobs}
+        assert all(x["status"] == "done" for x in rows[jobs].values())
+    for key, serial in rows[1].items():
+        assert rows[2][key]["w2"] == serial["w2"], key
+        assert rows[2][key]["teacher_train_s"] is not None or key[0] != "cm-cd"
