@@ -189,7 +189,12 @@ class FusedSteps:
     map into the last step. A step is then one matmul per layer, the SiLUs and one add (8 kernels
     at depth 3, against about 30 for the module's forward). Used inside CUDA-graph captures, where
     each kernel costs a few microseconds of launch time; the eager path (and NFE counting by
-    hook) goes through the module itself, and tests check both give the same samples."""
+    hook) goes through the module itself, and tests check both give the same samples.
+    Measured on the H100 (100 Euler steps, n = 2000, both graphs in one process): 2.94 ms, the five
+    GEMMs ~4 us each of GPU time and the elementwise kernels ~1.6 us, so a step is bound by the
+    tiny GEMMs, not by launches. Carrying the last bias as an offset and updating x in place with
+    ``x.addmm_(h, W, beta=a)`` (one kernel less) was 1.09x slower: cuBLAS picks a split-K kernel
+    plus a reduction for that in-place [n, 2] product."""
 
     def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None):
         linears = [m for m in net.body if isinstance(m, nn.Linear)]
