@@ -144,7 +144,7 @@ def report_cmd(
 def reproduce(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
-    jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
+    jobs: int = typer.Option(1, help="Fit units trained at once, each in its own process (1: nothing else runs while the headline is timed; 0 = auto)."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>)."),
