@@ -110,7 +110,7 @@ def numeric_summary(df: pd.DataFrame) -> pd.DataFrame:
     ok = df[df["status"] == "done"].copy()
     ok["steps"] = ok["steps"].fillna(-1)
     g = ok.groupby(["device_name", "model", "dataset", "steps"])[num]
-    res = g.mean().join(g.std(), rsuffix="_std").join(g.size().rename("seeds"))
+    res = g.mean().join(g.std().add_suffix("_std")).join(g.size().rename("seeds"))
     return res.replace({np.inf: np.nan})
 
 
@@ -125,7 +125,7 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     b = numeric_summary(base).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
     floor_std = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["w2_floor_std"].mean()
     n = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["n_samples"].mean()
-    j = r.join(b, lsuffix="", rsuffix="_base", how="inner")
+    j = r.join(b.add_suffix("_base"), how="inner")  # r and b have the same columns
     # the spread is never taken below the sampling noise itself (the W2 floor's std, the binomial
     # std of hq_frac): three seeds that happen to agree must not make every wobble a regression
     # (sqrt 2: the spread of a difference of two such estimates)
