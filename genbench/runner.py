@@ -256,9 +256,9 @@ class Runner:
 
     def _run_parallel(self, keys: set) -> None:
         """Chains of fit units in ``jobs`` worker processes; each appends its own rows (one
-        O_APPEND write per row), the progress bar follows the rows file."""
+        O_APPEND write per row), the progress bar follows the rows file. Any interruption
+        (Ctrl-C, an error) terminates the workers at once: finished rows stay, the rest resumes."""
         import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
         self.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
@@ -266,16 +266,23 @@ class Runner:
         self.progress.advance(len(done))
         lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
         start, seen = lines(), 0
-        with ProcessPoolExecutor(self.plan.jobs, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-            pending = {pool.submit(_run_chain, self.plan, c) for c in chains}
-            while pending:
-                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    f.result()  # a worker that died outside a unit's own error handling
+        pool = mp.get_context("spawn").Pool(self.plan.jobs, initializer=_worker_init, initargs=(os.getpid(),))
+        try:
+            results = [pool.apply_async(_run_chain, (self.plan, c)) for c in chains]
+            while results:
+                time.sleep(0.5)
+                for r in [r for r in results if r.ready()]:
+                    r.get()  # re-raises what failed in a worker outside a unit's own error handling
+                    results.remove(r)
                 now = lines() - start  # every row a worker writes is one of this plan's cells
                 self.progress.advance(now - seen)
                 seen = now
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
 
     # -- one fit unit ---------------------------------------------------------------------------
     def _data(self, dataset: str, seed: int):
@@ -390,11 +397,14 @@ def _worker_init(parent: int) -> None:
 
 
 def _run_chain(plan: Plan, chain: list[tuple[str, str, int]]) -> None:
-    runner = Runner(plan)
-    torch.set_num_threads(plan.threads)
-    runner.prov = runner.provenance()
-    entries = {e.name: e for e in runner.entries}
-    runner.run_units([(entries[m], d, s) for m, d, s in chain])
+    try:
+        runner = Runner(plan)
+        torch.set_num_threads(plan.threads)
+        runner.prov = runner.provenance()
+        entries = {e.name: e for e in runner.entries}
+        runner.run_units([(entries[m], d, s) for m, d, s in chain])
+    except KeyboardInterrupt:  # a pool worker killed by it would leave its result pending forever
+        raise RuntimeError("interrupted") from None
 
 
 def _safe_variant(model: Generator) -> str:

@@ -60,3 +60,24 @@ def test_parallel_run_gives_the_serial_rows(cli, tmp_path):
     for key, serial in rows[1].items():
         assert rows[2][key]["w2"] == serial["w2"], key
         assert rows[2][key]["teacher_train_s"] is not None or key[0] != "cm-cd"
+
+
+def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) ends the run and its workers within seconds,
+    without a traceback, while the workers are still training."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(plugin_path))
+    proc = subprocess.Popen([sys.executable, "-m", "genbench.cli", "run", "--models", "vae,flow", "--datasets",
+                             "ring8,moons", "--n-samples", "300", "--jobs", "2", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    time.sleep(10)  # default budget: both workers are mid-training by now
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 10
+    assert proc.returncode != 0 and "Traceback" not in err
+    rows = out / "rows.jsonl"
+    before = rows.read_text() if rows.exists() else ""
+    time.sleep(3)
+    assert (rows.read_text() if rows.exists() else "") == before  # no worker left running
