@@ -45,7 +45,7 @@ class Plan:
     n_samples: int = 2000
     device: str = "auto"
     threads: int = 1
-    jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.resolve_jobs)
+    jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
     repeats: int = 5
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
     out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
