@@ -257,7 +257,9 @@ class Runner:
     def _run_parallel(self, keys: set) -> None:
         """Chains of fit units in ``jobs`` worker processes; each appends its own rows (one
         O_APPEND write per row), the progress bar follows the rows file. Any interruption
-        (Ctrl-C, an error) terminates the workers at once: finished rows stay, the rest resumes."""
+        (Ctrl-C, an error) terminates the workers at once: finished rows stay, the rest resumes.
+        Workers ignore SIGINT, so that Ctrl-C reaches only this process, which terminates them
+        (a worker interrupted while importing printed a traceback)."""
         import multiprocessing as mp
 
         chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
@@ -266,7 +268,8 @@ class Runner:
         self.progress.advance(len(done))
         lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
         start, seen = lines(), 0
-        pool = mp.get_context("spawn").Pool(self.plan.jobs, initializer=_worker_init, initargs=(os.getpid(),))
+        pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(self.plan.jobs, initializer=_worker_init,
+                                                                      initargs=(os.getpid(),)))
         try:
             results = [pool.apply_async(_run_chain, (self.plan, c)) for c in chains]
             while results:
@@ -396,15 +399,27 @@ def _worker_init(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _run_chain(plan: Plan, chain: list[tuple[str, str, int]]) -> None:
+def _ignoring_sigint(start):
+    """``start()`` with SIGINT ignored, so that the processes it spawns inherit that (Python keeps an
+    inherited SIG_IGN); the caller's handler is restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        runner = Runner(plan)
-        torch.set_num_threads(plan.threads)
-        runner.prov = runner.provenance()
-        entries = {e.name: e for e in runner.entries}
-        runner.run_units([(entries[m], d, s) for m, d, s in chain])
-    except KeyboardInterrupt:  # a pool worker killed by it would leave its result pending forever
-        raise RuntimeError("interrupted") from None
+        return start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_chain(plan: Plan, chain: list[tuple[str, str, int]]) -> None:
+    runner = Runner(plan)
+    torch.set_num_threads(plan.threads)
+    runner.prov = runner.provenance()
+    entries = {e.name: e for e in runner.entries}
+    runner.run_units([(entries[m], d, s) for m, d, s in chain])
 
 
 def _safe_variant(model: Generator) -> str:
