@@ -71,7 +71,10 @@ def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
                              "ring8,moons", "--n-samples", "300", "--jobs", "2", "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    time.sleep(10)  # default budget: both workers are mid-training by now
+    deadline = time.time() + 120
+    while not (out / "manifest.json").exists() and time.time() < deadline:  # written just before the workers start
+        time.sleep(0.1)
+    time.sleep(4)  # workers starting or training (default budget: a fit takes tens of seconds)
     os.killpg(proc.pid, signal.SIGINT)
     t0 = time.time()
     _, err = proc.communicate(timeout=60)
