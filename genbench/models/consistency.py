@@ -94,7 +94,7 @@ class ConsistencyConfig:
     train_steps: int = 4000
     ema_decay: float = 0.999  # the EMA of the weights that sampling uses
     target_decay: float = 0.9  # CD: mu of the target network theta^- (0: stop-gradient of the online net)
-    tau_max: float = 0.1  # multistep: the first re-noising level
+    tau_max: float = 0.1  # multistep: the first re-noising level (benchmarks/tau_sweep.py)
     default_steps: int = 1
     cuda_graph: bool = False  # on CUDA, replay the sampling loop from a captured CUDA graph
     # CD only
