@@ -28,9 +28,6 @@ def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threa
     the same batch. The two are timed in alternation, ``repeats`` rounds, and the ratio is the
     median of the per-round ratios, so that a neighbour's load drifting over the run cancels out."""
     import statistics
-    import time
-
-    from .timing import synchronize
 
     device = resolve_device(device)
     torch.set_num_threads(threads)
@@ -45,11 +42,7 @@ def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threa
                 m.ema.model(x, t)
 
     def timed(fn) -> float:
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        return time.perf_counter() - t0
+        return time_call(fn, device=device, repeats=1, warmup=0)[0]
 
     forwards(), m.sample(n, steps=steps, seed=0)  # warm-up
     fwd, loop = [], []

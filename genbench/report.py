@@ -77,11 +77,14 @@ def aggregate(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
+def _distinct(values: pd.Series) -> str:
+    """The distinct integer values of a column, e.g. ``1,2`` ('?' when none is recorded)."""
+    return ",".join(str(int(v)) for v in sorted(values.dropna().unique())) or "?"
+
+
 def protocol_line(df: pd.DataFrame) -> str:
-    threads = ",".join(str(int(t)) for t in sorted(df["threads"].dropna().unique()))
-    n = ",".join(str(int(t)) for t in sorted(df["n_samples"].dropna().unique()))
-    jobs = ",".join(str(int(t)) for t in sorted(df["jobs"].dropna().unique()))
-    return PROTOCOL.format(n=n, repeats=">=5", threads=threads or "?", jobs=jobs or "?")
+    return PROTOCOL.format(n=_distinct(df["n_samples"]), repeats=">=5", threads=_distinct(df["threads"]),
+                           jobs=_distinct(df["jobs"]))
 
 
 NOTES = (
@@ -123,8 +126,8 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     r = numeric_summary(run).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
     b_full = base[base["status"] == "done"].copy()
     b = numeric_summary(base).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
-    floor_std = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["w2_floor_std"].mean()
-    n = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)["n_samples"].mean()
+    by_cell = b_full.assign(steps=b_full["steps"].fillna(-1)).groupby(key)
+    floor_std, n = by_cell["w2_floor_std"].mean(), by_cell["n_samples"].mean()
     j = r.join(b.add_suffix("_base"), how="inner")  # r and b have the same columns
     # the spread is never taken below the sampling noise itself (the W2 floor's std, the binomial
     # std of hq_frac): three seeds that happen to agree must not make every wobble a regression
@@ -178,8 +181,7 @@ def headline(df: pd.DataFrame) -> str:
                 "modes": f"{_fmt(g['modes_captured'].mean())}/{int(g['modes_total'].max())}", "hq_frac": _pm(g["hq_frac"]),
                 "report: nfe": rep["nfe"] if rep else "", "report: sample_s": rep["sample_s"] if rep else "",
             })
-        threads = ",".join(str(int(t)) for t in sub["threads"].unique())
-        lines += [f"## {dev} ({sub['device'].iloc[0]}, {threads} thread(s))", "",
+        lines += [f"## {dev} ({sub['device'].iloc[0]}, {_distinct(sub['threads'])} thread(s))", "",
                   pd.DataFrame(recs).to_markdown(index=False), "",
                   f"time_ratio = sample_s(diffusion, 100 steps) / sample_s(row). The source report measured "
                   f"~{REPORT_RATIO:.0f}x wall time and ~100x NFE (99 vs 1).", "", protocol_line(sub), ""]

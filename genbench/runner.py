@@ -232,9 +232,14 @@ class Runner:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         return max(1, min(cores // self.plan.threads, len(self.chains())))
 
-    def run(self) -> list[dict]:
+    def _setup_process(self) -> None:
+        """Per process (the run's and each worker's): the thread count, and the provenance that
+        every row carries."""
         torch.set_num_threads(self.plan.threads)
         self.prov = self.provenance()
+
+    def run(self) -> list[dict]:
+        self._setup_process()
         self._write_manifest()
         units = list(self.units())
         keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
@@ -416,8 +421,7 @@ def _ignoring_sigint(start):
 
 def _run_chain(plan: Plan, chain: list[tuple[str, str, int]]) -> None:
     runner = Runner(plan)
-    torch.set_num_threads(plan.threads)
-    runner.prov = runner.provenance()
+    runner._setup_process()
     entries = {e.name: e for e in runner.entries}
     runner.run_units([(entries[m], d, s) for m, d, s in chain])
 

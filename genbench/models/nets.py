@@ -198,7 +198,8 @@ class FusedSteps:
     (16 points per program, weights zero-padded to width 128) took 4.03 ms with full-fp32 products
     against 3.19 ms for this loop (both replayed from graphs in one session; 3.81 ms launched
     directly in another), and 0.34 ms with TF32 tensor-core products but samples off by up to
-    7.7e-3 from the eager ones, so it was not kept. Four measurements of this loop in four sessions: 2.94-3.19 ms."""
+    7.7e-3 from the eager ones, so it was not kept. Four measurements of this loop in four
+    sessions: 2.94-3.19 ms."""
 
     def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None):
         linears = [m for m in net.body if isinstance(m, nn.Linear)]
