@@ -157,14 +157,15 @@ class _Consistency(Generator):
             return self.graphs.run((n, steps, tuple(taus)), loop, noise, build=lambda: self._fused(scales, [c.sigma_max, *taus]))
         return loop(noise)
 
-    def _fused(self, scales: list[float], times: list[float]):
+    def _fused(self, scales: list[float], times: list[float], thin: bool = True):
         """The sampling loop as FusedSteps: f(x, t) = c_skip x + c_out F(c_in x, c_noise); the first
-        step's x_T = T z is folded into its coefficients, the standardisation undone in the last."""
+        step's x_T = T z is folded into its coefficients, the standardisation undone in the last
+        (``thin``: see FusedSteps)."""
         t = torch.tensor(times, dtype=torch.float64)
         c_skip, c_out, c_in, c_noise = self.ema.model.coefficients(t)
         c_in[0], c_skip[0] = c_in[0] * scales[0], c_skip[0] * scales[0]
         fs = FusedSteps(self.ema.model.net, c_in.tolist(), c_noise.tolist(), c_skip.tolist(), c_out.tolist(),
-                        out_scale=1 / self.std.scale, out_shift=self.std.mean)
+                        out_scale=1 / self.std.scale, out_shift=self.std.mean, thin=thin)
 
         def loop(noise):
             x = fs(noise[0], 0)
@@ -172,6 +173,7 @@ class _Consistency(Generator):
                 x = fs(torch.add(x, noise[i], alpha=scales[i]), i)
             return x
 
+        loop.fused = fs
         return loop
 
     @torch.no_grad()

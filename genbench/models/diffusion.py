@@ -195,14 +195,14 @@ class Diffusion(Generator):
             return self.graphs.run((n, steps, sampler, self.config.grid), loop, x, build=build)
         return loop(x)
 
-    def _fused_euler(self, grid: torch.Tensor):
+    def _fused_euler(self, grid: torch.Tensor, thin: bool = True):
         """The Euler loop as FusedSteps: x <- lerp(D, x, r) = (r + (1 - r) c_skip) x + (1 - r) c_out F,
-        r = t'/t, with the standardisation undone in the last step."""
+        r = t'/t, with the standardisation undone in the last step (``thin``: see FusedSteps)."""
         t = grid[:-1].double()
         r = grid[1:].double() / t
         c_skip, c_out, c_in, c_noise = self.ema.model.coefficients(t)
         fs = FusedSteps(self.ema.model.net, c_in.tolist(), c_noise.tolist(), (r + (1 - r) * c_skip).tolist(),
-                        ((1 - r) * c_out).tolist(), out_scale=1 / self.std.scale, out_shift=self.std.mean)
+                        ((1 - r) * c_out).tolist(), out_scale=1 / self.std.scale, out_shift=self.std.mean, thin=thin)
 
         def loop(x):
             for i in range(len(t)):

@@ -182,28 +182,46 @@ class GraphCache:
         return out.clone()
 
 
+def thin_kernels(device: torch.device):
+    """The Triton kernels for FusedSteps' thin layers where they can run (a CUDA device and Triton
+    installed), else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 class FusedSteps:
     """A fixed sequence of steps ``x <- a_i x + b_i F(c_i x, n_i)`` with F a TimeMLP, evaluated
     with everything that does not depend on x precomputed: the time branch of each level, the
     input scale c_i folded into the first layer, b_i into the last, and an optional output affine
-    map into the last step. A step is then one matmul per layer, the SiLUs and one add (10 kernels
-    at depth 4, against about 30 for the module's forward). Used inside CUDA-graph captures, where
-    each kernel costs a few microseconds of launch time; the eager path (and NFE counting by
-    hook) goes through the module itself, and tests check both give the same samples.
-    Measured on the H100 (100 Euler steps, n = 2000, both graphs in one process): 2.94 ms, the five
-    GEMMs ~4 us each of GPU time and the elementwise kernels ~1.6 us, so a step is bound by the
-    tiny GEMMs, not by launches. Carrying the last bias as an offset and updating x in place with
-    ``x.addmm_(h, W, beta=a)`` (one kernel less) was 1.09x slower: cuBLAS picks a split-K kernel
-    plus a reduction for that in-place [n, 2] product. The whole 100-step loop as one Triton kernel
-    (16 points per program, weights zero-padded to width 128) took 4.03 ms with full-fp32 products
-    against 3.19 ms for this loop (both replayed from graphs in one session; 3.81 ms launched
-    directly in another), and 0.34 ms with TF32 tensor-core products but samples off by up to
-    7.7e-3 from the eager ones, so it was not kept. Four measurements of this loop in four
-    sessions: 2.94-3.19 ms."""
+    map into the last step. Used inside CUDA-graph captures, where the loop is replayed without
+    Python; the eager path (and NFE counting by hook) goes through the module itself, and tests
+    check both give the same samples.
 
-    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None):
+    A step is one cuBLAS matmul per square layer and a SiLU after each; on CUDA with Triton
+    (``thin=True``), the thin first layer (K = D = 2) with its SiLU is one Triton kernel and the last
+    SiLU, the thin last layer (N = 2) and the update ``a x + ...`` are another (genbench.models.
+    kernels): 7 kernels a step at depth 4 instead of 10 (addmm for the thin layers, the SiLUs and
+    one add), against about 30 for the module's forward. The loop is bound by the GPU time of these
+    tiny kernels, not by launches: a CUDA profile of the cuBLAS-only replay showed ~4 us per GEMM,
+    thin ones included, and ~1.6 us per elementwise kernel. Measured on the H100 with
+    ``python benchmarks/thin_kernels.py`` (100 Euler steps, n = 2000, both graphs in one process):
+    see the README (2.14 ms with the Triton kernels against 2.92 ms with cuBLAS only in the
+    experiment that chose them). Rejected, measured: carrying the last bias as an offset and
+    updating x in place with ``x.addmm_(h, W, beta=a)`` was 1.09x slower (cuBLAS picks split-K for
+    that in-place [n, 2] product); the whole loop as one Triton kernel was 4.03 ms with fp32 products
+    (one program runs all square layers on CUDA cores) and 0.34 ms with TF32 tensor-core products
+    but samples off by up to 7.7e-3; ``torch.compile`` of the step, captured the same way, was
+    3.68 ms (default mode) and 5.36 ms (max-autotune, fp32 Triton GEMMs), against 2.97 ms."""
+
+    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None, thin: bool = True):
         linears = [m for m in net.body if isinstance(m, nn.Linear)]
         dev = net.point.weight.device
+        self.kernels = thin_kernels(dev) if thin else None
         self.a = [float(v) for v in a]
         with torch.no_grad():
             args = torch.tensor([float(v) for v in c_noise], device=dev).reshape(-1, 1) * net.freqs
@@ -219,6 +237,14 @@ class FusedSteps:
             self.a[-1] *= out_scale
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if self.kernels is not None:
+            x = x.contiguous()
+            h = self.kernels.first_layer(x, self.first[i][1], self.first[i][0])  # SiLU applied
+            for j, (bias, w) in enumerate(self.middle):
+                h = torch.addmm(bias, h, w)
+                if j < len(self.middle) - 1:
+                    h = F.silu(h)
+            return self.kernels.last_layer(h, self.last[i][1], self.last[i][0], x, self.a[i], act=bool(self.middle))
         h = torch.addmm(self.first[i][0], x, self.first[i][1])
         for bias, w in self.middle:
             h = torch.addmm(bias, F.silu(h), w)
