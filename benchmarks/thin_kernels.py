@@ -42,7 +42,11 @@ def main():
     cases = []
     x = teacher.prior(N, 1)
     eager = teacher.sample(N, steps=100, seed=1)
-    cases.append(("diffusion euler", 100, {t: teacher._fused_euler(teacher.grid(100), thin=t) for t in (False, True)}, x, eager))
+    cases.append(("diffusion euler", 100, {t: teacher._fused(teacher.grid(100), "euler", thin=t) for t in (False, True)}, x, eager))
+    teacher.config.sampler = "heun"
+    eager = teacher.sample(N, steps=50, seed=1)
+    cases.append(("diffusion heun", 50, {t: teacher._fused(teacher.grid(50), "heun", thin=t) for t in (False, True)}, x, eager))
+    teacher.config.sampler = "euler"
     for k in (1, 2):
         c = cd.config
         taus = cd.taus(k)

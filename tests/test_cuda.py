@@ -50,20 +50,23 @@ def test_cuda_graph_gives_the_eager_samples(trained, name, sampler, steps):
 @pytest.mark.parametrize("depth,hidden,n", [(1, 40, 1001), (4, 96, 2000), (3, 128, 17)])
 def test_thin_layer_kernels_give_the_cublas_step(depth, hidden, n):
     """The Triton first/last-layer kernels against addmm: widths not a power of two, row counts not
-    a multiple of the block, and depth 1 (no square layer, so the last kernel must not apply a
-    second SiLU)."""
+    a multiple of the block, depth 1 (no square layer, so the last kernel must not apply a second
+    SiLU), and a step with a second state."""
     pytest.importorskip("triton")
     torch.manual_seed(0)
     net = TimeMLP(hidden=hidden, depth=depth).cuda()
     args = ([1.3, 0.7, 0.2], [0.5, -1.0, 2.0], [0.9, 1.0, 0.3], [0.4, -0.6, 1.2])
     kw = {"out_scale": 2.0, "out_shift": torch.tensor([0.1, -0.2], device="cuda")}
+    kw["g"] = [0.0, 0.5, 0.0]  # step 1 adds 0.5 x0, as a Heun corrector does
     thin, ref = FusedSteps(net, *args, **kw, thin=True), FusedSteps(net, *args, **kw, thin=False)
     assert thin.kernels is not None and ref.kernels is None
-    x = torch.randn(n, 2, device="cuda")
+    x, x0 = torch.randn(n, 2, device="cuda"), torch.randn(n, 2, device="cuda")
     with torch.no_grad():
         for i in range(3):
-            torch.testing.assert_close(thin(x, i), ref(x, i), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(thin(x.t().contiguous().t(), i), ref(x, i), rtol=1e-5, atol=1e-5)
+            second = x0 if i == 1 else None
+            torch.testing.assert_close(thin(x, i, second), ref(x, i, second), rtol=1e-5, atol=1e-5)
+            strided = x.t().contiguous().t()  # same values, not contiguous
+            torch.testing.assert_close(thin(strided, i, second), ref(x, i, second), rtol=1e-5, atol=1e-5)
 
 
 def test_run_on_cuda_end_to_end(tmp_path):

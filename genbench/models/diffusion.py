@@ -191,22 +191,38 @@ class Diffusion(Generator):
         if trajectory:
             return loop(x), torch.stack([self.std.back(p) for p in traj])
         if self.config.cuda_graph and self.device.startswith("cuda"):
-            build = (lambda: self._fused_euler(grid)) if sampler == "euler" else (lambda: loop)
+            build = lambda: self._fused(grid, sampler)  # noqa: E731
             return self.graphs.run((n, steps, sampler, self.config.grid), loop, x, build=build)
         return loop(x)
 
-    def _fused_euler(self, grid: torch.Tensor, thin: bool = True):
-        """The Euler loop as FusedSteps: x <- lerp(D, x, r) = (r + (1 - r) c_skip) x + (1 - r) c_out F,
-        r = t'/t, with the standardisation undone in the last step (``thin``: see FusedSteps)."""
-        t = grid[:-1].double()
-        r = grid[1:].double() / t
+    def _fused(self, grid: torch.Tensor, sampler: str = "euler", thin: bool = True):
+        """The PF-ODE loop as FusedSteps (``thin``: see there), with the standardisation undone in
+        the last step. An Euler step is x_e = lerp(D, x, r) = (r + (1 - r) c_skip) x + (1 - r) c_out F,
+        r = t'/t. A Heun step (all but the last) follows it with x <- x + h/2 ((x - D)/t + (x_e - D')/t')
+        = x/2 + (1/2 + q (1 - c_skip')) x_e - q c_out' F(x_e, t'), q = h / 2t', h = t' - t, using
+        (x - D)/t = (x_e - x)/h."""
+        t, t_next = grid[:-1].double(), grid[1:].double()
+        r, heun = t_next / t, sampler == "heun"
         c_skip, c_out, c_in, c_noise = self.ema.model.coefficients(t)
-        fs = FusedSteps(self.ema.model.net, c_in.tolist(), c_noise.tolist(), (r + (1 - r) * c_skip).tolist(),
-                        ((1 - r) * c_out).tolist(), out_scale=1 / self.std.scale, out_shift=self.std.mean, thin=thin)
+        rows = []  # (c_in, c_noise, a, b, g) in the order the loop uses them
+        for i in range(len(t)):
+            rows.append((c_in[i], c_noise[i], r[i] + (1 - r[i]) * c_skip[i], (1 - r[i]) * c_out[i], 0.0))
+            if heun and i < len(t) - 1:
+                cs, co, ci, cn = self.ema.model.coefficients(t_next[i])
+                q = (t_next[i] - t[i]) / (2 * t_next[i])
+                rows.append((ci, cn, 0.5 + q * (1 - cs), -q * co, 0.5))
+        ci, cn, a, b, g = ([float(v) for v in col] for col in zip(*rows))
+        fs = FusedSteps(self.ema.model.net, ci, cn, a, b, out_scale=1 / self.std.scale, out_shift=self.std.mean,
+                        thin=thin, g=g)
 
         def loop(x):
+            j = 0
             for i in range(len(t)):
-                x = fs(x, i)
+                x_e = fs(x, j)
+                if heun and i < len(t) - 1:
+                    x_e = fs(x_e, j + 1, x0=x)
+                    j += 1
+                x, j = x_e, j + 1
             return x
 
         loop.fused = fs

@@ -2,8 +2,8 @@
 
 The first layer of a TimeMLP reads a D = 2 point and the last writes one; as cuBLAS GEMMs (K = 2,
 N = 2) each costs as much GPU time as a square 96 x 96 layer. Here the first layer and its SiLU are
-one elementwise kernel, and the last SiLU, the last layer and the step's update ``a x + ...`` are
-one row-reduction kernel, all in fp32 FMA (no tensor cores, so no TF32 rounding): a step drops
+one elementwise kernel, and the last SiLU, the last layer and the step's update ``a x + ...`` (and
+Heun's ``+ g x0``) are one row-reduction kernel, all in fp32 FMA (no tensor cores, so no TF32 rounding): a step drops
 from 10 kernels to 7. Measured on the H100 with ``python benchmarks/thin_kernels.py`` (100 Euler
 steps, n = 2000, both loops replayed from CUDA graphs in one process): see FusedSteps.
 
@@ -36,8 +36,8 @@ def _first_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, D: tl.constexpr, H: tl.conste
 
 
 @triton.jit
-def _last_kernel(h_ptr, w_ptr, b_ptr, x_ptr, a, out_ptr, n, D: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                 BM: tl.constexpr, ACT: tl.constexpr):
+def _last_kernel(h_ptr, w_ptr, b_ptr, x_ptr, a, x2_ptr, g, out_ptr, n, D: tl.constexpr, H: tl.constexpr,
+                 HP: tl.constexpr, BM: tl.constexpr, ACT: tl.constexpr, HAS_X2: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, HP)
     rmask, cmask = rows < n, cols < H
@@ -48,6 +48,8 @@ def _last_kernel(h_ptr, w_ptr, b_ptr, x_ptr, a, out_ptr, n, D: tl.constexpr, H: 
         wd = tl.load(w_ptr + cols * D + d, mask=cmask, other=0.0)
         xd = tl.load(x_ptr + rows * D + d, mask=rmask, other=0.0)
         y = tl.sum(h * wd[None, :], axis=1) + tl.load(b_ptr + d) + a * xd
+        if HAS_X2:
+            y += g * tl.load(x2_ptr + rows * D + d, mask=rmask, other=0.0)
         tl.store(out_ptr + rows * D + d, y, mask=rmask)
 
 
@@ -59,10 +61,11 @@ def first_layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return out
 
 
-def last_layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, a: float, act: bool) -> torch.Tensor:
-    """(silu(h) if act else h) @ w + b + a x for h [n, H], w [H, D], b [D], x [n, D]."""
+def last_layer(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, a: float, act: bool,
+               x2: torch.Tensor | None = None, g: float = 0.0) -> torch.Tensor:
+    """(silu(h) if act else h) @ w + b + a x (+ g x2) for h [n, H], w [H, D], b [D], x and x2 [n, D]."""
     (n, hidden), d = h.shape, w.shape[1]
     out = torch.empty(n, d, device=x.device, dtype=x.dtype)
-    _last_kernel[(triton.cdiv(n, BLOCK_ROWS),)](h, w, b, x, float(a), out, n, d, hidden, triton.next_power_of_2(hidden),
-                                               BLOCK_ROWS, act)
+    _last_kernel[(triton.cdiv(n, BLOCK_ROWS),)](h, w, b, x, float(a), x if x2 is None else x2, float(g), out, n, d,
+                                               hidden, triton.next_power_of_2(hidden), BLOCK_ROWS, act, x2 is not None)
     return out

@@ -195,7 +195,8 @@ def thin_kernels(device: torch.device):
 
 
 class FusedSteps:
-    """A fixed sequence of steps ``x <- a_i x + b_i F(c_i x, n_i)`` with F a TimeMLP, evaluated
+    """A fixed sequence of steps ``x <- a_i x + b_i F(c_i x, n_i) [+ g_i x0]`` with F a TimeMLP and x0
+    an optional second state (a Heun corrector's start point), evaluated
     with everything that does not depend on x precomputed: the time branch of each level, the
     input scale c_i folded into the first layer, b_i into the last, and an optional output affine
     map into the last step. Used inside CUDA-graph captures, where the loop is replayed without
@@ -210,9 +211,9 @@ class FusedSteps:
     tiny kernels, not by launches: a CUDA profile of the cuBLAS-only replay showed ~4 us per GEMM,
     thin ones included, and ~1.6 us per elementwise kernel. Measured on the H100 with
     ``python benchmarks/thin_kernels.py`` (n = 2000, both graphs replayed in alternating rounds in
-    one process): 100 Euler steps 2.20 ms with the Triton kernels against 2.99 ms with cuBLAS only
-    (1.36x), one consistency step 0.037 ms against 0.043 ms; both within 1.5e-6 of the eager
-    samples. Rejected, measured: carrying the last bias as an offset and
+    one process): 100 Euler steps 2.17 ms with the Triton kernels against 2.91 ms with cuBLAS only
+    (1.34x), 50 Heun steps 2.16 ms against 2.99 ms, one consistency step 0.036 ms against 0.044 ms;
+    all within 1.5e-6 of the eager samples. Rejected, measured: carrying the last bias as an offset and
     updating x in place with ``x.addmm_(h, W, beta=a)`` was 1.09x slower (cuBLAS picks split-K for
     that in-place [n, 2] product); the whole loop as one Triton kernel was 4.03 ms with fp32 products
     (one program runs all square layers on CUDA cores) and 0.34 ms with TF32 tensor-core products
@@ -220,11 +221,13 @@ class FusedSteps:
     3.68 ms (default mode) and 5.36 ms (max-autotune, fp32 Triton GEMMs) against 2.97 ms for the
     cuBLAS-only loop and 2.29 ms for this one with 32-row blocks (one process, one session)."""
 
-    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None, thin: bool = True):
+    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None, thin: bool = True,
+                 g=None):
         linears = [m for m in net.body if isinstance(m, nn.Linear)]
         dev = net.point.weight.device
         self.kernels = thin_kernels(dev) if thin else None
         self.a = [float(v) for v in a]
+        self.g = [0.0] * len(self.a) if g is None else [float(v) for v in g]
         with torch.no_grad():
             args = torch.tensor([float(v) for v in c_noise], device=dev).reshape(-1, 1) * net.freqs
             bias0 = net.point.bias + net.time(torch.cat([torch.sin(args), torch.cos(args)], 1))  # [K, hidden]
@@ -237,17 +240,24 @@ class FusedSteps:
                 s = out_scale if i == k - 1 else 1.0
                 self.last.append((float(bi) * s * last.bias + (shift if i == k - 1 else 0), (float(bi) * s * last.weight).t().contiguous()))
             self.a[-1] *= out_scale
+            self.g[-1] *= out_scale
 
-    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, i: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Step ``i`` from x; ``x0`` is the second state of steps with g_i != 0."""
+        if (x0 is None) != (self.g[i] == 0.0):
+            raise ValueError(f"step {i} has g = {self.g[i]}: pass x0 exactly when g != 0")
         if self.kernels is not None:
             x = x.contiguous()
+            x0 = None if x0 is None else x0.contiguous()
             h = self.kernels.first_layer(x, self.first[i][1], self.first[i][0])  # SiLU applied
             for j, (bias, w) in enumerate(self.middle):
                 h = torch.addmm(bias, h, w)
                 if j < len(self.middle) - 1:
                     h = F.silu(h)
-            return self.kernels.last_layer(h, self.last[i][1], self.last[i][0], x, self.a[i], act=bool(self.middle))
+            return self.kernels.last_layer(h, self.last[i][1], self.last[i][0], x, self.a[i], act=bool(self.middle),
+                                           x2=x0, g=self.g[i])
         h = torch.addmm(self.first[i][0], x, self.first[i][1])
         for bias, w in self.middle:
             h = torch.addmm(bias, F.silu(h), w)
-        return torch.addmm(self.last[i][0], F.silu(h), self.last[i][1]).add_(x, alpha=self.a[i])
+        out = torch.addmm(self.last[i][0], F.silu(h), self.last[i][1]).add_(x, alpha=self.a[i])
+        return out if x0 is None else out.add_(x0, alpha=self.g[i])
