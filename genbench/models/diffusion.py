@@ -216,13 +216,12 @@ class Diffusion(Generator):
                         thin=thin, g=g)
 
         def loop(x):
-            j = 0
+            j = 0  # the FusedSteps row
             for i in range(len(t)):
-                x_e = fs(x, j)
+                x_e, j = fs(x, j), j + 1
                 if heun and i < len(t) - 1:
-                    x_e = fs(x_e, j + 1, x0=x)
-                    j += 1
-                x, j = x_e, j + 1
+                    x_e, j = fs(x_e, j, x0=x), j + 1
+                x = x_e
             return x
 
         loop.fused = fs

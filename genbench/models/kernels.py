@@ -3,9 +3,10 @@
 The first layer of a TimeMLP reads a D = 2 point and the last writes one; as cuBLAS GEMMs (K = 2,
 N = 2) each costs as much GPU time as a square 96 x 96 layer. Here the first layer and its SiLU are
 one elementwise kernel, and the last SiLU, the last layer and the step's update ``a x + ...`` (and
-Heun's ``+ g x0``) are one row-reduction kernel, all in fp32 FMA (no tensor cores, so no TF32 rounding): a step drops
-from 10 kernels to 7. Measured on the H100 with ``python benchmarks/thin_kernels.py`` (100 Euler
-steps, n = 2000, both loops replayed from CUDA graphs in one process): see FusedSteps.
+a Heun corrector's ``+ g x0``) are one row-reduction kernel, all in fp32 FMA (no tensor cores, so
+no TF32 rounding): a step drops from 10 kernels to 7. Measured on the H100 with
+``python benchmarks/thin_kernels.py`` (both loops replayed from CUDA graphs in one process): see
+FusedSteps.
 
 Imported only where Triton is (torch's CUDA wheels bring it, the CPU wheels do not).
 """
