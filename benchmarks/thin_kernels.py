@@ -16,21 +16,9 @@ import torch
 from genbench import datasets
 from genbench.models.consistency import ConsistencyDistillation
 from genbench.models.diffusion import Diffusion
+from genbench.models.nets import capture_graph
 
 N, ROUNDS = 2000, 40
-
-
-def capture(fn, x):
-    static = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(static)
-    return graph, static, out
 
 
 def main():
@@ -48,20 +36,17 @@ def main():
     cases.append(("diffusion heun", 50, {t: teacher._fused(teacher.grid(50), "heun", thin=t) for t in (False, True)}, x, eager))
     teacher.config.sampler = "euler"
     for k in (1, 2):
-        c = cd.config
-        taus = cd.taus(k)
-        scales = [c.sigma_max] + [(tau**2 - c.sigma_min**2) ** 0.5 for tau in taus]
         noise = torch.randn(k, N, 2, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
         eager = cd.sample(N, steps=k, seed=1)
-        cases.append(("cm-cd multistep", k, {t: cd._fused(scales, [c.sigma_max, *taus], thin=t) for t in (False, True)}, noise, eager))
+        cases.append(("cm-cd multistep", k, {t: cd._fused(*cd.levels(k), thin=t) for t in (False, True)}, noise, eager))
     for name, steps, loops, x, eager in cases:
         assert loops[True].fused.kernels is not None, "Triton kernels unavailable on this machine"
         with torch.no_grad():
-            graphs = {t: capture(fn, x) for t, fn in loops.items()}
+            graphs = {t: capture_graph(fn, x) for t, fn in loops.items()}
         times = {t: [] for t in graphs}
         for r in range(ROUNDS):
             for t in ((False, True) if r % 2 else (True, False)):
-                graph, static, out = graphs[t]
+                graph, (static,), out = graphs[t]
                 static.copy_(x)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -38,11 +38,8 @@ def test_fused_step_requires_x0_exactly_where_g_is_set():
 def test_fused_consistency_multistep_equals_eager_loop():
     m = ConsistencyTraining(budget="quick", params={"train_steps": "50"})
     m.fit(DATA, seed=0)
-    c = m.config
     for steps in (1, 2, 4):
         noise = torch.randn(steps, 500, 2, generator=torch.Generator().manual_seed(2))
-        taus = m.taus(steps)
-        scales = [c.sigma_max] + [(tau**2 - c.sigma_min**2) ** 0.5 for tau in taus]
         eager = m.sample(500, steps=steps, seed=2)
-        fused = m._fused(scales, [c.sigma_max, *taus])(noise.clone())
+        fused = m._fused(*m.levels(steps))(noise.clone())
         torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)

@@ -142,20 +142,26 @@ class _Consistency(Generator):
         c = self.config
         steps = steps or c.default_steps
         noise = torch.randn(steps, n, 2, generator=generator(seed, self.device), device=self.device)
-        taus = self.taus(steps)
-        scales = [c.sigma_max] + [math.sqrt(tau**2 - c.sigma_min**2) for tau in taus]
+        scales, levels = self.levels(steps)
 
         def loop(noise):
             f = self.ema.model
-            times = torch.tensor([c.sigma_max, *taus], device=self.device).reshape(-1, 1, 1)
+            times = torch.tensor(levels, device=self.device).reshape(-1, 1, 1)
             x = f(scales[0] * noise[0], times[0])
             for i in range(1, steps):
                 x = f(x + scales[i] * noise[i], times[i])
             return self.std.back(x)
 
         if c.cuda_graph and self.device.startswith("cuda"):
-            return self.graphs.run((n, steps, tuple(taus)), loop, noise, build=lambda: self._fused(scales, [c.sigma_max, *taus]))
+            return self.graphs.run((n, steps, tuple(levels)), loop, noise, build=lambda: self._fused(scales, levels))
         return loop(noise)
+
+    def levels(self, steps: int) -> tuple[list[float], list[float]]:
+        """Multistep sampling's noise scales and levels: x = T z at level T, then for each re-noising
+        level tau, x + sqrt(tau^2 - eps^2) z at level tau."""
+        c = self.config
+        taus = self.taus(steps)
+        return [c.sigma_max] + [math.sqrt(tau**2 - c.sigma_min**2) for tau in taus], [c.sigma_max, *taus]
 
     def _fused(self, scales: list[float], times: list[float], thin: bool = True):
         """The sampling loop as FusedSteps: f(x, t) = c_skip x + c_out F(c_in x, c_noise); the first

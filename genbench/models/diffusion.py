@@ -204,13 +204,13 @@ class Diffusion(Generator):
         t, t_next = grid[:-1].double(), grid[1:].double()
         r, heun = t_next / t, sampler == "heun"
         c_skip, c_out, c_in, c_noise = self.ema.model.coefficients(t)
+        cs, co, ci, cn = self.ema.model.coefficients(t_next)  # the corrector's, at t' (not used at t' = 0)
+        q = (t_next - t) / (2 * t_next)
         rows = []  # (c_in, c_noise, a, b, g) in the order the loop uses them
         for i in range(len(t)):
             rows.append((c_in[i], c_noise[i], r[i] + (1 - r[i]) * c_skip[i], (1 - r[i]) * c_out[i], 0.0))
             if heun and i < len(t) - 1:
-                cs, co, ci, cn = self.ema.model.coefficients(t_next[i])
-                q = (t_next[i] - t[i]) / (2 * t_next[i])
-                rows.append((ci, cn, 0.5 + q * (1 - cs), -q * co, 0.5))
+                rows.append((ci[i], cn[i], 0.5 + q[i] * (1 - cs[i]), -q[i] * co[i], 0.5))
         ci, cn, a, b, g = ([float(v) for v in col] for col in zip(*rows))
         fs = FusedSteps(self.ema.model.net, ci, cn, a, b, out_scale=1 / self.std.scale, out_shift=self.std.mean,
                         thin=thin, g=g)

@@ -143,6 +143,22 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
                    train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)
 
 
+def capture_graph(fn, *inputs: torch.Tensor):
+    """``fn`` run once on a side stream (warm-up, as CUDA-graph capture requires), then captured on
+    copies of ``inputs``: (graph, the copies, fn's output). Replay after copying new values into
+    the copies; the output tensor is overwritten in place."""
+    static = [i.clone() for i in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    return graph, static, out
+
+
 class GraphCache:
     """Replays a fixed-shape sampling loop captured in a CUDA graph (tiny MLPs on a GPU are
     launch-bound: one replay launches the whole loop at once).
@@ -165,16 +181,7 @@ class GraphCache:
             return fn(*inputs)
         if entry == "eager":
             fn = build() if build is not None else fn
-            static = [i.clone() for i in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(*static)
-            entry = self.entries[key] = (graph, static, out, fn)
+            entry = self.entries[key] = (*capture_graph(fn, *inputs), fn)
         graph, static, out, _ = entry
         for buf, value in zip(static, inputs):
             buf.copy_(value)
