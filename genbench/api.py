@@ -43,6 +43,9 @@ class Generator:
     teacher: ClassVar[str | None] = None
     #: True where ``sample(steps=k)`` gives a different sampler per k (diffusion, CM multistep)
     multistep: ClassVar[bool] = False
+    #: why the model reports no likelihood, where it cannot (shown under the report's tables);
+    #: None where ``evaluate`` reports ``nll`` (exact) or ``nll_bound`` (an upper bound)
+    no_likelihood: ClassVar[str | None] = None
 
     def __init__(self, budget: str = "default", params: dict[str, str] | None = None, config: Any = None):
         """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
@@ -86,6 +89,9 @@ class Generator:
 
     # -- extras a family can report (e.g. the flow's test NLL, the VAE's ELBO) ------------------
     def evaluate(self, test_data) -> dict[str, float]:
+        """Figures of the fitted model on held-out true data (float32 [N, 2], data units), written
+        into each of its rows. ``nll`` (exact negative log-likelihood, nats per point) and
+        ``nll_bound`` (an upper bound on it) are shown by the report."""
         return {}
 
 

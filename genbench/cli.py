@@ -73,6 +73,8 @@ def run(
     steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
     n_samples: int = typer.Option(2000, help="Samples generated, scored and timed per cell (>= 2)."),
+    metrics: str = typer.Option("default", help="Metric set: default (w2, energy, prdc, c2st, support, modes), all, or a comma-separated list (default,sinkhorn adds one)."),
+    floor_draws: int = typer.Option(10, help="Independent true samples scored for each metric's noise floor (>= 2)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 gives stable timings on small shared machines)."),
     jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
@@ -83,12 +85,13 @@ def run(
     try:
         from . import registry
         from .runner import Plan, Runner
+        from .scoring import parse_metrics
 
         model_names = _list(models, "--models") if models else [
             n for n, e in registry.discover().items() if e.cls is not None]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
-                    **_steps(steps), budget=budget, n_samples=n_samples,
-                    device=device, threads=threads, jobs=jobs, params=_params(param),
+                    **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
+                    floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
         with _RichProgress() as runner.progress:
@@ -167,6 +170,67 @@ def reproduce(
 
     console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(report.tidy(rows)),
                   highlight=False, soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    datasets: str = typer.Option("all", help="Comma-separated datasets, or all."),
+    n_samples: int = typer.Option(2000, help="Points per sample (as 'run --n-samples')."),
+    reps: int = typer.Option(6, help="Replicates (seeds) per dataset used to estimate each shift and spread (>= 3)."),
+    defects: str = typer.Option("all", help="all, or NAME[=SIZE],... of: outliers, blur, shift, dilate, missing, reweight."),
+    metrics: str = typer.Option("default", help="Metric set: default, all, or a comma-separated list (default,sinkhorn adds one)."),
+    max_seeds: int = typer.Option(5, help="Seeds beyond which a defect counts as unresolved."),
+    jobs: int = typer.Option(0, help="Datasets calibrated at once, one process and thread each; 0 = the cores."),
+    device: str = typer.Option("cpu", help="Where the GPU-capable metrics (energy, sinkhorn) run: cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table here (.md, or .csv with every shift and spread)."),
+):
+    """The benchmark's resolving power: plant defects of stated sizes in true samples and print,
+    per dataset and defect, how many seeds each metric needs to mark them at this n."""
+    try:
+        import os
+
+        from . import calibrate as cal
+        from . import datasets as ds_mod
+        from .scoring import parse_metrics
+
+        names = list(ds_mod.DATASETS) if datasets.strip() == "all" else _list(datasets, "--datasets")
+        for d in names:
+            ds_mod.get(d)
+        chosen = cal.parse_defects(defects)
+        metric_names = parse_metrics(metrics)
+        if n_samples < 10 or reps < 3 or max_seeds < 1 or jobs < 0:
+            raise UsageError("need --n-samples >= 10, --reps >= 3, --max-seeds >= 1, --jobs >= 0")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"--device {device!r}; valid: cpu, cuda")
+        if device == "cuda":
+            from .runner import resolve_device
+
+            resolve_device("cuda")
+        if out is not None and out.suffix not in (".md", ".csv"):
+            raise UsageError(f"--out {out}: give a .md or .csv file")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = min(jobs or cores, len(names))
+    except UsageError as e:
+        raise fail(str(e))
+    import time
+
+    t0 = time.perf_counter()
+    rows = cal.calibrate(names, n_samples, reps, chosen, metric_names, jobs=jobs, device=device,
+                         progress=lambda d: err.print(f"calibrated {d}", highlight=False))
+    wall = time.perf_counter() - t0
+    tab = cal.table(rows, max_seeds)
+    head = (f"# Resolving power at n = {n_samples} ({reps} replicates per dataset, {wall:.0f} s)\n\n"
+            f"Seeds each metric needs to mark the defect (the report's 3-std rule, >= 97.7% of the time); "
+            f"'–': more than {max_seeds}.\n\n"
+            + "\n".join(f"- {d.name} (size {s:g}): {d.about.format(size=s)}" for d, s in chosen) + "\n\n")
+    text = head + tab.to_markdown(index=False) + "\n"
+    console.print(text, highlight=False, soft_wrap=True)
+    if out is not None:
+        import pandas as pd
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(pd.DataFrame(rows).to_csv(index=False) if out.suffix == ".csv" else text)
+        err.print(f"wrote {out}")
 
 
 @app.command()

@@ -68,7 +68,8 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             r = cell.iloc[0]
             modes = "" if pd.isna(r["modes_total"]) else f", {int(r['modes_captured'])}/{int(r['modes_total'])} modes"
             head = f"{d}\n" if i == 0 else ""
-            ax.set_title(f"{head}W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f}){modes}", fontsize=7)
+            w2 = "" if pd.isna(r["w2"]) else f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f})"
+            ax.set_title(f"{head}{w2}{modes}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(_label(m, k), fontsize=8)
     fig.suptitle(f"Samples (colour) over true data (grey), seed {seed}", fontsize=10)

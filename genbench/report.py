@@ -8,12 +8,16 @@ import numpy as np
 import pandas as pd
 
 from .metrics import mean_ci
+from .scoring import METRICS, NO_FLOOR
 from .timing import PROTOCOL
 
 ID = ["model", "variant", "dataset", "steps"]
+#: every metric column, in the order the tables show them
+METRIC_COLUMNS = [c for m in METRICS.values() for c in m.columns]
+FLOOR_COLUMNS = [f"{c}_floor{s}" for c in METRIC_COLUMNS if c not in NO_FLOOR for s in ("", "_std")]
 CELL_COLUMNS = [
     "run_id", "model", "variant", "source", "dataset", "dataset_version", "seed", "steps", "nfe", "n_samples",
-    "w2", "w2_floor", "w2_floor_std", "modes_captured", "modes_total", "hq_frac", "mode_tv", "nll", "elbo",
+    *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "budget",
     "device", "device_name", "threads", "jobs", "torch_version", "cuda_version", "genbench_version", "git_sha",
     "status", "error",
@@ -40,40 +44,93 @@ def _pm(values, digits: int = 3) -> str:
     m, h, k = mean_ci(values)
     if k == 0:
         return "–"
-    return _fmt(m, digits) if k == 1 or math.isnan(h) else f"{_fmt(m, digits)} ± {_fmt(h, 2)}"
+    if k == 1 or math.isnan(h) or h <= 1e-9 * max(1.0, abs(m)):  # equal values: no interval to show
+        return _fmt(m, digits)
+    return f"{_fmt(m, digits)} ± {_fmt(h, 2)}"
+
+
+#: a mean over k seeds is marked when it lies outside floor +- MARK_STD x floor_std / sqrt(k)
+MARK_STD = 3.0
+MARK = "†"
+
+
+def _numbers(values) -> np.ndarray:
+    v = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
+    return v[np.isfinite(v)]
+
+
+def outside_floor(values, floors, floor_stds) -> bool:
+    """Whether the mean of ``values`` (one per seed) lies outside the seeds' mean floor +- 3 std of
+    a mean of that many true-sample scores (the floor stds combined in quadrature)."""
+    v, f, s = _numbers(values), _numbers(floors), _numbers(floor_stds)
+    if not (len(v) and len(f) and len(s)):
+        return False
+    spread = MARK_STD * math.sqrt(float((s**2).mean()) / len(v))
+    return abs(v.mean() - f.mean()) > max(spread, 1e-12)
+
+
+def _metric_cell(ok: pd.DataFrame, col: str, digits: int = 3) -> str:
+    text = _pm(ok[col], digits)
+    if text != "–" and f"{col}_floor" in ok and outside_floor(ok[col], ok[f"{col}_floor"], ok[f"{col}_floor_std"]):
+        text += MARK
+    return text
+
+
+def _shown_metrics(df: pd.DataFrame) -> list[str]:
+    return [c for c in METRIC_COLUMNS if c != "modes_total" and c in df and df[c].notna().any()]
+
+
+def _floor_row(ddf: pd.DataFrame, dataset: str, shown: list[str]) -> dict:
+    """The dataset's 'data' row: what independent true samples score (mean of the seeds' floors,
+    and in brackets one draw's std)."""
+    g = ddf[ddf["dataset"] == dataset]
+    rec = {"model": "data (floor)", "variant": "", "dataset": dataset, "steps": "–", "seeds": "", "nfe": ""}
+    for c in shown:
+        f, s = _numbers(g.get(f"{c}_floor", [])), _numbers(g.get(f"{c}_floor_std", []))
+        key = "modes" if c == "modes_captured" else c
+        if not len(f):
+            rec[key] = "–"
+        elif c == "modes_captured":
+            rec[key] = f"{_fmt(f.mean())}/{int(_numbers(g['modes_total']).max())}"
+        else:
+            rec[key] = f"{_fmt(f.mean())} ({_fmt(float(np.sqrt((s**2).mean())), 2)})" if len(s) else _fmt(f.mean())
+    return rec
 
 
 def aggregate(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per device name: one display row per (model, variant, dataset, steps) over seeds."""
+    """Per device name: per dataset a 'data (floor)' row, then one display row per (model,
+    variant, dataset, steps) over seeds; a metric outside its floor's band is marked."""
     out: dict[str, pd.DataFrame] = {}
     for dev, ddf in df.groupby("device_name", dropna=False, sort=False):
         recs = []
+        shown = _shown_metrics(ddf[ddf["status"] == "done"])
+        floor_done: set = set()
         for key, g in ddf.groupby(ID, dropna=False, sort=False):
             ok = g[g["status"] == "done"]
             rec = dict(zip(ID, key))
+            if rec["dataset"] not in floor_done:
+                floor_done.add(rec["dataset"])
+                recs.append(_floor_row(ddf, rec["dataset"], shown))
             rec["steps"] = "–" if pd.isna(rec["steps"]) else int(rec["steps"])
             rec["seeds"] = len(ok)
             rec["nfe"] = _fmt(ok["nfe"].median(), 4) if len(ok) else "–"
-            rec["w2"] = _pm(ok["w2"])
-            rec["w2_floor"] = _pm(ok["w2_floor"])
-            if ok["modes_total"].notna().any():
-                rec["modes"] = f"{_fmt(ok['modes_captured'].mean(), 3)}/{int(ok['modes_total'].max())}"
-                rec["hq_frac"] = _pm(ok["hq_frac"])
-                rec["mode_tv"] = _pm(ok["mode_tv"], 2)
-            else:
-                rec["modes"] = rec["hq_frac"] = rec["mode_tv"] = "–"
-            for c in ("nll", "elbo"):
-                if c in ok and ok[c].notna().any():
-                    rec["nll/elbo"] = f"{c} {_pm(ok[c])}"
-            rec.setdefault("nll/elbo", "–")
+            for c in shown:
+                if c == "modes_captured":
+                    v = _numbers(ok["modes_captured"])
+                    mark = MARK if outside_floor(ok[c], ok["modes_captured_floor"], ok["modes_captured_floor_std"]) else ""
+                    rec["modes"] = f"{_fmt(v.mean())}/{int(_numbers(ok['modes_total']).max())}{mark}" if len(v) else "–"
+                else:
+                    rec[c] = _metric_cell(ok, c)
+            nll = _pm(ok["nll"]) if ok["nll"].notna().any() else None
+            bound = _pm(ok["nll_bound"]) if ok["nll_bound"].notna().any() else None
+            rec["nll"] = nll or (f"≤ {bound}" if bound else "–")
             teacher = ok["teacher_train_s"].dropna()
             rec["train_s"] = _pm(ok["train_s"]) + (f" (+{_fmt(teacher.mean())} teacher)" if len(teacher) else "")
             rec["sample_s"] = _fmt(ok["sample_s"].median(), 3)
-            rec["sample_s_min"] = _fmt(ok["sample_s_min"].min(), 3)
             bad = g[g["status"] != "done"]
             rec["status"] = "done" if bad.empty else ", ".join(f"{s}: {e}" for s, e in zip(bad["status"], bad["error"]))[:200]
             recs.append(rec)
-        out[str(dev)] = pd.DataFrame(recs)
+        out[str(dev)] = pd.DataFrame(recs).fillna("")
     return out
 
 
@@ -88,12 +145,28 @@ def protocol_line(df: pd.DataFrame) -> str:
 
 
 NOTES = (
-    "w2: exact 2-Wasserstein distance from the model's samples to an independent true sample of the "
-    "same size; w2_floor: what a perfect model scores (true vs true, mean of 5 draws). "
-    "modes: mixture modes with >= 20 samples within 3 std; hq_frac: fraction of samples within 3 std of a mode "
-    "(the true data score 0.989); mode_tv: total variation between the captured-mode histogram and the true "
-    "weights. Mean ± 95% t-interval over seeds."
+    "Each metric compares a cell's samples with an independent true sample of the same size. "
+    "'data (floor)' rows: what independent true samples score (mean over the seeds' floors, one draw's std in "
+    f"brackets). {MARK}: the mean over seeds lies outside floor ± {MARK_STD:g} std/sqrt(seeds), i.e. the metric "
+    "tells the model from the data; a model matches the data only where nothing is marked. "
+    "Others: mean ± 95% t-interval over seeds."
 )
+
+
+def metric_notes(df: pd.DataFrame) -> str:
+    """What each shown metric column is, and why a likelihood column is empty where it is."""
+    shown = _shown_metrics(df[df["status"] == "done"])
+    lines = [f"- {', '.join('modes' if c == 'modes_captured' else c for c in m.columns if c in shown)}: {m.about}"
+             for m in METRICS.values() if any(c in shown for c in m.columns)]
+    lines.append("- nll: test negative log-likelihood in nats per point (data units); '≤ x': an upper bound "
+                 "(importance-weighted, the VAE); elbo is in the CSV")
+    if "nll_note" in df:
+        for model, note in df.dropna(subset=["nll_note"]).groupby("model")["nll_note"].first().items():
+            lines.append(f"- nll of {model} is empty: {note}")
+    errors = df["metric_errors"].dropna() if "metric_errors" in df else []
+    reasons = sorted({f"{k}: {v}" for e in errors if isinstance(e, dict) for k, v in e.items()})
+    lines += [f"- empty because {r}" for r in reasons[:10]]
+    return "\n".join(lines)
 
 
 def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
@@ -103,7 +176,7 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
         torch_v = ",".join(sorted(sub["torch_version"].dropna().astype(str).unique()))
         parts += [f"## {dev} ({', '.join(sorted(sub['device'].dropna().astype(str).unique()))}; torch {torch_v})", ""]
         parts += [table.to_markdown(index=False), "", protocol_line(sub), ""]
-    parts += [NOTES, ""]
+    parts += [NOTES, "", metric_notes(df), ""]
     return "\n".join(parts)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, metrics
+from . import __version__, scoring
 from . import datasets as ds_mod
 from .api import BUDGETS, Generator, UsageError
 from .models.nets import Diverged
@@ -31,7 +31,6 @@ from .timing import time_call
 
 N_TRAIN = 50_000  # training points drawn per (dataset, seed)
 N_TEST = 5_000  # held-out points for NLL / ELBO
-FLOOR_DRAWS = 5  # independent true draws averaged into the W2 noise floor
 
 
 @dataclass
@@ -47,13 +46,16 @@ class Plan:
     threads: int = 1
     jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
     repeats: int = 5
+    metrics: list[str] = field(default_factory=lambda: list(scoring.DEFAULT_METRICS))
+    floor_draws: int = 10  # independent true samples scored for each metric's noise floor
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
     out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
 
     def settings(self) -> dict:
         """What must match for a run dir to be resumed or extended."""
         return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
-                "params": self.params, "repeats": self.repeats, "n_train": N_TRAIN}
+                "params": self.params, "repeats": self.repeats, "n_train": N_TRAIN, "metrics": self.metrics,
+                "floor_draws": self.floor_draws}
 
 
 def resolve_device(device: str) -> str:
@@ -137,6 +139,11 @@ class Runner:
             raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
         if plan.n_samples < 2:
             raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
+        if plan.floor_draws < 2:
+            raise UsageError(f"--floor-draws {plan.floor_draws}: need at least 2 true samples for a floor's spread")
+        unknown_metrics = [m for m in plan.metrics if m not in scoring.METRICS]
+        if unknown_metrics:
+            raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown_metrics)}; valid: {', '.join(scoring.METRICS)}")
         self.entries = resolve(plan.models)
         for d in plan.datasets:
             ds_mod.get(d)
@@ -150,7 +157,7 @@ class Runner:
         plan.out = plan.out.replace("{budget}", plan.budget).replace("{device}", self.device)
         self.store = RunDir(plan.out)
         self._check_manifest()
-        self._floors: dict[tuple, tuple[float, float]] = {}
+        self._floors: dict[tuple, dict] = {}
 
     def _teacher_names(self) -> set[str]:
         return {e.cls.teacher for e in self.entries if e.cls.teacher}
@@ -331,24 +338,30 @@ class Runner:
                 "n_samples": self.plan.n_samples, **self.prov}
         try:
             record = self._fit_or_load(entry.name, model, dataset, seed, train)
+            self.progress.update(f"{entry.name} on {dataset} seed {seed}: evaluating")
             extras = model.evaluate(test)
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
             for k in steps:
                 self._write(base | {"steps": k, "variant": _safe_variant(model)}, e)
             return
-        floor, floor_std = self._floor(ds, seed, ref)
+        if model.no_likelihood:
+            extras = {"nll_note": model.no_likelihood, **extras}
+        self.progress.update(f"{dataset} seed {seed}: noise floors")
+        floors = self._floors_for(ds, seed, ref)
         for k in steps:
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: sampling" + (f" {k} steps" if k else ""))
             row = base | {"steps": k, "variant": model.variant, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
-                          "train_steps": record["steps"], "w2_floor": floor, "w2_floor_std": floor_std, **extras}
+                          "train_steps": record["steps"], **floors, **extras}
             try:
-                row |= self._sample_cell(model, ds, seed, k, ref)
+                self._sample_cell(model, ds, seed, k, ref, row)
                 self._write(row, None)
             except Exception as e:  # noqa: BLE001
                 self._write(row, e)
 
-    def _sample_cell(self, model: Generator, ds, seed: int, k, ref) -> dict:
+    def _sample_cell(self, model: Generator, ds, seed: int, k, ref, row: dict) -> None:
+        """Samples, counts NFE, times and scores one cell into ``row``. Non-finite samples leave
+        the metric columns empty (each with its reason) and end the cell as diverged."""
         n, sample_seed = self.plan.n_samples, 10_000 + seed
         with NFECounter(model.nfe_module) as counter:
             x = model.sample(n, steps=k, seed=sample_seed)
@@ -356,27 +369,35 @@ class Runner:
         if counter.count != declared:
             raise RuntimeError(f"NFE mismatch: declared {declared}, counted {counter.count} forward passes")
         x = x.detach().float().cpu().numpy()
+        row["nfe"] = counter.count
+        row["sample_s"], row["sample_s_min"] = time_call(lambda: model.sample(n, steps=k, seed=sample_seed),
+                                                         device=self.device, repeats=self.plan.repeats)
+        values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.device)
+        row |= values
+        row["metric_errors"] = errors or None
         if not np.isfinite(x).all():
             raise Diverged(f"{int((~np.isfinite(x)).any(1).sum())} of {n} samples are not finite")
-        med, mn = time_call(lambda: model.sample(n, steps=k, seed=sample_seed), device=self.device,
-                            repeats=self.plan.repeats)
-        out = {"nfe": counter.count, "sample_s": med, "sample_s_min": mn, "w2": metrics.w2(x, ref)}
-        if ds.is_mixture:
-            out |= metrics.mode_stats(x, ds.means, ds.stds, ds.weights)
         arrays = {"x": x, "ref": ref}
         for name, fn in (("trajectory", "trajectory_sample"), ("one_step_map", "one_step_map")):
             extra = getattr(model, fn, None)
             if extra is not None:
                 arrays[name] = np.asarray(extra(64, steps=k, seed=sample_seed))
         self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
-        return out
 
-    def _floor(self, ds, seed: int, ref) -> tuple[float, float]:
-        key = (ds.name, seed, len(ref))
+    def _floors_for(self, ds, seed: int, ref) -> dict:
+        """Every metric's noise floor for (dataset, seed): ``floor_draws`` independent true samples
+        of n points scored against the reference sample. Computed once per run dir (saved under
+        floors/, shared by the worker processes under a lock) and reused by every model."""
+        key = (ds.name, seed)
         if key not in self._floors:
-            draws = iter(range(FLOOR_DRAWS))
-            self._floors[key] = metrics.w2_floor(lambda n: ds.sample(n, [seed, 3, next(draws)]), ref,
-                                                 len(ref), FLOOR_DRAWS)
+            ident = {"dataset": ds.name, "dataset_version": ds.version, "seed": seed, "n": len(ref),
+                     "metrics": self.plan.metrics, "draws": self.plan.floor_draws, "device": self.device}
+
+            def compute():
+                draws = [ds.sample(len(ref), [seed, 3, i]) for i in range(self.plan.floor_draws)]
+                return scoring.floors(draws, ref, ds, self.plan.metrics, seed=seed, device=self.device)
+
+            self._floors[key] = self.store.cached_json("floors", f"{ds.name}__s{seed}", ident, compute)
         return self._floors[key]
 
     def _write(self, row: dict, error: BaseException | None) -> None:

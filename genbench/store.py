@@ -4,6 +4,7 @@
     rows.jsonl             one JSON row per cell, appended (one write + fsync) the moment it ends
     samples/<cell>.npz     generated samples (+ trajectories / one-step maps where a model has them)
     fits/<unit>.json       training record of each fitted model (loss curve, times)
+    floors/<dataset>__s<seed>.json  every metric's noise floor for that reference sample
     checkpoints/<unit>.pt  trained weights (reused on resume and as teachers)
 
 A row appended by a run that was killed mid-write is at worst a partial last line, which readers
@@ -112,6 +113,25 @@ class RunDir:
     def load_json(self, kind: str, name: str):
         p = self.path / kind / f"{name}.json"
         return json.loads(p.read_text()) if p.exists() else None
+
+    def cached_json(self, kind: str, name: str, ident: dict, compute):
+        """``compute()``'s result, saved as kind/name.json beside ``ident`` and reused while the
+        saved ident matches; processes sharing the run dir take a lock so one computes, the others
+        wait and read it."""
+        import fcntl
+
+        lock = self.file(kind, name, ".lock")
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                saved = self.load_json(kind, name)
+            except (OSError, json.JSONDecodeError):
+                saved = None
+            if isinstance(saved, dict) and saved.get("ident") == json.loads(json.dumps(ident, default=str)):
+                return saved["value"]
+            value = compute()
+            self.save_json(kind, name, {"ident": ident, "value": value})
+            return value
 
 
 def open_existing(path: str | os.PathLike) -> RunDir:

@@ -69,3 +69,14 @@ def test_unbounded_coupling_fits_ring8_better_than_nflows_bounded():
 def _mix():
     d = datasets.RING8
     return d.means, d.stds, d.weights
+
+
+def test_vae_importance_weighted_bound_lies_above_the_elbo(fitted):
+    m = fitted["vae"]
+    test = datasets.RING8.sample(2000, [0, 2])
+    out = m.evaluate(test)
+    assert -out["nll_bound"] > out["elbo"]  # the IWAE bound on log p(x) is tighter than the ELBO
+    x = m.std.to(torch.as_tensor(test))
+    g = torch.Generator().manual_seed(0)
+    one, many = (m.iwae_log_prob(x, k, g).mean().item() for k in (1, 64))
+    assert many > one  # the bound rises with k

@@ -31,13 +31,18 @@ def test_plugin_runs_end_to_end_and_report(cli, tmp_path):
     r = cli("run", "--models", "gauss", "--datasets", "ring8,moons", "--seeds", "0,1", "--n-samples", "300",
             "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "gauss" in r.stdout and "w2_floor" in r.stdout
+    assert "gauss" in r.stdout and "data (floor)" in r.stdout
     rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(x["status"] == "done" for x in rows)
     assert all(x["nfe"] == 1 and x["source"] == "plugin" for x in rows)
     ring = [x for x in rows if x["dataset"] == "ring8"][0]
     assert ring["modes_total"] == 8 and ring["modes_captured"] == 0  # a single Gaussian covers no mode
     assert ring["w2"] > ring["w2_floor"]
+    # every default metric with its floor; a single Gaussian is told from ring8 by the classifier
+    for c in ("energy", "precision", "recall", "density", "coverage", "c2st", "hq_frac", "mode_tv"):
+        assert ring[c] is not None and ring[f"{c}_floor"] is not None and ring[f"{c}_floor_std"] > 0
+    assert ring["c2st"] > ring["c2st_floor"] + 3 * ring["c2st_floor_std"] and ring["metric_errors"] is None
+    assert (out / "floors" / "ring8__s0.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["configs"]["gauss"] == {"mode": "ok"} and manifest["threads"] == 1
 
@@ -63,6 +68,9 @@ def test_failing_and_diverging_cells_are_rows_and_the_rest_go_on(cli, tmp_path):
     r = cli("run", "--models", "gauss", "--param", "gauss.mode=nan", "--n-samples", "200", "--out", str(out2))
     row = json.loads((out2 / "rows.jsonl").read_text())
     assert row["status"] == "diverged" and "not finite" in row["error"]
+    # the row is still written whole: NFE, timing, floors, and each metric empty with its reason
+    assert row["nfe"] == 1 and row["sample_s"] > 0 and row["w2_floor"] > 0
+    assert row["w2"] is None and "200 of 200 samples are not finite" in row["metric_errors"]["w2"]
 
 
 BAD = [
@@ -79,6 +87,12 @@ BAD = [
     (["run", "--models", "gauss", "--threads", "0"], "--threads 0: must be >= 1"),
     (["reproduce", "--threads", "0"], "--threads 0: must be >= 1"),
     (["run", "--models", "gauss", "--jobs", "-1"], "--jobs -1: must be >= 1, or 0 for auto"),
+    (["run", "--models", "gauss", "--metrics", "w2,mmd"], "unknown metric 'mmd'"),
+    (["run", "--models", "gauss", "--floor-draws", "1"], "need at least 2 true samples"),
+    (["calibrate", "--defects", "smudge"], "unknown defect 'smudge'"),
+    (["calibrate", "--defects", "blur=2"], "must lie in (0, 1)"),
+    (["calibrate", "--datasets", "ring9"], "unknown dataset 'ring9'"),
+    (["calibrate", "--out", "x.txt"], "give a .md or .csv file"),
     (["report", "does-not-exist"], "does not exist"),
     (["report", "."], "holds no rows.jsonl"),
     (["report", ".", "--format", "xls"], "valid: md, csv"),

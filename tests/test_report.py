@@ -24,5 +24,23 @@ def test_markdown_aggregates_seeds_with_a_t_interval():
     df = report.tidy(_rows([0.30, 0.31, 0.29], 0.95))
     md = report.markdown(df)
     assert "0.3 ± 0.025" in md  # t_{0.975,2} * 0.01 / sqrt(3) = 0.0248
-    assert report.aggregate(df)["cpu-x"]["seeds"].tolist() == [3]
+    table = report.aggregate(df)["cpu-x"]
+    assert table["model"].tolist() == ["data (floor)", "m"] and table["seeds"].tolist() == ["", 3]
     assert isinstance(report.aggregate(df)["cpu-x"], pd.DataFrame)
+
+
+def test_markdown_marks_only_what_lies_outside_the_floor_band():
+    rows = _rows([0.30, 0.31, 0.29], 0.95)
+    for r in rows:
+        r |= {"hq_frac_floor": 0.989, "hq_frac_floor_std": 0.002, "c2st": 0.51, "c2st_floor": 0.5,
+              "c2st_floor_std": 0.02}
+    table = report.aggregate(report.tidy(rows))["cpu-x"]
+    model = table[table["model"] == "m"].iloc[0]
+    assert model["hq_frac"].endswith(report.MARK)  # 0.95 is 34 stds below the data's 0.989
+    assert not model["w2"].endswith(report.MARK)  # 0.30 against 0.29 +- 3 x 0.05 / sqrt(3)
+    assert not model["c2st"].endswith(report.MARK)  # 0.51 against 0.5 +- 3 x 0.02 / sqrt(3)
+    floor = table[table["model"] == "data (floor)"].iloc[0]
+    assert floor["hq_frac"] == "0.989 (0.002)" and floor["w2"] == "0.29 (0.05)"
+    # the band narrows with the seed count: the same 0.1-std offset is marked with many seeds
+    assert report.outside_floor([0.3] * 1000, [0.29] * 1000, [0.05] * 1000)
+    assert not report.outside_floor([0.3] * 3, [0.29] * 3, [0.05] * 3)

@@ -112,6 +112,8 @@ class ConsistencyConfig:
 class _Consistency(Generator):
     Config = ConsistencyConfig
     multistep = True
+    no_likelihood = ("a consistency model is a learned map from noise to data with no tractable density "
+                     "(its multistep sampler re-noises, so no ODE gives a change of variables)")
 
     def _build(self, device: str):
         c = self.config
