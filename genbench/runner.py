@@ -310,8 +310,12 @@ class Runner:
         ckpt = self.store.path / "checkpoints" / f"{unit}.pt"
         record = self.store.load_json("fits", unit)
         if ckpt.exists() and record is not None:
-            model.load_state_dict(torch.load(ckpt, map_location=self.device, weights_only=False), device=self.device)
-            return record
+            try:  # tensors and plain containers only: a checkpoint is data, never code
+                state = torch.load(ckpt, map_location=self.device, weights_only=True)
+                model.load_state_dict(state, device=self.device)
+                return record
+            except Exception as e:  # noqa: BLE001 - an unreadable or unsafe checkpoint is retrained
+                self.progress.update(f"{unit}: checkpoint not reused ({type(e).__name__}); training again")
         teacher = None
         extras: dict[str, float] = {}
         if model.teacher:
@@ -372,7 +376,7 @@ class Runner:
         row["nfe"] = counter.count
         row["sample_s"], row["sample_s_min"] = time_call(lambda: model.sample(n, steps=k, seed=sample_seed),
                                                          device=self.device, repeats=self.plan.repeats)
-        values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.device)
+        values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
         row |= values
         row["metric_errors"] = errors or None
         if not np.isfinite(x).all():
@@ -383,6 +387,11 @@ class Runner:
             if extra is not None:
                 arrays[name] = np.asarray(extra(64, steps=k, seed=sample_seed))
         self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
+
+    @property
+    def metric_device(self) -> str:
+        """Where the GPU-capable metrics run: the run's CUDA device, else the CPU."""
+        return self.device if self.device.startswith("cuda") else "cpu"
 
     def _floors_for(self, ds, seed: int, ref) -> dict:
         """Every metric's noise floor for (dataset, seed): ``floor_draws`` independent true samples
@@ -395,7 +404,7 @@ class Runner:
 
             def compute():
                 draws = [ds.sample(len(ref), [seed, 3, i]) for i in range(self.plan.floor_draws)]
-                return scoring.floors(draws, ref, ds, self.plan.metrics, seed=seed, device=self.device)
+                return scoring.floors(draws, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
 
             self._floors[key] = self.store.cached_json("floors", f"{ds.name}__s{seed}", ident, compute)
         return self._floors[key]

@@ -78,3 +78,23 @@ def test_run_on_cuda_end_to_end(tmp_path):
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
     assert all(r["device"] == "cuda" and r["device_name"] for r in rows)
     assert all(r["cuda_version"] for r in rows)
+
+
+def test_gpu_metrics_equal_the_cpu_ones():
+    from genbench import metrics
+
+    ds = datasets.get("moons")
+    x, y = ds.sample(3000, 1), ds.sample(3000, 2) + 0.05
+    assert metrics.energy(x, y, device="cuda") == pytest.approx(metrics.energy(x, y), rel=1e-3)
+    assert metrics.sinkhorn(x[:1000], y[:1000], device="cuda") == pytest.approx(metrics.sinkhorn(x[:1000], y[:1000]), rel=1e-3)
+
+
+def test_pf_ode_likelihood_on_cuda_matches_the_cpu(trained):
+    import copy
+
+    m = trained["diffusion"]
+    test = datasets.RING8.sample(500, [0, 2])
+    gpu = m.evaluate(test)["nll"]
+    cpu = copy.deepcopy(m)
+    cpu.load_state_dict(m.state_dict(), device="cpu")
+    assert gpu == pytest.approx(cpu.evaluate(test)["nll"], abs=2e-3)

@@ -84,3 +84,30 @@ def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
     before = rows.read_text() if rows.exists() else ""
     time.sleep(3)
     assert (rows.read_text() if rows.exists() else "") == before  # no worker left running
+
+
+def test_a_planted_pickle_checkpoint_runs_no_code_and_is_retrained(cli, tmp_path):
+    """Checkpoints are read with weights_only=True: a pickle whose __reduce__ runs a command is
+    refused, and the unit is trained again."""
+    import pickle
+
+    out = tmp_path / "run"
+    args = ["run", "--models", "vae", "--budget", "quick", "--n-samples", "200", "--out", str(out)]
+    assert cli(*args).returncode == 0
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = next((out / "checkpoints").glob("vae__ring8__s0.pt"))
+    ckpt.write_bytes(pickle.dumps(Payload()))
+    (out / "rows.jsonl").unlink()  # the cell must be redone, so the checkpoint is read
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    row = json.loads((out / "rows.jsonl").read_text())
+    assert row["status"] == "done"
+    import torch
+
+    assert "enc" in torch.load(ckpt, weights_only=True)  # the unit was trained again and saved
