@@ -26,8 +26,12 @@ from .datasets import Dataset
 class Defect:
     name: str
     size: float
-    about: str  # with {size} filled in
+    about: str  # with {pct} filled in (the size in percent)
     fn: Callable  # (ds, n, size, rng, ref) -> [n, 2]
+
+
+def describe(defect: Defect, size: float) -> str:
+    return defect.about.format(pct=f"{size * 100:g}%")
 
 
 def _scale(ref: np.ndarray) -> float:
@@ -84,12 +88,12 @@ def _reweight(ds, n, size, rng, ref):
 
 
 DEFECTS: dict[str, Defect] = {d.name: d for d in [
-    Defect("outliers", 0.02, "{size:.0%} of points replaced by uniform points over the data's bounding box", _outliers),
-    Defect("blur", 0.02, "every point jittered by N(0, ({size:.0%} of the data's std)^2)", _blur),
-    Defect("shift", 0.05, "all points shifted by {size:.0%} of the data's std (diagonally)", _shift),
-    Defect("dilate", 0.05, "the sample scaled by 1 + {size:.0%} about the data's mean", _dilate),
-    Defect("missing", 0.05, "a wedge holding {size:.0%} of the mass emptied (resampled from the rest)", _missing),
-    Defect("reweight", 0.05, "{size:.0%} of the mass moved from the left half to the right half", _reweight),
+    Defect("outliers", 0.02, "{pct} of points replaced by uniform points over the data's bounding box", _outliers),
+    Defect("blur", 0.02, "every point jittered by N(0, ({pct} of the data's std)^2)", _blur),
+    Defect("shift", 0.05, "all points shifted by {pct} of the data's std (diagonally)", _shift),
+    Defect("dilate", 0.05, "the sample scaled by 1 + {pct} about the data's mean", _dilate),
+    Defect("missing", 0.05, "a wedge holding {pct} of the mass emptied (resampled from the rest)", _missing),
+    Defect("reweight", 0.05, "{pct} of the mass moved from the left half to the right half", _reweight),
 ]}
 
 
@@ -209,3 +213,16 @@ def table(rows: list[dict], max_seeds: int = 5) -> "pd.DataFrame":  # noqa: F821
                           for i, b in best.items()]
     out["seeds"] = ["–" if not np.isfinite(b) or b > max_seeds else str(int(b)) for b in best]
     return out.reset_index()
+
+
+def summary(rows: list[dict], max_seeds: int = 5) -> "pd.DataFrame":  # noqa: F821
+    """One row per dataset, one column per defect: the fewest seeds any metric needs, with the
+    metrics that need that few ('–': none within ``max_seeds``)."""
+    import pandas as pd
+
+    full = table(rows, max_seeds)
+    full["cell"] = [f"{s} ({r})" if s != "–" else "–" for s, r in zip(full["seeds"], full["resolved by"])]
+    full["defect"] = [f"{d} {z:g}" for d, z in zip(full["defect"], full["size"])]
+    out = full.pivot(index="dataset", columns="defect", values="cell")
+    out = out.loc[list(dict.fromkeys(full["dataset"])), list(dict.fromkeys(full["defect"]))]
+    return out.reset_index().rename_axis(columns=None)

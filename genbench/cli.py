@@ -222,8 +222,10 @@ def calibrate(
     head = (f"# Resolving power at n = {n_samples} ({reps} replicates per dataset, {wall:.0f} s)\n\n"
             f"Seeds each metric needs to mark the defect (the report's 3-std rule, >= 97.7% of the time); "
             f"'–': more than {max_seeds}.\n\n"
-            + "\n".join(f"- {d.name} (size {s:g}): {d.about.format(size=s)}" for d, s in chosen) + "\n\n")
-    text = head + tab.to_markdown(index=False) + "\n"
+            + "\n".join(f"- {d.name} (size {s:g}): {cal.describe(d, s)}" for d, s in chosen) + "\n\n")
+    text = (head + "Per dataset and defect, the fewest seeds and the metrics that need only that many:\n\n"
+            + cal.summary(rows, max_seeds).to_markdown(index=False) + "\n\nEvery metric column:\n\n"
+            + tab.to_markdown(index=False) + "\n")
     console.print(text, highlight=False, soft_wrap=True)
     if out is not None:
         import pandas as pd
@@ -277,10 +279,11 @@ def list_cmd():
         t.add_row(alias, "alias", ", ".join(names), "")
     console.print(t)
     d = Table(title="datasets")
-    for c in ("name", "version", "kind", "description"):
+    for c in ("name", "version", "kind", "description", "on the support (hq_frac)"):
         d.add_column(c)
     for ds in ds_mod.DATASETS.values():
-        d.add_row(ds.name, ds.version, f"mixture of {len(ds.means)}" if ds.is_mixture else "continuous", ds.description)
+        d.add_row(ds.name, ds.version, f"mixture of {len(ds.means)}" if ds.is_mixture else "continuous", ds.description,
+                  ds.support_note)
     console.print(d)
 
 

@@ -236,9 +236,16 @@ REPORT_FIGURES = {"diffusion": {"nfe": 99, "sample_s": 1.14}, "cm": {"nfe": 1, "
 REPORT_RATIO = 65.0
 
 
+def marked_columns(g: pd.DataFrame) -> list[str]:
+    """The metric columns whose mean over ``g``'s seeds lies outside the floor band."""
+    return [c for c in _shown_metrics(g) if f"{c}_floor" in g
+            and outside_floor(g[c], g[f"{c}_floor"], g[f"{c}_floor_std"])]
+
+
 def headline(df: pd.DataFrame) -> str:
     """The source report's comparison on this run: NFE, sampling time and its ratio to diffusion
-    at 100 steps, W2 beside its floor, modes; with the report's own figures alongside."""
+    at 100 steps, the quality metrics with their floor marks and which metrics tell each model
+    from the data; with the report's own figures alongside."""
     ok = df[df["status"] == "done"]
     lines = []
     for dev, sub in ok.groupby("device_name", sort=False):
@@ -250,12 +257,15 @@ def headline(df: pd.DataFrame) -> str:
             recs.append({
                 "model": m, "steps": int(k), "nfe": int(g["nfe"].median()),
                 "sample_s": _fmt(g["sample_s"].median(), 3), "time_ratio": _fmt(t_ref / g["sample_s"].median(), 3),
-                "w2": _pm(g["w2"]), "w2_floor": _pm(g["w2_floor"]),
-                "modes": f"{_fmt(g['modes_captured'].mean())}/{int(g['modes_total'].max())}", "hq_frac": _pm(g["hq_frac"]),
+                "w2": _metric_cell(g, "w2"), "w2_floor": _pm(g["w2_floor"]),
+                "modes": f"{_fmt(g['modes_captured'].mean())}/{int(g['modes_total'].max())}",
+                **{c: _metric_cell(g, c) for c in ("precision", "recall", "c2st", "hq_frac") if c in g},
+                "told from the data by": ", ".join(marked_columns(g)) or "nothing",
                 "report: nfe": rep["nfe"] if rep else "", "report: sample_s": rep["sample_s"] if rep else "",
             })
         lines += [f"## {dev} ({sub['device'].iloc[0]}, {_distinct(sub['threads'])} thread(s))", "",
                   pd.DataFrame(recs).to_markdown(index=False), "",
                   f"time_ratio = sample_s(diffusion, 100 steps) / sample_s(row). The source report measured "
-                  f"~{REPORT_RATIO:.0f}x wall time and ~100x NFE (99 vs 1).", "", protocol_line(sub), ""]
+                  f"~{REPORT_RATIO:.0f}x wall time and ~100x NFE (99 vs 1). {MARK}: outside the data's noise floor "
+                  f"± {MARK_STD:g} std; 'told from the data by' lists every metric so marked.", "", protocol_line(sub), ""]
     return "\n".join(lines)

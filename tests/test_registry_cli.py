@@ -73,6 +73,16 @@ def test_failing_and_diverging_cells_are_rows_and_the_rest_go_on(cli, tmp_path):
     assert row["w2"] is None and "200 of 200 samples are not finite" in row["metric_errors"]["w2"]
 
 
+def test_calibrate_prints_the_seeds_each_metric_needs(cli, tmp_path):
+    r = cli("calibrate", "--datasets", "moons", "--defects", "shift=0.5,blur=0.000001", "--metrics", "w2,c2st",
+            "--reps", "3", "--n-samples", "200", "--jobs", "1", "--out", str(tmp_path / "cal.csv"))
+    assert r.returncode == 0, r.stderr
+    assert "| moons     | 1 (c2st)    | –" in r.stdout  # a 0.5-std shift at once, a 1e-6 blur never
+    assert "jittered by N(0, (0.0001% of the data's std)^2)" in r.stdout
+    rows = pd.read_csv(tmp_path / "cal.csv")
+    assert set(rows["column"]) == {"w2", "c2st"} and len(rows) == 4
+
+
 BAD = [
     (["run", "--models", "nope"], "unknown model 'nope'"),
     (["run", "--models", "broken"], "model 'broken' is broken"),
