@@ -11,7 +11,6 @@ defective samples' distance from the floor, the mark appears with probability >=
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -169,8 +168,6 @@ def _one(args):
 def calibrate(datasets: list[str], n: int, reps: int, defects, names, jobs: int = 1, device: str = "cpu",
               progress=None) -> list[dict]:
     """Every dataset, in ``jobs`` processes (one thread each)."""
-    import multiprocessing as mp
-
     tasks = [(d, n, reps, [(df.name, s) for df, s in defects], names, device) for d in datasets]
     rows: list[dict] = []
     if jobs == 1:
@@ -179,22 +176,13 @@ def calibrate(datasets: list[str], n: int, reps: int, defects, names, jobs: int 
             if progress:
                 progress(t[0])
         return rows
-    from .runner import _ignoring_sigint, _worker_init
+    from .runner import worker_pool
 
-    # as in the runner: workers ignore SIGINT and leave with their parent; Ctrl-C terminates them
-    pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(jobs, initializer=_worker_init,
-                                                                  initargs=(os.getpid(),)))
-    try:
+    with worker_pool(jobs) as pool:
         for t, res in zip(tasks, pool.imap(_one, tasks)):
             rows += res
             if progress:
                 progress(t[0])
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
     return rows
 
 

@@ -72,7 +72,7 @@ def run(
     seeds: str = typer.Option("0", help="Comma-separated integer seeds; each seeds data, weights and sampling."),
     steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
-    n_samples: int = typer.Option(2000, help="Samples generated, scored and timed per cell (>= 2)."),
+    n_samples: int = typer.Option(3000, help="Samples generated, scored and timed per cell (>= 2)."),
     metrics: str = typer.Option("default", help="Metric set: default (w2, energy, prdc, c2st, support, modes), all, or a comma-separated list (default,sinkhorn adds one)."),
     floor_draws: int = typer.Option(10, help="Independent true samples scored for each metric's noise floor (>= 2)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -175,7 +175,7 @@ def reproduce(
 @app.command()
 def calibrate(
     datasets: str = typer.Option("all", help="Comma-separated datasets, or all."),
-    n_samples: int = typer.Option(2000, help="Points per sample (as 'run --n-samples')."),
+    n_samples: int = typer.Option(3000, help="Points per sample (as 'run --n-samples')."),
     reps: int = typer.Option(6, help="Replicates (seeds) per dataset used to estimate each shift and spread (>= 3)."),
     defects: str = typer.Option("all", help="all, or NAME[=SIZE],... of: outliers, blur, shift, dilate, missing, reweight."),
     metrics: str = typer.Option("default", help="Metric set: default, all, or a comma-separated list (default,sinkhorn adds one)."),

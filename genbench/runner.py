@@ -8,6 +8,7 @@ from their checkpoints and redoes the failed cells.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -31,6 +32,10 @@ from .timing import time_call
 
 N_TRAIN = 50_000  # training points drawn per (dataset, seed)
 N_TEST = 5_000  # held-out points for NLL / ELBO
+#: samples per cell: the largest n at which the default metric set scores a cell within 2 s on one
+#: CPU thread (exact W2's cubic cost sets it), and at which 'genbench calibrate' resolves every
+#: defect of its default set on every dataset but a 2% blur of the curves (README)
+N_SAMPLES = 3000
 
 
 @dataclass
@@ -41,7 +46,7 @@ class Plan:
     steps: list[int] | None = None  # None: each model's default
     steps_by_model: dict[str, list[int]] = field(default_factory=dict)  # per-model override of steps
     budget: str = "default"
-    n_samples: int = 2000
+    n_samples: int = N_SAMPLES
     device: str = "auto"
     threads: int = 1
     jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
@@ -272,17 +277,13 @@ class Runner:
         (Ctrl-C, an error) terminates the workers at once: finished rows stay, the rest resumes.
         Workers ignore SIGINT, so that Ctrl-C reaches only this process, which terminates them
         (a worker interrupted while importing printed a traceback)."""
-        import multiprocessing as mp
-
         chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
         self.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
         done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"} & keys
         self.progress.advance(len(done))
         lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
         start, seen = lines(), 0
-        pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(self.plan.jobs, initializer=_worker_init,
-                                                                      initargs=(os.getpid(),)))
-        try:
+        with worker_pool(self.plan.jobs) as pool:
             results = [pool.apply_async(_run_chain, (self.plan, c)) for c in chains]
             while results:
                 time.sleep(0.5)
@@ -292,12 +293,6 @@ class Runner:
                 now = lines() - start  # every row a worker writes is one of this plan's cells
                 self.progress.advance(now - seen)
                 seen = now
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
 
     # -- one fit unit ---------------------------------------------------------------------------
     def _data(self, dataset: str, seed: int):
@@ -420,6 +415,25 @@ class Runner:
                 traceback.print_exception(error)
         self.store.append_row(row)
         self.progress.advance()
+
+
+@contextlib.contextmanager
+def worker_pool(jobs: int):
+    """A pool of ``jobs`` spawned worker processes that ignore SIGINT (Ctrl-C reaches only this
+    process) and leave when it is killed; closed when the block ends normally, terminated at once
+    on any interruption (Ctrl-C, an error), so finished work stays and nothing runs on."""
+    import multiprocessing as mp
+
+    pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(jobs, initializer=_worker_init,
+                                                                  initargs=(os.getpid(),)))
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _worker_init(parent: int) -> None:
