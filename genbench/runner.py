@@ -32,9 +32,9 @@ from .timing import time_call
 
 N_TRAIN = 50_000  # training points drawn per (dataset, seed)
 N_TEST = 5_000  # held-out points for NLL / ELBO
-#: samples per cell: the largest n at which the default metric set scores a cell within 2 s on one
-#: CPU thread (exact W2's cubic cost sets it), and at which 'genbench calibrate' resolves every
-#: defect of its default set on every dataset but a 2% blur of the curves (README)
+#: samples per cell, chosen from 'genbench calibrate' (the defects it resolves) and
+#: benchmarks/score_time.py (the default metrics must score a cell within 2 s on one CPU thread;
+#: exact W2's cubic cost sets the limit); the README's resolving-power section has the figures
 N_SAMPLES = 3000
 
 
