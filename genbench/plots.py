@@ -2,7 +2,6 @@
 never live models, and needs no display (Agg backend)."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ def colour(model: str) -> str:
 
 
 def _label(model: str, steps) -> str:
-    return model if steps is None or (isinstance(steps, float) and math.isnan(steps)) else f"{model} ({int(steps)} steps)"
+    return model if pd.isna(steps) else f"{model} ({int(steps)} steps)"
 
 
 def _limits(ref: np.ndarray, pad: float = 0.15):
@@ -55,7 +54,10 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
         for i, (m, k) in enumerate(rows):
             ax = axes[i, j]
             ax.set_xticks([]), ax.set_yticks([])
-            cell = ok[(ok["dataset"] == d) & (ok["model"] == m) & (ok["steps"].astype(str) == str(k))]
+            # a single-pass model's steps are missing (NA): match NA with NA (a string comparison of
+            # NA differs between pandas releases and left those panels blank under pandas 3)
+            same_steps = ok["steps"].isna() if pd.isna(k) else (ok["steps"] == k).fillna(False)
+            cell = ok[(ok["dataset"] == d) & (ok["model"] == m) & same_steps]
             arr = rd.load_samples(cell_name(m, d, int(seed), None if pd.isna(k) else int(k))) if len(cell) else None
             if arr is None:
                 ax.set_axis_off()
