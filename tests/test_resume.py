@@ -62,6 +62,12 @@ def test_parallel_run_gives_the_serial_rows(cli, tmp_path):
         assert rows[2][key]["teacher_train_s"] is not None or key[0] != "cm-cd"
 
 
+def _terminal_sigint():
+    """SIGINT at its default in the run, as in a terminal: a harness started in the background
+    passes SIGINT ignored down to its children, and the run then rightly ignores Ctrl-C too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
     """Ctrl-C (SIGINT to the whole process group) ends the run and its workers within seconds,
     without a traceback, while the workers are still training."""
@@ -70,7 +76,7 @@ def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "genbench.cli", "run", "--models", "vae,flow", "--datasets",
                              "ring8,moons", "--n-samples", "300", "--jobs", "2", "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_terminal_sigint)
     deadline = time.time() + 120
     while not (out / "manifest.json").exists() and time.time() < deadline:  # written just before the workers start
         time.sleep(0.1)
