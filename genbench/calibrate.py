@@ -10,6 +10,7 @@ defective samples' distance from the floor, the mark appears with probability >=
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -168,18 +169,12 @@ def _one(args):
 def calibrate(datasets: list[str], n: int, reps: int, defects, names, jobs: int = 1, device: str = "cpu",
               progress=None) -> list[dict]:
     """Every dataset, in ``jobs`` processes (one thread each)."""
-    tasks = [(d, n, reps, [(df.name, s) for df, s in defects], names, device) for d in datasets]
-    rows: list[dict] = []
-    if jobs == 1:
-        for t in tasks:
-            rows += _one(t)
-            if progress:
-                progress(t[0])
-        return rows
     from .runner import worker_pool
 
-    with worker_pool(jobs) as pool:
-        for t, res in zip(tasks, pool.imap(_one, tasks)):
+    tasks = [(d, n, reps, [(df.name, s) for df, s in defects], names, device) for d in datasets]
+    rows: list[dict] = []
+    with worker_pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        for t, res in zip(tasks, (pool.imap if pool else map)(_one, tasks)):
             rows += res
             if progress:
                 progress(t[0])

@@ -187,8 +187,6 @@ def calibrate(
     """The benchmark's resolving power: plant defects of stated sizes in true samples and print,
     per dataset and defect, how many seeds each metric needs to mark them at this n."""
     try:
-        import os
-
         from . import calibrate as cal
         from . import datasets as ds_mod
         from .scoring import parse_metrics
@@ -208,8 +206,9 @@ def calibrate(
             resolve_device("cuda")
         if out is not None and out.suffix not in (".md", ".csv"):
             raise UsageError(f"--out {out}: give a .md or .csv file")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        jobs = min(jobs or cores, len(names))
+        from .runner import cpu_cores
+
+        jobs = min(jobs or cpu_cores(), len(names))
     except UsageError as e:
         raise fail(str(e))
     import time

@@ -21,7 +21,6 @@ of the same size; each has a noise floor, the same metric between independent tr
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 import ot
@@ -63,13 +62,6 @@ def w2(x: np.ndarray, y: np.ndarray) -> float:
     if log["warning"] is not None:
         raise RuntimeError(f"exact OT did not converge: {log['warning']}")
     return float(np.sqrt(max(val, 0.0)))
-
-
-def w2_floor(draw: Callable[[int], np.ndarray], ref: np.ndarray, n: int, draws: int = 5) -> tuple[float, float]:
-    """The finite-sample noise floor of ``w2(model, ref)``: W2 from ``ref`` to ``draws``
-    independent true samples of size ``n`` — what a perfect model scores. Returns (mean, std)."""
-    vals = [w2(draw(n), ref) for _ in range(draws)]
-    return float(np.mean(vals)), float(np.std(vals, ddof=1) if draws > 1 else 0.0)
 
 
 def _tensors(x, y, device: str):

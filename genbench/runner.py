@@ -100,6 +100,11 @@ def git_sha() -> str | None:
         return None
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def make_model(entry: Entry, plan: Plan) -> Generator:
     model = entry.cls(budget=plan.budget, params=plan.params.get(entry.name))
     model.name = entry.name  # the registered name is the one rows and files use
@@ -241,8 +246,7 @@ class Runner:
         the device would time each other's kernels."""
         if self.device != "cpu":
             return 1
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(cores // self.plan.threads, len(self.chains())))
+        return max(1, min(cpu_cores() // self.plan.threads, len(self.chains())))
 
     def _setup_process(self) -> None:
         """Per process (the run's and each worker's): the thread count, and the provenance that

@@ -28,8 +28,8 @@ class Metric:
     mixtures_only: bool = False
 
 
-#: exact W2's network simplex grows roughly as n^3 (0.85 s at n = 2000, 5.3 s at 5000 on one CPU
-#: thread); past this size the column is left empty with this reason and ``sinkhorn`` stands in
+#: exact W2's network simplex grows roughly as n^3 (benchmarks/score_time.py measures it); past this
+#: size the column is left empty with this reason and ``sinkhorn`` stands in
 W2_MAX_N = 5000
 
 

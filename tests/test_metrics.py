@@ -21,12 +21,14 @@ def test_w2_simple_cases():
 
 
 def test_w2_floor_matches_independent_draws_and_shrinks_with_n():
+    from genbench import scoring
+
     ds = datasets.RING8
     floors = []
     for n in (200, 1000):
         ref = ds.sample(n, [0, 1])
-        c = iter(range(10))
-        floors.append(metrics.w2_floor(lambda m: ds.sample(m, [0, 2, next(c)]), ref, n, draws=4))
+        f = scoring.floors([ds.sample(n, [0, 2, i]) for i in range(4)], ref, ds, ["w2"])
+        floors.append((f["w2_floor"], f["w2_floor_std"]))
     assert floors[0][0] > floors[1][0] > 0.1  # a real, shrinking floor
     assert floors[1][1] > 0  # spread across draws reported
 

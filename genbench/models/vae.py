@@ -54,11 +54,14 @@ class VAE(Generator):
         self.dec = _mlp(c.latent, c.hidden, 2, c.depth).to(device)
         self.log_sigma = nn.Parameter(torch.full((2,), -1.0, device=device))
 
+    def _neg_log_px_z(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """-log N(x; rec, diag(sigma^2)) over the last axis: the decoder's Gaussian."""
+        return 0.5 * (((x - rec) / self.log_sigma.exp()) ** 2).sum(-1) + self.log_sigma.sum() + math.log(2 * math.pi)
+
     def _neg_elbo(self, x: torch.Tensor, g: torch.Generator, beta: float = 1.0) -> torch.Tensor:
         mu, logvar = self.enc(x).chunk(2, 1)
         z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=g, device=x.device)
-        rec = self.dec(z)
-        nll = 0.5 * (((x - rec) / self.log_sigma.exp()) ** 2).sum(1) + self.log_sigma.sum() + math.log(2 * math.pi)
+        nll = self._neg_log_px_z(x, self.dec(z))
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
         return nll + beta * kl
 
@@ -119,8 +122,7 @@ class VAE(Generator):
         eps = torch.randn((k, *mu.shape), generator=g, device=x.device)
         z = mu + std * eps
         rec = self.dec(z.reshape(-1, mu.shape[1])).reshape(k, len(x), 2)
-        sigma = self.log_sigma.exp()
-        log_px_z = -0.5 * (((x - rec) / sigma) ** 2).sum(-1) - self.log_sigma.sum() - math.log(2 * math.pi)
+        log_px_z = -self._neg_log_px_z(x, rec)
         half_log_2pi = 0.5 * mu.shape[1] * math.log(2 * math.pi)
         log_pz = -0.5 * (z**2).sum(-1) - half_log_2pi
         log_qz = -0.5 * (eps**2).sum(-1) - std.log().sum(-1) - half_log_2pi
