@@ -8,6 +8,7 @@ instead of trusting the declaration.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,6 +18,11 @@ BUDGETS = ("quick", "default", "full")
 
 class UsageError(ValueError):
     """Bad input from the user: the CLI prints it as one line and exits with code 2."""
+
+
+class RunDirError(OSError):
+    """The run dir cannot be written (a full disk, permissions, ...): the CLI prints it as one line
+    and exits with code 1. Never recorded as a cell's error: the run stops, what is written stays."""
 
 
 @dataclass
@@ -95,6 +101,32 @@ class Generator:
         return {}
 
 
+def check_config(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),
+                 fraction: tuple[str, ...] = (), choices: dict[str, tuple] | None = None) -> None:
+    """Validates a config dataclass (call it from ``__post_init__``): every float field finite,
+    ``positive`` fields > 0, ``nonnegative`` >= 0, ``fraction`` in [0, 1), ``choices`` one of the
+    listed values. Raises UsageError naming the field, its value and what is valid."""
+    def bad(name, why):
+        raise UsageError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r}: {why}")
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f.name, "must be a finite number")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            bad(name, "must be > 0")
+    for name in nonnegative:
+        if not getattr(cfg, name) >= 0:
+            bad(name, "must be >= 0")
+    for name in fraction:
+        if not 0 <= getattr(cfg, name) < 1:
+            bad(name, "must lie in [0, 1)")
+    for name, valid in (choices or {}).items():
+        if getattr(cfg, name) not in valid:
+            bad(name, f"valid: {', '.join(map(str, valid))}")
+
+
 def _coerce(value: str, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
@@ -108,8 +140,15 @@ def _coerce(value: str, typ: Any) -> Any:
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected true/false, got {value!r}")
-    if typ in (int, float, str):
-        return typ(value)
+    if typ is int:
+        return int(value)
+    if typ is float:
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError("expected a finite number")
+        return v
+    if typ is str:
+        return value
     if origin is tuple:
         inner = typing.get_args(typ)[0]
         return tuple(_coerce(v, inner) for v in value.split(":") if v)

@@ -1,5 +1,9 @@
 """The ``genbench`` command. Thin: it parses and validates, then calls the runner, the report or
-the registry. It imports nothing of torch itself (the runner does, lazily)."""
+the registry. It imports nothing of torch itself (the runner does, lazily).
+
+Exit codes: 0 done; 1 the environment failed (a run dir that cannot be written: full disk,
+permissions); 2 bad input (nothing was created or trained); 3 the run ended but some cells failed
+or diverged (their rows say why); 130 interrupted (Ctrl-C; finished cells are kept)."""
 from __future__ import annotations
 
 import sys
@@ -9,23 +13,26 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .api import BUDGETS, UsageError
+from .api import BUDGETS, RunDirError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark diffusion, consistency, VAE and flow generators on 2D data.")
+EXIT_ENVIRONMENT, EXIT_USAGE, EXIT_CELLS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 err = Console(stderr=True)
 console = Console()
 
 
-def fail(msg: str) -> "typer.Exit":
+def fail(msg: str, code: int = EXIT_USAGE) -> "typer.Exit":
     err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
 def _list(value: str, what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
+    items = [v.strip() for v in value.split(",")]
+    if not any(items):
         raise UsageError(f"{what}: empty list; give comma-separated values")
+    if not all(items):
+        raise UsageError(f"{what} {value!r}: an empty item; give comma-separated values, e.g. a,b")
     return items
 
 
@@ -87,24 +94,46 @@ def run(
         from .runner import Plan, Runner
         from .scoring import parse_metrics
 
-        model_names = _list(models, "--models") if models else [
+        model_names = _list(models, "--models") if models is not None else [
             n for n, e in registry.discover().items() if e.cls is not None]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
-        with _RichProgress() as runner.progress:
-            rows = runner.run()
+        rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))
     from . import report
 
     df = report.tidy(rows)
     console.print(report.markdown(df, title=f"genbench run → {plan.out}"), highlight=False, soft_wrap=True)
-    failed = df[df["status"] != "done"]
-    if len(failed):
-        err.print(f"{len(failed)} of {len(df)} cells did not finish; see the status column")
+    _finish(runner, df)
+
+
+def _run(runner) -> list[dict]:
+    """Runs with a progress bar; Ctrl-C exits 130 and a run dir that cannot be written exits 1,
+    each with one line (finished cells stay written)."""
+    try:
+        with _RichProgress() as runner.progress:
+            return runner.run()
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; finished cells are kept in {runner.store.path}, re-run the same command to resume",
+                   EXIT_INTERRUPTED) from None
+    except RunDirError as e:
+        raise fail(f"{e}; finished cells are kept, re-run to resume", EXIT_ENVIRONMENT) from None
+
+
+def _finish(runner, df) -> None:
+    """The run's notes, then its summary; exit 3 when some cells failed or diverged."""
+    for note in runner.notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    bad = df[df["status"] != "done"]
+    if len(bad):
+        counts = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().items())
+        err.print(f"{len(bad)} of {len(df)} cells did not finish ({counts}); see the status column "
+                  f"(exit {EXIT_CELLS_FAILED})", highlight=False)
+        raise typer.Exit(EXIT_CELLS_FAILED)
 
 
 @app.command(name="report")
@@ -118,17 +147,21 @@ def report_cmd(
     try:
         if format not in ("md", "csv"):
             raise UsageError(f"--format {format!r}; valid: md, csv")
-        from . import report, store
+        from . import report
 
-        rows = [r for d in run_dirs for rd in store.open_many(d) for r in rd.rows()]
-        if not rows:
-            raise UsageError(f"no rows in {', '.join(map(str, run_dirs))}; run 'genbench run' first")
-        base_rows = [r for rd in store.open_many(compare) for r in rd.rows()] if compare else None
+        if out is not None:
+            _check_out_file(out)
+        rows = _read_rows(run_dirs)
+        base_rows = _read_rows([compare]) if compare else None
+        if base_rows is not None and not any(r.get("status") == "done" for r in base_rows):
+            raise UsageError(f"--compare {compare}: no finished cells to compare against (every row failed)")
+        if base_rows is not None and not any(r.get("status") == "done" for r in rows):
+            raise UsageError(f"{', '.join(map(str, run_dirs))}: no finished cells to compare (every row failed)")
+        df = report.tidy(rows)
+        cmp = report.compare(df, report.tidy(base_rows)) if base_rows is not None else None
     except UsageError as e:
         raise fail(str(e))
-    df = report.tidy(rows)
-    if base_rows is not None:
-        cmp = report.compare(df, report.tidy(base_rows))
+    if cmp is not None:
         text = cmp.to_csv(index=False) if format == "csv" else (
             f"# {', '.join(map(str, run_dirs))} against {compare}\n\n" + cmp.to_markdown(index=False, floatfmt=".4g") + "\n")
         bad = int(cmp["flag"].str.startswith("REGRESSION").sum())
@@ -136,11 +169,37 @@ def report_cmd(
     else:
         text = df.to_csv(index=False) if format == "csv" else report.markdown(df)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        from .store import atomic_write
+
+        atomic_write(out, text.encode())
         err.print(f"wrote {out}")
     else:
         sys.stdout.write(text)
+
+
+def _check_out_file(out: Path) -> None:
+    """An output file path: refused (exit 2) when it is a directory or lies under a file."""
+    from .store import check_out_dir
+
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name")
+    check_out_dir(out.parent)
+
+
+def _read_rows(run_dirs) -> list[dict]:
+    """Every row of the run dirs (or folders of them); lines that are not rows are counted and
+    named on stderr, never fatal."""
+    from . import store
+
+    rows = []
+    for d in run_dirs:
+        for rd in store.open_many(d):
+            rows += rd.rows()
+            if rd.skipped_lines:
+                err.print(f"note: {rd.rows_path}: skipped {rd.skipped_lines} line(s) that are not rows", highlight=False)
+    if not rows:
+        raise UsageError(f"no rows in {', '.join(map(str, run_dirs))}; run 'genbench run' first")
+    return rows
 
 
 @app.command()
@@ -162,14 +221,15 @@ def reproduce(
                     n_samples=2000, device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
         runner = Runner(plan)
-        with _RichProgress() as runner.progress:
-            rows = runner.run()
+        rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))
     from . import report
 
-    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(report.tidy(rows)),
+    df = report.tidy(rows)
+    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(df),
                   highlight=False, soft_wrap=True)
+    _finish(runner, df)
 
 
 @app.command()
@@ -243,21 +303,23 @@ def plot(
     report embedding them. Reads only saved run data; a figure without data is skipped with a notice."""
     try:
         from . import store
+        from .store import check_out_dir
 
         rd = store.open_existing(run_dir)
-        rows = rd.rows()
-        if not rows:
-            raise UsageError(f"no rows in {run_dir}; run 'genbench run' first")
+        rows = _read_rows([run_dir])
+        folder = out or rd.path / "report"
+        check_out_dir(folder)
     except UsageError as e:
         raise fail(str(e))
     from . import plots, report
 
+    from .store import atomic_write
+
     df = report.tidy(rows)
-    folder = out or rd.path / "report"
     written = plots.plot_run(rd, df, folder, notice=lambda m: err.print(m, highlight=False))
     md = report.markdown(df, title=f"genbench report: {rd.path.name}")
     md += "\n" + "\n".join(f"## {plots.FIGURES[p.name][0]}\n\n![{p.stem}]({p.name})\n" for p in written)
-    (folder / "report.md").write_text(md)
+    atomic_write(folder / "report.md", md.encode())
     err.print(f"wrote {len(written)} figure(s) and {folder / 'report.md'}")
 
 
@@ -365,7 +427,27 @@ class _RichProgress:
 
 
 def main() -> None:
-    app()
+    """The entry point: no traceback reaches the user. File-system failures exit 1 with the path
+    and the cause; anything unexpected exits 1 with one line (GENBENCH_DEBUG=1 shows the traceback)."""
+    import os
+
+    try:
+        app()
+    except RunDirError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ENVIRONMENT)
+    except OSError as e:
+        if os.environ.get("GENBENCH_DEBUG"):
+            raise
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        err.print(f"[bold red]error:[/] cannot access{where}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ENVIRONMENT)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("GENBENCH_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(set GENBENCH_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 never live models, and needs no display (Agg backend)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,14 @@ def _limits(ref: np.ndarray, pad: float = 0.15):
     return [(c - span / 2, c + span / 2) for c in centre]
 
 
+def _samples(rd: RunDir, r) -> dict | None:
+    """The saved arrays of the cell of row ``r``, or None where the file is missing, torn or does
+    not match the sha256 its row recorded (that panel is left empty)."""
+    sha = r.get("samples_sha256")
+    return rd.load_samples(cell_name(r["model"], r["dataset"], int(r["seed"]), None if pd.isna(r["steps"]) else int(r["steps"])),
+                           None if pd.isna(sha) else sha)
+
+
 def _done(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "done"]
 
@@ -58,7 +67,7 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             # NA differs between pandas releases and left those panels blank under pandas 3)
             same_steps = ok["steps"].isna() if pd.isna(k) else (ok["steps"] == k).fillna(False)
             cell = ok[(ok["dataset"] == d) & (ok["model"] == m) & same_steps]
-            arr = rd.load_samples(cell_name(m, d, int(seed), None if pd.isna(k) else int(k))) if len(cell) else None
+            arr = _samples(rd, cell.iloc[0]) if len(cell) else None
             if arr is None:
                 ax.set_axis_off()
                 continue
@@ -74,8 +83,10 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             ax.set_title(f"{head}{w2}{modes}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(_label(m, k), fontsize=8)
-    fig.suptitle(f"Samples (colour) over true data (grey), seed {seed}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    # wrapped to the figure's width: one dataset's column is narrower than the title's one line
+    title = textwrap.wrap(f"Samples (colour) over true data (grey), seed {seed}", width=int(fig.get_figwidth() * 12))
+    fig.suptitle("\n".join(title), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.18 * len(title)) / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
@@ -89,7 +100,7 @@ def _one_per_dataset(rd: RunDir, df: pd.DataFrame, model: str, key: str):
     for _, r in ok.iterrows():
         if r["dataset"] in out:
             continue
-        arr = rd.load_samples(cell_name(model, r["dataset"], int(r["seed"]), None if pd.isna(r["steps"]) else int(r["steps"])))
+        arr = _samples(rd, r)
         if arr is not None and key in arr:
             out[r["dataset"]] = (r, arr)
     return out
@@ -144,6 +155,20 @@ def one_step_maps(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
     return None
 
 
+def _minor_labels(ax) -> FuncFormatter:
+    """Labels for a log axis' minor ticks that never overlap: every one within a decade, 2 and 5
+    over up to two and a half decades, none beyond (the major ticks then suffice)."""
+    lo, hi = ax.get_ylim()
+    decades = np.log10(hi / lo) if lo > 0 else 10.0
+    keep = {2, 3, 4, 5, 6, 7, 8, 9} if decades <= 1 else {2, 5} if decades <= 2.5 else set()
+
+    def fmt(y, _):
+        lead = int(round(y / 10 ** np.floor(np.log10(y) + 1e-9))) if y > 0 else 0
+        return f"{y:g}" if lead in keep else ""
+
+    return FuncFormatter(fmt)
+
+
 def frontier(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
     ok = _done(df)
     if ok.empty:
@@ -164,9 +189,8 @@ def frontier(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
                         label=f"{m} ({v})" if v else m)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda y, _: f"{y:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(_minor_labels(ax))
         ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xlabel("NFE per sample batch (log)")
         ax.set_ylabel("W2 (median, min-max over seeds; log)")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from .api import UsageError
 from .metrics import mean_ci
 from .scoring import METRICS, NO_FLOOR
 from .timing import PROTOCOL
@@ -169,13 +170,36 @@ def metric_notes(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
-    parts = [f"# {title}", ""]
+def settings_label(df: pd.DataFrame) -> pd.Series:
+    """Per row, the settings that must match for rows to be pooled over seeds: the budget and n,
+    and the settings hash where rows of one budget and n still differ (params, metrics, ...)."""
+    label = "budget " + df["budget"].astype(str) + ", n = " + df["n_samples"].astype(str)
+    if "settings_hash" in df and (df.groupby(label)["settings_hash"].nunique(dropna=True) > 1).any():
+        label = label + ", settings " + df["settings_hash"].fillna("?").astype(str)
+    return label
+
+
+def _device_sections(df: pd.DataFrame, level: str) -> list[str]:
+    parts = []
     for dev, table in aggregate(df).items():
         sub = df[df["device_name"].astype(str) == dev]
         torch_v = ",".join(sorted(sub["torch_version"].dropna().astype(str).unique()))
-        parts += [f"## {dev} ({', '.join(sorted(sub['device'].dropna().astype(str).unique()))}; torch {torch_v})", ""]
+        parts += [f"{level} {dev} ({', '.join(sorted(sub['device'].dropna().astype(str).unique()))}; torch {torch_v})", ""]
         parts += [table.to_markdown(index=False), "", protocol_line(sub), ""]
+    return parts
+
+
+def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
+    """Per device, the aggregated table; rows made with different settings (budget, n, params) are
+    never pooled: each setting gets its own labelled section."""
+    parts = [f"# {title}", ""]
+    labels = settings_label(df)
+    if labels.nunique() > 1:
+        parts += [f"These rows were made with {labels.nunique()} different settings; each is tabulated on its own.", ""]
+        for lab, sub in df.groupby(labels, sort=False):
+            parts += [f"## Settings: {lab}", ""] + _device_sections(sub, "###")
+    else:
+        parts += _device_sections(df, "##")
     parts += [NOTES, "", metric_notes(df), ""]
     return "\n".join(parts)
 
@@ -195,6 +219,10 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     cell is flagged when it is worse than the baseline by more than twice the spread: the
     baseline's seed-to-seed std, or the sampling noise (the W2 floor's std, the binomial std of
     hq_frac) where that is larger, so that noise alone rarely flags; or when it loses a mode."""
+    for side, d in (("the run", run), ("the baseline", base)):
+        labels = settings_label(d[d["status"] == "done"]).unique()
+        if len(labels) > 1:
+            raise UsageError(f"{side} holds rows of {len(labels)} settings ({'; '.join(labels)}); compare one at a time")
     key = ["model", "dataset", "steps"]
     r = numeric_summary(run).reset_index().drop(columns="device_name").groupby(key).mean(numeric_only=True)
     b_full = base[base["status"] == "done"].copy()

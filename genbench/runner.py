@@ -24,10 +24,10 @@ import torch
 
 from . import __version__, scoring
 from . import datasets as ds_mod
-from .api import BUDGETS, Generator, UsageError
+from .api import BUDGETS, Generator, RunDirError, UsageError
 from .models.nets import Diverged
 from .registry import Entry, resolve
-from .store import RunDir, cell_name, row_key
+from .store import RunDir, cell_name, check_out_dir, dumps, row_key
 from .timing import time_call
 
 N_TRAIN = 50_000  # training points drawn per (dataset, seed)
@@ -36,6 +36,8 @@ N_TEST = 5_000  # held-out points for NLL / ELBO
 #: benchmarks/score_time.py (the default metrics must score a cell within 2 s on one CPU thread;
 #: exact W2's cubic cost sets the limit); the README's resolving-power section has the figures
 N_SAMPLES = 3000
+#: seeds feed numpy's and torch's generators (and 10_000 + seed the sampler's): kept in 32 bits
+MAX_SEED = 2**32 - 1 - 10_000
 
 
 @dataclass
@@ -61,6 +63,13 @@ class Plan:
         return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
                 "params": self.params, "repeats": self.repeats, "n_train": N_TRAIN, "metrics": self.metrics,
                 "floor_draws": self.floor_draws}
+
+    def settings_hash(self) -> str:
+        """A short hash of ``settings()``, written into every row: rows of other settings are told
+        apart without the manifest."""
+        import hashlib
+
+        return hashlib.sha256(dumps(json_norm(self.settings()), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:
@@ -91,13 +100,35 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def git_sha() -> str:
+    """The commit genbench runs from: ``git describe`` of its source checkout (an editable install),
+    else the commit pip recorded for a VCS install, else 'unknown (...)' with the reason."""
+    def describe(where: Path) -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                                 text=True, cwd=where, timeout=5)
+            return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    here = describe(Path(__file__).parent)
+    if here:
+        return here
+    try:  # PEP 610: pip records where a non-editable install came from
+        import json
+        from importlib.metadata import distribution
+
+        info = json.loads(distribution("genbench").read_text("direct_url.json") or "{}")
+    except Exception:  # noqa: BLE001 - no metadata: installed by other means
+        info = {}
+    if info.get("vcs_info", {}).get("commit_id"):
+        return info["vcs_info"]["commit_id"][:12]
+    url = info.get("url", "")
+    if url.startswith("file://"):
+        src = describe(Path(url[len("file://"):]))
+        if src:
+            return f"{src} (source dir of the install)"
+    return "unknown (installed without a git checkout or VCS URL)"
 
 
 def cpu_cores() -> int:
@@ -140,58 +171,117 @@ class Runner:
     def __init__(self, plan: Plan, progress: Progress | None = None):
         self.plan = plan
         self.progress = progress or Progress()
-        # every check of the plan lives here, so that every command that runs one gets it
+        # every check of the plan lives here, so that every command that runs one gets it; nothing
+        # is created or trained before they all pass
         if plan.budget not in BUDGETS:
             raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join(BUDGETS)}")
         if plan.threads < 1:
             raise UsageError(f"--threads {plan.threads}: must be >= 1")
+        if plan.threads > cpu_cores():
+            raise UsageError(f"--threads {plan.threads}: this process may use {cpu_cores()} CPU core(s); "
+                             f"give 1..{cpu_cores()} (more threads than cores only slows each step)")
         if plan.jobs < 0:
             raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
         if plan.n_samples < 2:
             raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
         if plan.floor_draws < 2:
             raise UsageError(f"--floor-draws {plan.floor_draws}: need at least 2 true samples for a floor's spread")
+        if plan.repeats < 1:
+            raise UsageError(f"repeats {plan.repeats}: must be >= 1")
+        bad_seeds = [s for s in plan.seeds if not 0 <= s <= MAX_SEED]
+        if bad_seeds:
+            raise UsageError(f"--seeds {bad_seeds[0]}: seeds must lie in 0..{MAX_SEED}")
+        if not (plan.models and plan.datasets and plan.seeds):
+            raise UsageError("empty plan: give at least one model, dataset and seed")
         unknown_metrics = [m for m in plan.metrics if m not in scoring.METRICS]
         if unknown_metrics:
             raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown_metrics)}; valid: {', '.join(scoring.METRICS)}")
         self.entries = resolve(plan.models)
         for d in plan.datasets:
             ds_mod.get(d)
+        self._check_steps()
         # instantiate once to validate budget and --param values before anything is trained
-        self.configs = {e.name: dataclasses.asdict(make_model(e, plan).config) for e in self.entries}
+        self.configs = {}
+        for e in self.entries:
+            try:
+                self.configs[e.name] = dataclasses.asdict(make_model(e, plan).config)
+            except UsageError as err:
+                raise UsageError(f"model {e.name}: {err}") from None
         unknown = set(plan.params) - {e.name for e in self.entries} - self._teacher_names()
         if unknown:
             raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
         self.device = resolve_device(plan.device)
-        plan.jobs = plan.jobs or self.auto_jobs()
+        self._check_memory()
+        plan.jobs = min(plan.jobs or self.auto_jobs(), len(self.chains()))
         plan.out = plan.out.replace("{budget}", plan.budget).replace("{device}", self.device)
-        self.store = RunDir(plan.out)
-        self._check_manifest()
+        self.store = RunDir(check_out_dir(plan.out))
+        self._check_settings()
         self._floors: dict[tuple, dict] = {}
+        self.notes: list[str] = []  # what the run did besides the plan (repairs, redone cells), for the user
+
+    def _check_steps(self) -> None:
+        by_name = {e.name: e for e in self.entries}
+        multi = [e.name for e in self.entries if e.cls.multistep]
+        for name in self.plan.steps_by_model:
+            if name not in by_name:
+                raise UsageError(f"--steps {name}=...: {name!r} is not in this run's models ({', '.join(by_name)})")
+            if not by_name[name].cls.multistep:
+                raise UsageError(f"--steps {name}=...: {name} samples in one pass (not multistep); "
+                                 f"multistep models here: {', '.join(multi) or 'none'}")
+        if self.plan.steps and not multi:
+            raise UsageError(f"--steps: none of this run's models samples in several steps "
+                             f"({', '.join(by_name)}); the sweep would be ignored")
+
+    def _check_memory(self) -> None:
+        """Refuses an --n-samples whose scoring would not fit in this machine's memory."""
+        need = scoring.memory_bytes(self.plan.metrics, self.plan.n_samples)
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+        procs = self.plan.jobs or 1
+        if need * procs > 0.8 * have:
+            per = max(scoring.METRICS[m].bytes_per_n2 for m in self.plan.metrics)
+            most = int((0.8 * have / procs / per) ** 0.5)
+            raise UsageError(f"--n-samples {self.plan.n_samples}: scoring needs about {need / 2**30:.3g} GiB per "
+                             f"process, more than this machine's {have / 2**30:.3g} GiB allows; at most {most} here "
+                             "(or fewer --jobs, or leave out energy / sinkhorn / prdc with --metrics)")
 
     def _teacher_names(self) -> set[str]:
         return {e.cls.teacher for e in self.entries if e.cls.teacher}
 
     # -- manifest -----------------------------------------------------------------------------
-    def _check_manifest(self) -> None:
+    def _check_settings(self) -> None:
+        """A run dir is extended only with its own settings and device: checked against the
+        manifest and, independently of it, against the settings hash and device of every row."""
         old = self.store.read_manifest()
-        if old is None:
-            return
-        for k, v in self.plan.settings().items():
-            if json_norm(old.get("settings", {}).get(k)) != json_norm(v):
-                raise UsageError(
-                    f"run dir {self.store.path} was made with {k}={old.get('settings', {}).get(k)!r}, "
-                    f"not {v!r}; use another --out or the same settings"
-                )
-        if old.get("device") != self.device:
-            raise UsageError(f"run dir {self.store.path} was run on device {old.get('device')!r}, not "
-                             f"{self.device!r}; use another --out")
+        if old is not None:
+            saved = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+            for k, v in self.plan.settings().items():
+                if json_norm(saved.get(k)) != json_norm(v):
+                    raise UsageError(f"run dir {self.store.path} was made with {k}={saved.get(k)!r}, not {v!r}; "
+                                     "use another --out or the same settings")
+            if old.get("device") != self.device:
+                raise UsageError(f"run dir {self.store.path} was run on device {old.get('device')!r}, not "
+                                 f"{self.device!r}; use another --out")
+        mine = self.plan.settings_hash()
+        for r in self.store.rows():
+            if r.get("settings_hash", mine) != mine or r.get("budget", self.plan.budget) != self.plan.budget \
+                    or r.get("n_samples", self.plan.n_samples) != self.plan.n_samples:
+                raise UsageError(f"run dir {self.store.path} holds rows made with other settings (budget "
+                                 f"{r.get('budget')}, n_samples {r.get('n_samples')}, settings hash "
+                                 f"{r.get('settings_hash')}; this run's: {mine}); use another --out or the same settings")
+            if r.get("device", self.device) != self.device:
+                raise UsageError(f"run dir {self.store.path} holds rows run on device {r.get('device')!r}, not "
+                                 f"{self.device!r}; use another --out")
 
     def _write_manifest(self) -> None:
         old = self.store.read_manifest() or {}
         union = lambda k, new: sorted(set(old.get(k, [])) | set(new), key=str)  # noqa: E731
+        rows = self.store.rows()
         self.store.write_manifest({
-            "run_id": old.get("run_id") or uuid.uuid4().hex[:12],
+            # a manifest lost while rows remain is rebuilt with their run id
+            "run_id": old.get("run_id") or next((r["run_id"] for r in rows if r.get("run_id")), None) or uuid.uuid4().hex[:12],
             "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "settings": self.plan.settings(),
@@ -255,19 +345,54 @@ class Runner:
         self.prov = self.provenance()
 
     def run(self) -> list[dict]:
-        self._setup_process()
-        self._write_manifest()
-        units = list(self.units())
-        keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
-        self.progress.start(len(keys))
-        if self.plan.jobs == 1:
-            self.run_units(units)
-        else:
-            self._run_parallel(keys)
-        return [r for r in self.store.rows() if row_key(r) in keys]
+        """Takes the run dir's lock for the whole run (a second run into it is refused), repairs a
+        torn rows file, re-checks the settings under the lock, then runs what is not done."""
+        self.store.lock()
+        try:
+            torn = self.store.repair()
+            if torn:
+                self.notes.append(f"a torn last line of rows.jsonl ({torn} bytes, a run killed mid-write) was "
+                                  "moved to rows.torn; its cell is run again")
+            self._check_settings()
+            self._setup_process()
+            self._write_manifest()
+            units = list(self.units())
+            keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
+            finished = {row_key(r) for r in self.store.rows() if r.get("status") == "done"} & keys
+            redo = finished - self.done_keys()
+            if redo:
+                self.notes.append(f"{len(redo)} finished cell(s) run again: their samples file is missing or does "
+                                  "not match the sha256 in their row")
+            if finished - redo:
+                self.notes.append(f"{len(finished - redo)} of {len(keys)} cells were already done and were skipped")
+            self.progress.start(len(keys))
+            if self.plan.jobs == 1:
+                self.run_units(units)
+            else:
+                self._run_parallel(keys)
+            rows = self.store.rows()
+            if self.store.skipped_lines:
+                self.notes.append(f"{self.store.skipped_lines} line(s) of rows.jsonl are not rows and were skipped")
+            return [r for r in rows if row_key(r) in keys]
+        finally:
+            self.store.unlock()
+
+    def done_keys(self) -> set[tuple]:
+        """Cells finished with their samples file intact (its sha256 as the row recorded it); a
+        cell whose samples are missing or torn is run again."""
+        done = set()
+        for r in self.store.rows():
+            if r.get("status") != "done":
+                continue
+            sha = r.get("samples_sha256")
+            if sha is not None and self.store.load_samples(cell_name(r["model"], r["dataset"], r["seed"], r["steps"]),
+                                                           sha) is None:
+                continue
+            done.add(row_key(r))
+        return done
 
     def run_units(self, units) -> None:
-        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"}
+        done = self.done_keys()
         for entry, dataset, seed in units:
             model = make_model(entry, self.plan)
             todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
@@ -283,7 +408,7 @@ class Runner:
         (a worker interrupted while importing printed a traceback)."""
         chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
         self.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
-        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"} & keys
+        done = self.done_keys() & keys
         self.progress.advance(len(done))
         lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
         start, seen = lines(), 0
@@ -306,15 +431,20 @@ class Runner:
     def _fit_or_load(self, entry_name: str, model: Generator, dataset: str, seed: int, train) -> dict:
         """Fits the model, or loads it from this run dir's checkpoint; returns its fit record."""
         unit = cell_name(entry_name, dataset, seed)
-        ckpt = self.store.path / "checkpoints" / f"{unit}.pt"
         record = self.store.load_json("fits", unit)
-        if ckpt.exists() and record is not None:
+        refit = None
+        if isinstance(record, dict) and record.get("checkpoint_sha256"):
             try:  # tensors and plain containers only: a checkpoint is data, never code
-                state = torch.load(ckpt, map_location=self.device, weights_only=True)
+                state = self.store.load_checkpoint(unit, record["checkpoint_sha256"], self.device)
                 model.load_state_dict(state, device=self.device)
-                return record
-            except Exception as e:  # noqa: BLE001 - an unreadable or unsafe checkpoint is retrained
-                self.progress.update(f"{unit}: checkpoint not reused ({type(e).__name__}); training again")
+                return {**record, "fit_sha256": self.store.sha("fits", unit, ".json")}
+            except Exception as e:  # noqa: BLE001 - an unreadable, torn or unsafe checkpoint is retrained
+                refit = f"checkpoint not reused ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+                self.progress.update(f"{unit}: {refit}; training again")
+        elif isinstance(record, dict) and "checkpoint_sha256" in record:
+            refit = "the model saves no checkpoint"
+        elif (self.store.path / "fits" / f"{unit}.json").exists():
+            refit = "fit record unreadable (torn or foreign)"
         teacher = None
         extras: dict[str, float] = {}
         if model.teacher:
@@ -325,24 +455,27 @@ class Runner:
             extras["teacher_train_s"] = trec["train_s"]
         self.progress.update(f"{entry_name} on {dataset} seed {seed}: training")
         info = model.fit(train, device=self.device, seed=seed, **({"teacher": teacher} if teacher else {}))
-        record = {**dataclasses.asdict(info), **extras}
+        record = {**dataclasses.asdict(info), **extras, "refit_reason": refit}
         record.update(record.pop("extras", {}))
         try:
-            torch.save(model.state_dict(), self.store.file("checkpoints", unit, ".pt"))
+            state = model.state_dict()
         except NotImplementedError:
-            pass  # a plugin without checkpoints is simply retrained on resume
-        self.store.save_json("fits", unit, record)
+            state = None  # a plugin without checkpoints is simply retrained on resume
+        record["checkpoint_sha256"] = None if state is None else self.store.save_checkpoint(unit, state)
+        record["fit_sha256"] = self.store.save_json("fits", unit, record)
         return record
 
     def _run_unit(self, entry: Entry, model: Generator, dataset: str, seed: int, steps: list) -> None:
         ds, train, ref, test = self._data(dataset, seed)
         base = {"run_id": self.store.read_manifest()["run_id"], "model": entry.name, "source": entry.source,
                 "dataset": dataset, "dataset_version": ds.version, "seed": seed, "budget": self.plan.budget,
-                "n_samples": self.plan.n_samples, **self.prov}
+                "n_samples": self.plan.n_samples, "settings_hash": self.plan.settings_hash(), **self.prov}
         try:
             record = self._fit_or_load(entry.name, model, dataset, seed, train)
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: evaluating")
             extras = model.evaluate(test)
+        except RunDirError:
+            raise  # the run dir cannot be written: the run stops (nothing to record a row in)
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
             for k in steps:
                 self._write(base | {"steps": k, "variant": _safe_variant(model)}, e)
@@ -355,12 +488,16 @@ class Runner:
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: sampling" + (f" {k} steps" if k else ""))
             row = base | {"steps": k, "variant": model.variant, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
-                          "train_steps": record["steps"], **floors, **extras}
+                          "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
+                          "fit_sha256": record.get("fit_sha256"), **floors, **extras}
             try:
                 self._sample_cell(model, ds, seed, k, ref, row)
-                self._write(row, None)
+            except RunDirError:
+                raise
             except Exception as e:  # noqa: BLE001
                 self._write(row, e)
+            else:
+                self._write(row, None)
 
     def _sample_cell(self, model: Generator, ds, seed: int, k, ref, row: dict) -> None:
         """Samples, counts NFE, times and scores one cell into ``row``. Non-finite samples leave
@@ -385,7 +522,7 @@ class Runner:
             extra = getattr(model, fn, None)
             if extra is not None:
                 arrays[name] = np.asarray(extra(64, steps=k, seed=sample_seed))
-        self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
+        row["samples_sha256"] = self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
 
     @property
     def metric_device(self) -> str:

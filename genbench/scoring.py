@@ -26,6 +26,10 @@ class Metric:
     fn: Callable[..., dict]  # (x, ref, ds, *, seed, device) -> {column: value}
     about: str
     mixtures_only: bool = False
+    #: peak memory of one call, in bytes per n^2 (n samples against n reference points): the dense
+    #: n x n matrices of GeomLoss' tensorized backend, the k-NN radius counts of PRDC; measured
+    #: (max RSS) at n = 4000 and 8000 and rounded up
+    bytes_per_n2: float = 1.0
 
 
 #: exact W2's network simplex grows roughly as n^3 (benchmarks/score_time.py measures it); past this
@@ -53,11 +57,11 @@ def _modes(x, ref, ds: Dataset, *, seed, device):
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("w2", ("w2",), _w2, "exact 2-Wasserstein distance between the two samples (POT emd2)"),
     Metric("sinkhorn", ("sinkhorn",), lambda x, ref, ds, *, seed, device: {"sinkhorn": M.sinkhorn(x, ref, device=device)},
-           "sqrt(2 x debiased Sinkhorn divergence), blur 0.01 (GeomLoss): W2 with a far smaller bias"),
+           "sqrt(2 x debiased Sinkhorn divergence), blur 0.01 (GeomLoss): W2 with a far smaller bias", bytes_per_n2=26),
     Metric("energy", ("energy",), lambda x, ref, ds, *, seed, device: {"energy": M.energy(x, ref, device=device)},
-           "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (GeomLoss, V-statistic)"),
+           "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (GeomLoss, V-statistic)", bytes_per_n2=22),
     Metric("prdc", ("precision", "recall", "density", "coverage"), lambda x, ref, ds, *, seed, device: M.prdc(ref, x),
-           "precision / recall / density / coverage with 5-NN balls (Naeem et al. 2020)"),
+           "precision / recall / density / coverage with 5-NN balls (Naeem et al. 2020)", bytes_per_n2=9),
     Metric("c2st", ("c2st",), lambda x, ref, ds, *, seed, device: {"c2st": M.c2st(x, ref, seed=seed)},
            "held-out accuracy of a k-NN classifier telling samples from data (0.5: indistinguishable)"),
     Metric("support", ("hq_frac",), _support, "fraction of samples on the dataset's noise-free support (its stated tolerance)"),
@@ -68,6 +72,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
 DEFAULT_METRICS = ("w2", "energy", "prdc", "c2st", "support", "modes")
 #: columns with no noise floor (constants of the dataset)
 NO_FLOOR = {"modes_total"}
+
+
+def memory_bytes(metrics: list[str], n: int) -> float:
+    """Peak memory of scoring one cell of n samples (the metrics run one after another)."""
+    return max(METRICS[m].bytes_per_n2 for m in metrics) * float(n) ** 2
 
 
 def parse_metrics(spec: str | None) -> list[str]:

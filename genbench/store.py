@@ -1,22 +1,35 @@
 """A run directory on disk.
 
     manifest.json          settings, versions, device, git sha, the config of every model
-    rows.jsonl             one JSON row per cell, appended (one write + fsync) the moment it ends
+    rows.jsonl             one JSON row per cell, appended whole (under a lock, checked, fsynced)
     samples/<cell>.npz     generated samples (+ trajectories / one-step maps where a model has them)
-    fits/<unit>.json       training record of each fitted model (loss curve, times)
+    fits/<unit>.json       training record of each fitted model (loss curve, times, checkpoint sha256)
     floors/<dataset>__s<seed>.json  every metric's noise floor for that reference sample
     checkpoints/<unit>.pt  trained weights (reused on resume and as teachers)
+    .lock                  held by the one run writing the dir (its pid inside)
 
-A row appended by a run that was killed mid-write is at worst a partial last line, which readers
-skip; a later row with the same key supersedes an earlier one (a re-run of a failed cell).
+Every artefact is written to a temporary file, fsynced and renamed into place, so it is whole or
+absent; its sha256 is recorded (the samples' and the fit record's in the cell's row, the
+checkpoint's in the fit record) and checked before it is reused. A row is appended under an
+exclusive lock of rows.jsonl; a short write is undone (the file is cut back to where it was). A
+torn last line (a writer killed mid-write) is moved to ``rows.torn`` when the dir is next opened
+for writing; readers skip lines that are not JSON objects and count them. A later row with the
+same key supersedes an earlier one (a re-run of a failed cell). Nothing read back is executed:
+rows, records and manifests are JSON, samples are loaded with ``allow_pickle=False``, checkpoints
+with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
+import io
 import json
+import math
 import os
 from pathlib import Path
 
-from .api import UsageError
+from .api import RunDirError, UsageError
 
 KEY = ("model", "dataset", "seed", "steps")
 
@@ -29,9 +42,108 @@ def cell_name(model: str, dataset: str, seed: int, steps: int | None = None) -> 
     return f"{model}__{dataset}__s{seed}" + ("" if steps is None else f"__k{steps}")
 
 
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float replaced by None, so that strict JSON readers accept it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return finite_json(obj.item())
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    return json.dumps(finite_json(obj), allow_nan=False, default=str, **kw)
+
+
+def environment_error(path: Path, e: OSError) -> RunDirError:
+    """A one-line error naming the path and the cause (a full disk, permissions, ...)."""
+    cause = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file size limit reached (no space)",
+             errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+             errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "a path component is a file"}.get(
+        e.errno, e.strerror or str(e))
+    return RunDirError(f"cannot write {path}: {cause}")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` written to a temporary file, fsynced, then renamed over ``path``: the file is whole or
+    as it was; on failure the temporary file is removed and a RunDirError raised."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise environment_error(path, e) from None
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """An output directory that exists, or can be created, and can be written; checked without
+    creating anything. A path that cannot be a directory is a UsageError (exit 2), one the file
+    system refuses (permissions, read-only) a RunDirError (exit 1)."""
+    p = Path(out)
+    too_long = [part for part in p.parts if len(os.fsencode(part)) > 255]
+    if too_long:
+        raise UsageError(f"output path {str(p)[:80]}...: a name in it is {len(os.fsencode(too_long[0]))} bytes long; "
+                         "file systems allow at most 255")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output path {p} is a file, not a directory; give a directory")
+    ancestor = p
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"output path {p}: {ancestor} is a file, so {p} cannot be a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write {p}: {ancestor} is not writable (permissions or a read-only file system)")
+    return p
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.skipped_lines = 0  # lines of rows.jsonl that the last read could not use
+        self._lock_fh = None
+
+    # -- the writer's lock ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Takes the dir for this process (an exclusive flock held until ``unlock`` or exit); a
+        second writer gets a UsageError naming the holder's pid."""
+        p = self.path / ".lock"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fh = open(p, "a+")
+        except OSError as e:
+            raise environment_error(p, e) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise UsageError(f"run dir {self.path} is in use by another genbench run (pid {holder}); "
+                             "wait for it to end or use another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # closing releases the flock
+            self._lock_fh = None
 
     # -- manifest -----------------------------------------------------------------------------
     @property
@@ -42,92 +154,209 @@ class RunDir:
         if not self.manifest_path.exists():
             return None
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"run dir {self.path}: unreadable manifest.json ({e})") from None
+            m = json.loads(self.manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"run dir {self.path}: unreadable manifest.json ({type(e).__name__}); move it "
+                             "away and re-run to rebuild it from the rows") from None
+        if not isinstance(m, dict):
+            raise UsageError(f"run dir {self.path}: manifest.json holds a {type(m).__name__}, not a JSON object; "
+                             "move it away and re-run to rebuild it from the rows")
+        return m
 
     def write_manifest(self, manifest: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.manifest_path)
+        atomic_write(self.manifest_path, dumps(manifest, indent=2, sort_keys=True).encode())
 
     # -- rows ---------------------------------------------------------------------------------
     @property
     def rows_path(self) -> Path:
         return self.path / "rows.jsonl"
 
-    def append_row(self, row: dict) -> None:
+    def _cut_torn_tail(self, fd: int) -> int:
+        """Moves bytes after the last newline (a torn last line) to rows.torn; returns their count.
+        Called with rows.jsonl locked."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return 0
+        start = size
+        while start > 0:
+            chunk = os.pread(fd, min(65536, start), max(0, start - 65536))
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                start = max(0, start - 65536) + i + 1
+                break
+            start = max(0, start - 65536)
+        torn = os.pread(fd, size - start, start)
+        with open(self.path / "rows.torn", "ab") as fh:
+            fh.write(torn + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.ftruncate(fd, start)
+        return len(torn)
+
+    def _open_rows(self) -> int:
         self.path.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(row, default=float) + "\n").encode()
-        fd = os.open(self.rows_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def repair(self) -> int:
+        """Quarantines a torn last line of rows.jsonl (see the module doc); returns its size in bytes."""
+        if not self.rows_path.exists():
+            return 0
         try:
-            os.write(fd, line)
-            os.fsync(fd)
+            fd = self._open_rows()
+        except OSError as e:
+            raise environment_error(self.rows_path, e) from None
+        try:
+            return self._cut_torn_tail(fd)
+        except OSError as e:
+            raise environment_error(self.rows_path, e) from None
+        finally:
+            os.close(fd)
+
+    def append_row(self, row: dict) -> None:
+        """Appends one row whole or not at all: under an exclusive lock of rows.jsonl (shared by
+        every process writing this dir), after a torn tail is cut; a short or failed write cuts the
+        file back to its size before the write and raises RunDirError."""
+        line = (dumps(row) + "\n").encode()
+        try:
+            fd = self._open_rows()
+        except OSError as e:
+            raise environment_error(self.rows_path, e) from None
+        try:
+            self._cut_torn_tail(fd)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    n = os.write(fd, view)
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    view = view[n:]
+                os.fsync(fd)
+            except OSError as e:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise environment_error(self.rows_path, e) from None
         finally:
             os.close(fd)
 
     def rows(self) -> list[dict]:
-        """The latest row of each cell, in the order cells first appeared."""
+        """The latest row of each cell, in the order cells first appeared. Lines that are not JSON
+        objects with a cell key (a torn line, foreign text) are skipped and counted in
+        ``skipped_lines``."""
+        self.skipped_lines = 0
         if not self.rows_path.exists():
             return []
         latest: dict[tuple, dict] = {}
-        for line in self.rows_path.read_text().splitlines():
+        try:
+            data = self.rows_path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {self.rows_path}: {e.strerror}") from None
+        for line in data.splitlines():
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a partial line left by a killed run
-            latest[row_key(row)] = row
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not (isinstance(row, dict) and all(k in row for k in KEY) and isinstance(row["model"], str)
+                    and isinstance(row["dataset"], str) and type(row["seed"]) is int
+                    and (row["steps"] is None or type(row["steps"]) is int)):
+                self.skipped_lines += 1
+                continue
+            try:
+                latest[row_key(row)] = row
+            except TypeError:  # an unhashable key value
+                self.skipped_lines += 1
         return list(latest.values())
 
     # -- per-cell files -----------------------------------------------------------------------
-    def file(self, kind: str, name: str, suffix: str) -> Path:
+    def _write_artefact(self, kind: str, name: str, suffix: str, data: bytes) -> str:
+        atomic_write(self.path / kind / f"{name}{suffix}", data)
+        return sha256(data)
+
+    def _read_artefact(self, kind: str, name: str, suffix: str, expected: str | None) -> bytes | None:
+        """The file's bytes, or None when it is missing, unreadable or its sha256 differs from
+        ``expected`` (where one is given)."""
         p = self.path / kind / f"{name}{suffix}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def save_samples(self, name: str, **arrays) -> Path:
-        import numpy as np
-
-        p = self.file("samples", name, ".npz")
-        tmp = p.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, p)
-        return p
-
-    def load_samples(self, name: str) -> dict | None:
-        import numpy as np
-
-        p = self.path / "samples" / f"{name}.npz"
-        if not p.exists():
+        try:
+            data = p.read_bytes()
+        except OSError:
             return None
-        with np.load(p) as z:
-            return {k: z[k] for k in z.files}
+        return data if expected is None or sha256(data) == expected else None
 
-    def save_json(self, kind: str, name: str, obj) -> None:
-        p = self.file(kind, name, ".json")
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(obj, default=float))
-        os.replace(tmp, p)
+    def sha(self, kind: str, name: str, suffix: str) -> str | None:
+        data = self._read_artefact(kind, name, suffix, None)
+        return None if data is None else sha256(data)
 
-    def load_json(self, kind: str, name: str):
-        p = self.path / kind / f"{name}.json"
-        return json.loads(p.read_text()) if p.exists() else None
+    def save_samples(self, name: str, **arrays) -> str:
+        """Writes samples/<name>.npz; returns its sha256."""
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return self._write_artefact("samples", name, ".npz", buf.getvalue())
+
+    def load_samples(self, name: str, sha: str | None = None) -> dict | None:
+        """The arrays of samples/<name>.npz, or None when missing, torn or not matching ``sha``."""
+        import numpy as np
+
+        data = self._read_artefact("samples", name, ".npz", sha)
+        if data is None:
+            return None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:  # noqa: BLE001 - a torn or foreign file is treated as missing
+            return None
+
+    def save_checkpoint(self, name: str, state: dict) -> str:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return self._write_artefact("checkpoints", name, ".pt", buf.getvalue())
+
+    def load_checkpoint(self, name: str, sha: str | None, device: str):
+        """The state dict of checkpoints/<name>.pt, read as data (``weights_only=True``); raises
+        ValueError when it is missing or does not match ``sha``."""
+        import torch
+
+        data = self._read_artefact("checkpoints", name, ".pt", sha)
+        if data is None:
+            raise ValueError("missing, or its sha256 does not match the fit record")
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+    def save_json(self, kind: str, name: str, obj) -> str:
+        return self._write_artefact(kind, name, ".json", dumps(obj).encode())
+
+    def load_json(self, kind: str, name: str, sha: str | None = None):
+        """The JSON value of kind/<name>.json, or None when missing, unreadable or not matching."""
+        data = self._read_artefact(kind, name, ".json", sha)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     def cached_json(self, kind: str, name: str, ident: dict, compute):
         """``compute()``'s result, saved as kind/name.json beside ``ident`` and reused while the
         saved ident matches; processes sharing the run dir take a lock so one computes, the others
         wait and read it."""
-        import fcntl
-
-        lock = self.file(kind, name, ".lock")
-        with open(lock, "w") as fh:
+        lock = self.path / kind / f"{name}.lock"
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lock, "w")
+        except OSError as e:
+            raise environment_error(lock, e) from None
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                saved = self.load_json(kind, name)
-            except (OSError, json.JSONDecodeError):
-                saved = None
-            if isinstance(saved, dict) and saved.get("ident") == json.loads(json.dumps(ident, default=str)):
+            saved = self.load_json(kind, name)
+            if isinstance(saved, dict) and saved.get("ident") == json.loads(dumps(ident)):
                 return saved["value"]
             value = compute()
             self.save_json(kind, name, {"ident": ident, "value": value})

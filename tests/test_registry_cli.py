@@ -60,12 +60,14 @@ def test_failing_and_diverging_cells_are_rows_and_the_rest_go_on(cli, tmp_path):
     out = tmp_path / "run"
     r = cli("run", "--models", "gauss,vae", "--budget", "quick", "--param", "gauss.mode=fail", "--n-samples", "200",
             "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 3, r.stderr  # a run with failed cells says so in its exit status
+    assert "1 of 2 cells did not finish (1 error)" in r.stderr and "Traceback" not in r.stderr
     rows = {x["model"]: x for x in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
     assert rows["gauss"]["status"] == "error" and "planned failure" in rows["gauss"]["error"]
     assert rows["vae"]["status"] == "done"
     out2 = tmp_path / "run2"
     r = cli("run", "--models", "gauss", "--param", "gauss.mode=nan", "--n-samples", "200", "--out", str(out2))
+    assert r.returncode == 3 and "(1 diverged)" in r.stderr
     row = json.loads((out2 / "rows.jsonl").read_text())
     assert row["status"] == "diverged" and "not finite" in row["error"]
     # the row is still written whole: NFE, timing, floors, and each metric empty with its reason

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator
+from ..api import FitInfo, Generator, UsageError, check_config
 from .diffusion import Diffusion, time_grid
 from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
 
@@ -107,6 +107,20 @@ class ConsistencyConfig:
     s1: int = 1280
     p_mean: float = -1.1
     p_std: float = 2.0
+
+    def __post_init__(self):
+        check_config(self, positive=("sigma_min", "sigma_max", "sigma_data", "hidden", "depth", "emb_dim", "lr",
+                                     "batch", "train_steps", "tau_max", "default_steps", "grid_points", "s0", "s1",
+                                     "p_std"),
+                     nonnegative=("bc_weight",), fraction=("ema_decay", "target_decay"),
+                     choices={"parametrization": PARAMETRIZATIONS, "distance": DISTANCES,
+                              "teacher_solver": ("euler", "heun")})
+        if not self.sigma_min < self.tau_max <= self.sigma_max:
+            raise UsageError(f"{type(self).__name__}.tau_max = {self.tau_max}: must lie in (sigma_min, sigma_max] = "
+                             f"({self.sigma_min}, {self.sigma_max}]")
+        if self.grid_points < 2 or self.s1 < self.s0:
+            raise UsageError(f"{type(self).__name__}: need grid_points >= 2 and s1 >= s0 "
+                             f"(got {self.grid_points}, {self.s0}, {self.s1})")
 
 
 class _Consistency(Generator):

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator
+from ..api import FitInfo, Generator, UsageError, check_config
 from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
 
 
@@ -55,6 +55,14 @@ class DiffusionConfig:
     nll_points: int = 2000  # held-out points whose PF-ODE log-likelihood is reported (0: none)
     nll_rtol: float = 1e-5  # dopri5 tolerances of the likelihood ODE
     nll_atol: float = 1e-5
+
+    def __post_init__(self):
+        check_config(self, positive=("sigma_min", "sigma_max", "sigma_data", "p_std", "hidden", "depth", "emb_dim",
+                                     "lr", "batch", "train_steps", "rho", "default_steps", "nll_rtol", "nll_atol"),
+                     nonnegative=("nll_points",), fraction=("ema_decay",),
+                     choices={"parametrization": PARAMETRIZATIONS, "sampler": SAMPLERS, "grid": GRIDS})
+        if self.sigma_min >= self.sigma_max:
+            raise UsageError(f"DiffusionConfig: sigma_min = {self.sigma_min} must be below sigma_max = {self.sigma_max}")
 
 
 PARAMETRIZATIONS = ("edm", "score")

@@ -25,7 +25,7 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.normalization import ActNorm
 
-from ..api import FitInfo, Generator
+from ..api import FitInfo, Generator, check_config
 from .nets import Standardizer, fit_loop, seeded
 
 
@@ -50,6 +50,10 @@ class FlowConfig:
     lr: float = 3e-3
     batch: int = 256
     train_steps: int = 4500
+
+    def __post_init__(self):
+        check_config(self, positive=("layers", "hidden", "blocks", "lr", "batch", "train_steps"),
+                     choices={"coupling": ("unbounded", "nflows")})
 
 
 class RealNVP(Generator):

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..api import FitInfo, Generator
+from ..api import FitInfo, Generator, check_config
 from .nets import Standardizer, fit_loop, generator, seeded
 
 
@@ -31,6 +31,10 @@ class VAEConfig:
     kl_warmup: int = 600
     elbo_samples: int = 1  # Monte-Carlo samples of z per point for the reported test ELBO
     iwae_samples: int = 128  # importance samples of the reported bound on the test NLL (0: none)
+
+    def __post_init__(self):
+        check_config(self, positive=("latent", "hidden", "depth", "lr", "batch", "train_steps", "elbo_samples"),
+                     nonnegative=("kl_warmup", "iwae_samples"))
 
 
 def _mlp(i: int, h: int, o: int, depth: int) -> nn.Sequential:
