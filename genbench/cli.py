@@ -37,8 +37,9 @@ def _list(value: str, what: str) -> list[str]:
 
 
 def _ints(value: str, what: str, minimum: int) -> list[int]:
+    items = _list(value, what)
     try:
-        vals = [int(v) for v in _list(value, what)]
+        vals = [int(v) for v in items]
     except ValueError:
         raise UsageError(f"{what} {value!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if any(v < minimum for v in vals):
@@ -115,6 +116,7 @@ def _run(runner) -> list[dict]:
     """Runs with a progress bar; Ctrl-C exits 130 and a run dir that cannot be written exits 1,
     each with one line (finished cells stay written)."""
     try:
+        runner.store.lock()  # before the progress bar: a refusal is the only line printed
         with _RichProgress() as runner.progress:
             return runner.run()
     except KeyboardInterrupt:
@@ -335,7 +337,8 @@ def list_cmd():
     for c in ("name", "source", "target", "note"):
         t.add_column(c)
     for name, e in registry.discover().items():
-        t.add_row(name, e.source, e.target, e.error or (e.cls.__doc__ or "").strip().splitlines()[0])
+        doc = (e.cls.__doc__ or "").strip().splitlines() if e.cls else []
+        t.add_row(name, e.source, e.target, e.error or (doc[0] if doc else "(no docstring)"))
     for alias, names in registry.ALIASES.items():
         t.add_row(alias, "alias", ", ".join(names), "")
     console.print(t)

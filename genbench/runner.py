@@ -437,7 +437,8 @@ class Runner:
             try:  # tensors and plain containers only: a checkpoint is data, never code
                 state = self.store.load_checkpoint(unit, record["checkpoint_sha256"], self.device)
                 model.load_state_dict(state, device=self.device)
-                return {**record, "fit_sha256": self.store.sha("fits", unit, ".json")}
+                # reused: the refit reason of the fit that made it is not this run's
+                return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", unit, ".json")}
             except Exception as e:  # noqa: BLE001 - an unreadable, torn or unsafe checkpoint is retrained
                 refit = f"checkpoint not reused ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
                 self.progress.update(f"{unit}: {refit}; training again")

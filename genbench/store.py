@@ -106,7 +106,8 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     if not ancestor.is_dir():
         raise UsageError(f"output path {p}: {ancestor} is a file, so {p} cannot be a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise RunDirError(f"cannot write {p}: {ancestor} is not writable (permissions or a read-only file system)")
+        where = "it" if ancestor == p else str(ancestor)
+        raise RunDirError(f"cannot write {p}: {where} is not writable (permissions or a read-only file system)")
     return p
 
 
@@ -119,7 +120,9 @@ class RunDir:
     # -- the writer's lock ----------------------------------------------------------------------
     def lock(self) -> None:
         """Takes the dir for this process (an exclusive flock held until ``unlock`` or exit); a
-        second writer gets a UsageError naming the holder's pid."""
+        second writer gets a UsageError naming the holder's pid. Taking it twice is a no-op."""
+        if self._lock_fh is not None:
+            return
         p = self.path / ".lock"
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,15 @@ class GaussFit(Generator):
     def nfe(self, steps=None):
         return 1
 
+    def state_dict(self):
+        return {"weight": self.lin.weight.detach().clone(), "bias": self.lin.bias.detach().clone()}
+
+    def load_state_dict(self, state, device="cpu"):
+        self.lin = torch.nn.Linear(2, 2).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(state["weight"])
+            self.lin.bias.copy_(state["bias"])
+
     @property
     def nfe_module(self):
         return self.lin

@@ -108,13 +108,44 @@ BAD = [
     (["report", "does-not-exist"], "does not exist"),
     (["report", "."], "holds no rows.jsonl"),
     (["report", ".", "--format", "xls"], "valid: md, csv"),
+    # config values are validated by each model's config before anything is created
+    (["run", "--models", "vae", "--param", "vae.lr=-1"], "VAEConfig.lr = -1.0: must be > 0"),
+    (["run", "--models", "vae", "--param", "vae.lr=nan"], "expected a finite number"),
+    (["run", "--models", "vae", "--param", "vae.batch=-5"], "VAEConfig.batch = -5: must be > 0"),
+    (["run", "--models", "vae", "--param", "vae.train_steps=0"], "VAEConfig.train_steps = 0: must be > 0"),
+    (["run", "--models", "vae", "--param", "vae.latent=0"], "VAEConfig.latent = 0: must be > 0"),
+    (["run", "--models", "diffusion", "--param", "diffusion.sampler=rk4"], "sampler = 'rk4': valid: euler, heun"),
+    (["run", "--models", "cm-ct", "--param", "cm-ct.tau_max=50"], "tau_max = 50.0: must lie in"),
+    (["run", "--models", "flow", "--param", "flow.coupling=spline"], "valid: unbounded, nflows"),
+    (["run", "--models", "gauss", "--seeds", "99999999999999999999999"], "seeds must lie in 0.."),
+    (["run", "--models", "gauss", "--seeds", "0,,1"], "an empty item"),
+    (["run", "--models", ""], "--models: empty list"),
+    (["run", "--models", "gauss", "--threads", "999"], "--threads 999: this process may use"),
+    (["reproduce", "--threads", "999"], "--threads 999: this process may use"),
+    (["run", "--models", "gauss", "--n-samples", "10000000"], "scoring needs about"),
+    (["run", "--models", "gauss", "--steps", "nosuchmodel=3"], "'nosuchmodel' is not in this run's models"),
+    (["run", "--models", "diffusion,vae", "--steps", "vae=3"], "vae samples in one pass"),
+    (["run", "--models", "gauss", "--steps", "3"], "none of this run's models samples in several steps"),
+    (["run", "--models", "gauss", "--out", "afile"], "afile is a file, not a directory"),
+    (["run", "--models", "gauss", "--out", "afile/run"], "afile is a file, so afile/run cannot be a directory"),
+    (["run", "--models", "gauss", "--out", "x" * 300], "is 300 bytes long; file systems allow at most 255"),
+    (["report", ".", "--out", "afile/x.md"], "afile is a file"),
+    (["plot", "does-not-exist"], "does not exist"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, message):
-    r = cli(*args)
-    assert r.returncode == 2, (r.stdout, r.stderr)
+def test_bad_input_is_one_line_exit_2(plugin_path, tmp_path, monkeypatch, args, message):
+    """In-process (the CLI's own code, without a Python start per case)."""
+    from typer.testing import CliRunner
+
+    from genbench.cli import app
+
+    monkeypatch.syspath_prepend(str(plugin_path))  # the test plugin's entry points
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a directory")
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()  # nothing trained, nothing written
@@ -136,3 +167,25 @@ def test_different_settings_do_not_overwrite_a_run_dir(cli, tmp_path):
     r = cli("run", "--models", "gauss", "--n-samples", "200", "--out", str(out))
     assert r.returncode == 2 and "n_samples=100" in r.stderr
     assert (out / "rows.jsonl").read_text() == before
+
+
+def test_report_never_pools_settings_and_refuses_what_it_cannot_compare(cli, tmp_path):
+    """Runs of two n's read together are two labelled sections; a baseline of failed rows and a
+    manifest that is not an object are one-line errors; --jobs is capped at the plan's fit units."""
+    a, b, failed = tmp_path / "a", tmp_path / "b", tmp_path / "failed"
+    assert cli("run", "--models", "gauss", "--n-samples", "100", "--jobs", "8", "--out", str(a)).returncode == 0
+    assert json.loads((a / "rows.jsonl").read_text())["jobs"] == 1  # one fit unit: one process
+    assert cli("run", "--models", "gauss", "--n-samples", "150", "--out", str(b)).returncode == 0
+    r = cli("report", str(a), str(b))
+    assert r.returncode == 0, r.stderr
+    assert "2 different settings" in r.stdout
+    assert "## Settings: budget default, n = 100" in r.stdout and "## Settings: budget default, n = 150" in r.stdout
+    assert cli("run", "--models", "gauss", "--param", "gauss.mode=fail", "--out", str(failed)).returncode == 3
+    r = cli("report", str(a), "--compare", str(failed))
+    assert r.returncode == 2 and "no finished cells to compare against" in r.stderr and "Traceback" not in r.stderr
+    r = cli("report", str(a), str(b), "--compare", str(a))
+    assert r.returncode == 2 and "holds rows of 2 settings" in r.stderr
+    (a / "manifest.json").write_text("[]")
+    for args in (["report", str(a)], ["run", "--models", "gauss", "--n-samples", "100", "--out", str(a)]):
+        r = cli(*args)
+        assert r.returncode == 2 and "manifest.json holds a list, not a JSON object" in r.stderr, r.stderr
