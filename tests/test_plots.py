@@ -57,3 +57,7 @@ def test_plot_skips_what_a_run_lacks(cli, tmp_path):
 
     pixels = np.asarray(Image.open(out / "report" / "samples.png").convert("L"))
     assert (pixels < 200).mean() > 0.01, (pixels < 200).mean()
+    # one dataset: the figure is one panel wide, and its wrapped title must not run off either side
+    top = pixels[: pixels.shape[0] // 6]
+    assert (top < 200).any(), "no title drawn"
+    assert (top[:, :3] >= 250).all() and (top[:, -3:] >= 250).all(), "the title is clipped at the figure's edge"
