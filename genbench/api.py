@@ -75,7 +75,13 @@ class Generator:
 
     @property
     def nfe_module(self):
-        """The torch module one forward call of which is one network evaluation."""
+        """The torch module one forward call of which is one network evaluation. The runner counts
+        its calls during ``sample`` and checks the declaration: every outermost module call made
+        meanwhile (one not inside another module's forward) must be a call of this module or call
+        it inside (a wrapper, e.g. preconditioning around the network). A network that runs
+        beside it fails the cell ("NFE declaration is false"), as does a count other than
+        ``nfe(steps)``. A model whose one pass runs several networks (a flow's couplings) names a
+        module whose forward is that whole pass."""
         raise NotImplementedError
 
     @property
@@ -99,6 +105,35 @@ class Generator:
         into each of its rows. ``nll`` (exact negative log-likelihood, nats per point) and
         ``nll_bound`` (an upper bound on it) are shown by the report."""
         return {}
+
+
+def check_generator_class(cls: Any, target: str = "") -> None:
+    """Raises TypeError naming what is wrong when ``cls`` is not a usable Generator subclass: the
+    required methods overridden, ``Config`` a dataclass whose defaults validate, ``budgets``
+    naming every budget with fields of ``Config``, the class attributes of the right types, and
+    ``default_steps`` given by a multistep model."""
+    where = target or getattr(cls, "__qualname__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Generator)):
+        raise TypeError(f"{where} is not a genbench.api.Generator subclass")
+    missing = [m for m in ("fit", "sample", "nfe", "nfe_module") if getattr(cls, m) is getattr(Generator, m)]
+    if missing:
+        raise TypeError(f"{where} does not implement {', '.join(missing)}")
+    if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):
+        raise TypeError(f"{where}.Config must be a dataclass (the model's knobs with their defaults)")
+    cfg = cls.Config()  # its own validation runs here
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if not isinstance(cls.budgets, dict) or set(BUDGETS) - set(cls.budgets):
+        raise TypeError(f"{where}.budgets must map each of {', '.join(BUDGETS)} to the Config fields it sets")
+    for b, changes in cls.budgets.items():
+        unknown = set(changes) - fields if isinstance(changes, dict) else {"<not a dict>"}
+        if unknown:
+            raise TypeError(f"{where}.budgets[{b!r}] sets {', '.join(sorted(unknown))}, not fields of Config")
+    for attr, ok in (("multistep", lambda v: isinstance(v, bool)), ("teacher", lambda v: v is None or isinstance(v, str)),
+                     ("no_likelihood", lambda v: v is None or isinstance(v, str))):
+        if not ok(getattr(cls, attr)):
+            raise TypeError(f"{where}.{attr} = {getattr(cls, attr)!r} has the wrong type (see genbench.api.Generator)")
+    if cls.multistep and cls.default_steps is Generator.default_steps:
+        raise TypeError(f"{where} is multistep but does not define default_steps() (the step count of a plain run)")
 
 
 def check_config(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),

@@ -328,6 +328,7 @@ def plot(
 @app.command(name="list")
 def list_cmd():
     """Registered models (built-in / plugin / broken, with the reason) and datasets."""
+    from rich.markup import escape
     from rich.table import Table
 
     from . import datasets as ds_mod
@@ -338,7 +339,10 @@ def list_cmd():
         t.add_column(c)
     for name, e in registry.discover().items():
         doc = (e.cls.__doc__ or "").strip().splitlines() if e.cls else []
-        t.add_row(name, e.source, e.target, e.error or (doc[0] if doc else "(no docstring)"))
+        note = e.error or (doc[0] if doc else "(no docstring)")
+        if e.ignored:
+            note += f" (ignored: {', '.join(e.ignored)} also claims this name)"
+        t.add_row(*(escape(v) for v in (name, e.source, e.target, note)))  # plugin text is not markup
     for alias, names in registry.ALIASES.items():
         t.add_row(alias, "alias", ", ".join(names), "")
     console.print(t)

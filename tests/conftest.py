@@ -17,7 +17,7 @@ from genbench.api import FitInfo, Generator
 
 @dataclass
 class GaussConfig:
-    mode: str = "ok"  # ok | fail | nan
+    mode: str = "ok"  # ok | fail | nan | hidden (a second network that nfe_module does not name)
 
 
 class GaussFit(Generator):
@@ -40,6 +40,8 @@ class GaussFit(Generator):
         g = torch.Generator().manual_seed(seed or 0)
         with torch.no_grad():
             x = self.lin(torch.randn(n, 2, generator=g, dtype=torch.float64))
+            if self.config.mode == "hidden":
+                x = x + 0 * torch.nn.Linear(2, 2).double()(x)
         return x * float("nan") if self.config.mode == "nan" else x
 
     def nfe(self, steps=None):
@@ -60,6 +62,44 @@ class GaussFit(Generator):
 '''
 
 
+ODD = '''
+import os
+from dataclasses import dataclass
+from genbench.api import FitInfo, Generator
+
+if os.environ.get("ODDPLUG_MARKER"):  # proves when this module is imported
+    open(os.environ["ODDPLUG_MARKER"], "a").close()
+
+
+@dataclass
+class Cfg:
+    width: int = 4
+
+
+class NoDoc(Generator):
+    name = "nodoc"
+    Config = Cfg
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None):
+        return FitInfo(steps=0, final_loss=0.0, train_s=0.0)
+
+    def sample(self, n, *, steps=None, seed=None):
+        raise NotImplementedError
+
+    def nfe(self, steps=None):
+        return 1
+
+    @property
+    def nfe_module(self):
+        return None
+
+
+class Malformed(NoDoc):
+    """Multistep, but says nothing of its default step count."""
+    multistep = True
+'''
+
+
 @pytest.fixture(scope="session")
 def plugin_path(tmp_path_factory) -> Path:
     """A throw-away plugin distribution: a module plus a dist-info with genbench.models entry
@@ -67,12 +107,20 @@ def plugin_path(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plugins")
     (root / "toyplug.py").write_text(PLUGIN)
     (root / "brokenplug.py").write_text("import no_such_module_xyz\n")
-    info = root / "toyplug-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplug\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
-        "[genbench.models]\ngauss = toyplug:GaussFit\nbroken = brokenplug:Thing\n"
-    )
+    # what a careless plugin author ships: no docstring, a malformed class, a name another
+    # distribution also claims (or a built-in's), and a module with an import-time side effect
+    (root / "oddplug.py").write_text(ODD)
+    dists = {
+        "toyplug": "gauss = toyplug:GaussFit\nbroken = brokenplug:Thing\n",
+        "oddplug": "nodoc = oddplug:NoDoc\nmalformed = oddplug:Malformed\ntwin = oddplug:NoDoc\n"
+                   "vae = oddplug:NoDoc\nnoisy = oddplug:NoDoc\n",
+        "otherplug": "twin = toyplug:GaussFit\n",
+    }
+    for name, eps in dists.items():
+        info = root / f"{name}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(f"[genbench.models]\n{eps}")
     return root
 
 

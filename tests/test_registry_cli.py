@@ -68,6 +68,10 @@ def test_failing_and_diverging_cells_are_rows_and_the_rest_go_on(cli, tmp_path):
     out2 = tmp_path / "run2"
     r = cli("run", "--models", "gauss", "--param", "gauss.mode=nan", "--n-samples", "200", "--out", str(out2))
     assert r.returncode == 3 and "(1 diverged)" in r.stderr
+    r = cli("run", "--models", "gauss", "--param", "gauss.mode=hidden", "--n-samples", "200", "--out", str(tmp_path / "r3"))
+    row = json.loads((tmp_path / "r3" / "rows.jsonl").read_text())
+    assert r.returncode == 3 and row["status"] == "error", row  # a network nfe_module does not name is caught
+    assert "NFE declaration is false: Linear ran during sample outside nfe_module" in row["error"]
     row = json.loads((out2 / "rows.jsonl").read_text())
     assert row["status"] == "diverged" and "not finite" in row["error"]
     # the row is still written whole: NFE, timing, floors, and each metric empty with its reason
@@ -189,3 +193,31 @@ def test_report_never_pools_settings_and_refuses_what_it_cannot_compare(cli, tmp
     for args in (["report", str(a)], ["run", "--models", "gauss", "--n-samples", "100", "--out", str(a)]):
         r = cli(*args)
         assert r.returncode == 2 and "manifest.json holds a list, not a JSON object" in r.stderr, r.stderr
+
+
+def test_list_names_every_plugin_problem_and_exits_0(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")  # a table this wide wraps no note
+    r = cli("list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    out = r.stdout
+    assert "nodoc" in out and "(no docstring)" in out
+    assert "is multistep but does not define default_steps()" in out
+    assert "name clash: 'twin' is claimed by oddplug (oddplug:NoDoc) and otherplug (toyplug:GaussFit)" in out
+    assert "(ignored: oddplug (oddplug:NoDoc) also claims this name)" in out  # vae stays the built-in
+
+
+def test_plugins_are_imported_only_when_named(plugin_path, tmp_path, monkeypatch):
+    """A run of other models never imports a plugin (nor pays for its import or its failure);
+    naming it imports it; the built-in keeps its name against a plugin claiming it."""
+    from genbench import registry
+
+    marker = tmp_path / "imported"
+    monkeypatch.setenv("ODDPLUG_MARKER", str(marker))
+    monkeypatch.syspath_prepend(str(plugin_path))
+    entries = registry.resolve(["gauss", "vae"])
+    assert [e.source for e in entries] == ["plugin", "built-in"] and not marker.exists()
+    assert registry.resolve(["noisy"])[0].cls.__name__ == "NoDoc" and marker.exists()
+    with pytest.raises(UsageError, match="model 'twin' is broken .name clash"):
+        registry.resolve(["twin"])
+    with pytest.raises(UsageError, match="model 'malformed' is broken"):
+        registry.resolve(["malformed"])
