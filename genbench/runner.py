@@ -143,20 +143,42 @@ def make_model(entry: Entry, plan: Plan) -> Generator:
 
 
 class NFECounter:
-    """Counts forward calls of a module with a forward hook."""
+    """Counts network evaluations, the forward calls of the declared ``nfe_module``, and checks the
+    declaration. The rule: every outermost module call made meanwhile (one not made inside another
+    module's forward) is a call of ``nfe_module`` or calls it inside (a wrapper, e.g. a
+    preconditioning module around the network). An outermost call that never reaches it is work
+    the declaration hides (a second network, say); its class names are collected in
+    ``undeclared``. Uses torch's global module hooks, so it sees every module, including ones the
+    generator does not hold as attributes."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.count = 0
-        self.handle = module.register_forward_hook(self._hook)
+    def __init__(self, module):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-    def _hook(self, *_):
-        self.count += 1
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"nfe_module is {type(module).__name__}, not a torch.nn.Module")
+        self.module, self.count, self.undeclared = module, 0, set()
+        self._stack: list[tuple[torch.nn.Module, int]] = []  # open module calls with the count at entry
+        self.handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+
+    def _pre(self, m, *_):
+        if m is self.module:
+            self.count += 1
+        self._stack.append((m, self.count))
+
+    def _post(self, m, *_):
+        while self._stack:
+            top, start = self._stack.pop()
+            if top is m:
+                break
+        if not self._stack and m is not self.module and self.count == start:
+            self.undeclared.add(type(m).__qualname__)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for h in self.handles:
+            h.remove()
 
 
 class Progress:
@@ -507,6 +529,10 @@ class Runner:
         with NFECounter(model.nfe_module) as counter:
             x = model.sample(n, steps=k, seed=sample_seed)
         declared = model.nfe(k)
+        if counter.undeclared:
+            raise RuntimeError(f"NFE declaration is false: {', '.join(sorted(counter.undeclared))} ran during sample "
+                               f"outside nfe_module ({type(model.nfe_module).__name__}); nfe_module must be the "
+                               "network every evaluation calls (or a module wrapping all of it)")
         if counter.count != declared:
             raise RuntimeError(f"NFE mismatch: declared {declared}, counted {counter.count} forward passes")
         x = x.detach().float().cpu().numpy()

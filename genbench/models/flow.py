@@ -56,6 +56,18 @@ class FlowConfig:
                      choices={"coupling": ("unbounded", "nflows")})
 
 
+class InversePass(torch.nn.Module):
+    """The flow's inverse, noise -> data, as one module call: the network evaluation that one
+    ``sample`` call makes (NFE = 1), whatever the number of couplings inside."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.flow._transform.inverse(z)[0]
+
+
 class RealNVP(Generator):
     """RealNVP on nflows; sampling is one inverse pass through the flow (NFE = 1)."""
 
@@ -76,7 +88,7 @@ class RealNVP(Generator):
             transforms.append(cls(mask, lambda i_, o_: ResidualNet(i_, o_, c.hidden, num_blocks=c.blocks, activation=F.silu)))
         self.device = device
         self.flow = Flow(CompositeTransform(transforms), StandardNormal([2])).to(device)
-        self._conditioner = transforms[1 if c.actnorm else 0].transform_net
+        self._inverse = InversePass(self.flow)
 
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         c = self.config
@@ -100,16 +112,15 @@ class RealNVP(Generator):
     def sample(self, n, *, steps=None, seed=None):
         with seeded(0 if seed is None else seed, self.device):  # nflows samples from torch's RNG
             z = torch.randn(n, 2, device=self.device)
-        x, _ = self.flow._transform.inverse(z)
-        return self.std.back(x)
+        return self.std.back(self._inverse(z))
 
     def nfe(self, steps=None) -> int:
         return 1
 
     @property
     def nfe_module(self):
-        """The first coupling's conditioner: it runs exactly once per pass through the flow."""
-        return self._conditioner
+        """One inverse pass through the whole flow (every coupling's conditioner runs inside it)."""
+        return self._inverse
 
     @property
     def variant(self) -> str:
