@@ -25,6 +25,7 @@ def trained():
 
 
 @pytest.mark.parametrize("name,sampler,steps", [("diffusion", "euler", 100), ("diffusion", "heun", 10),
+                                                ("diffusion", "lms", 10), ("diffusion", "dpmpp_2m", 10),
                                                 ("cm-cd", None, 1), ("cm-cd", None, 4), ("cm-ct", None, 2)])
 def test_cuda_graph_gives_the_eager_samples(trained, name, sampler, steps):
     m = trained[name]

@@ -31,6 +31,7 @@ import torch
 
 from ..api import FitInfo, Generator, UsageError, check_config
 from .diffusion import Diffusion, time_grid
+from .samplers import euler_step, heun_correction
 from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
 
 PARAMETRIZATIONS = ("song", "linear")
@@ -235,6 +236,7 @@ class ConsistencyDistillation(_Consistency):
     """Consistency distillation from the diffusion model of the same dataset and seed."""
 
     name = "cm-cd"
+    colour = "#d62728"
     teacher = "diffusion"
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
 
@@ -267,10 +269,9 @@ class ConsistencyDistillation(_Consistency):
             x_next = x + t_next * z
             with torch.no_grad():
                 d = D(x_next, t_next)
-                x_hat = torch.lerp(d, x_next, t_n / t_next)  # Euler step of dx/dt = (x - D)/t
+                x_hat = euler_step(x_next, d, t_next, t_n)  # the teacher's PF-ODE step, as its samplers take it
                 if c.teacher_solver == "heun":
-                    d2 = D(x_hat, t_n)
-                    x_hat = x_next + 0.5 * (t_n - t_next) * ((x_next - d) / t_next + (x_hat - d2) / t_n)
+                    x_hat = heun_correction(x_next, d, x_hat, D(x_hat, t_n), t_next, t_n)
                 target = (target_net.model if target_net else self.model)(x_hat, t_n)
             loss = self._distance(self.model(x_next, t_next), target).mean()
             if c.bc_weight:
@@ -300,6 +301,7 @@ class ConsistencyTraining(_Consistency):
     """Improved consistency training (iCT) from scratch: no teacher."""
 
     name = "cm-ct"
+    colour = "#ff7f0e"
     Config = CTConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000}}
 

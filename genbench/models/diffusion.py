@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..api import FitInfo, Generator, UsageError, check_config
+from . import samplers
 from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
 
 
@@ -47,7 +48,7 @@ class DiffusionConfig:
     batch: int = 512
     train_steps: int = 4500  # grid25 kept 25/25 modes (hq_frac 0.92) at 4500; 30 s budget on 2 cores
     ema_decay: float = 0.999
-    sampler: str = "euler"  # euler | heun
+    sampler: str = "euler"  # euler | heun | lms | dpmpp_2m (models/samplers.py)
     grid: str = "karras"  # karras | uniform
     rho: float = 7.0
     default_steps: int = 100
@@ -66,7 +67,7 @@ class DiffusionConfig:
 
 
 PARAMETRIZATIONS = ("edm", "score")
-SAMPLERS = ("euler", "heun")
+SAMPLERS = tuple(samplers.SAMPLERS)  # euler, heun, lms, dpmpp_2m
 GRIDS = ("karras", "uniform")
 
 
@@ -115,29 +116,13 @@ def pf_ode(denoise, x: torch.Tensor, ts: torch.Tensor, sampler: str = "euler", t
            ts_device: torch.Tensor | None = None) -> torch.Tensor:
     """Integrates ``dx/dt = (x - D(x; t)) / t`` along the decreasing grid ``ts`` (a CPU tensor;
     ``ts_device``, its copy on x's device, may be given so that the loop makes no host transfer and
-    can be captured in a CUDA graph).
+    can be captured in a CUDA graph) with one of ``samplers.SAMPLERS``.
 
     An Euler step is ``x + (t' - t)(x - D)/t = lerp(D, x, t'/t)``: one fused op per step, so the loop
     adds little to the network's own time (benchmarked by ``genbench bench-sampler``)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    ratios = (ts[1:] / ts[:-1]).tolist()
-    ts = (ts_device if ts_device is not None else ts.to(x.device)).reshape(-1, 1, 1)
-    last = len(ts) - 2
-    for i in range(len(ts) - 1):
-        t, t_next = ts[i], ts[i + 1]
-        d = denoise(x, t)
-        if sampler == "euler" or i == last:
-            x = torch.lerp(d, x, ratios[i])
-        else:
-            x_e = torch.lerp(d, x, ratios[i])
-            d2 = denoise(x_e, t_next)
-            # Heun: x + h (dx/dt(x, t) + dx/dt(x_e, t'))/2 with dx/dt = (x - D)/t
-            h = t_next - t
-            x = x + 0.5 * h * ((x - d) / t + (x_e - d2) / t_next)
-        if trajectory is not None:
-            trajectory.append(x)
-    return x
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers.SAMPLERS)}")
+    return samplers.SAMPLERS[sampler][0](denoise, x, ts, ts_device, trajectory)
 
 
 def pf_ode_log_prob(denoise, x: torch.Tensor, t_min: float, t_max: float, rtol: float = 1e-5,
@@ -174,9 +159,10 @@ def pf_ode_log_prob(denoise, x: torch.Tensor, t_min: float, t_max: float, rtol: 
 
 
 class Diffusion(Generator):
-    """VE diffusion (EDM-preconditioned score network) with PF-ODE Euler / Heun samplers."""
+    """VE diffusion (EDM-preconditioned score network) with PF-ODE samplers: Euler, Heun, LMS, DPM-Solver++(2M)."""
 
     name = "diffusion"
+    colour = "#1f77b4"
     Config = DiffusionConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000}}
     multistep = True
@@ -235,7 +221,8 @@ class Diffusion(Generator):
         if trajectory:
             return loop(x), torch.stack([self.std.back(p) for p in traj])
         if self.config.cuda_graph and self.device.startswith("cuda"):
-            build = lambda: self._fused(grid, sampler)  # noqa: E731
+            # Euler and Heun steps fold into FusedSteps; the multistep samplers' loop is captured as it is
+            build = (lambda: self._fused(grid, sampler)) if sampler in ("euler", "heun") else None  # noqa: E731
             return self.graphs.run((n, steps, sampler, self.config.grid), loop, x, build=build)
         return loop(x)
 
@@ -276,8 +263,7 @@ class Diffusion(Generator):
         return self.sample(n, steps=steps, seed=seed, trajectory=True)[1].cpu()
 
     def nfe(self, steps=None) -> int:
-        steps = steps or self.config.default_steps
-        return steps if self.config.sampler == "euler" else 2 * steps - 1
+        return samplers.SAMPLERS[self.config.sampler][1](steps or self.config.default_steps)
 
     @property
     def nfe_module(self):
