@@ -52,6 +52,8 @@ class Generator:
     #: why the model reports no likelihood, where it cannot (shown under the report's tables);
     #: None where ``evaluate`` reports ``nll`` (exact) or ``nll_bound`` (an upper bound)
     no_likelihood: ClassVar[str | None] = None
+    #: the model's colour in every figure (any matplotlib colour); None: one picked from its name
+    colour: ClassVar[str | None] = None
 
     def __init__(self, budget: str = "default", params: dict[str, str] | None = None, config: Any = None):
         """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
@@ -91,6 +93,29 @@ class Generator:
 
     def default_steps(self) -> int | None:
         return None
+
+    # -- optional figures (the runner saves them beside the samples where a model defines them) --
+    def trajectory_sample(self, n: int, *, steps: int | None = None, seed: int | None = None):
+        """[steps + 1, n, 2]: the paths of n samples through the sampler, in data units, the start
+        first (drawn by ``genbench plot`` as the trajectories figure)."""
+        raise NotImplementedError
+
+    def one_step_map(self, n: int, *, steps: int | None = None, seed: int | None = None):
+        """[n, 2, 2]: pairs (z, G(z)) of unit noise and its image in data units in one network call
+        (drawn by ``genbench plot`` as the one-step map figure)."""
+        raise NotImplementedError
+
+    @classmethod
+    def capabilities(cls) -> list[str]:
+        """What this model offers beyond sampling, read off the class (``genbench list`` shows it)."""
+        def has(method: str) -> bool:
+            return getattr(cls, method) is not getattr(Generator, method)
+
+        caps = [name for name, ok in (
+            ("multistep", cls.multistep), ("trajectory", has("trajectory_sample")),
+            ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
+            ("likelihood", cls.no_likelihood is None and has("evaluate"))) if ok]
+        return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
     def state_dict(self) -> dict:

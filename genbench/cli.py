@@ -216,11 +216,12 @@ def reproduce(
     """The source report's headline: ring8, 2000 samples, diffusion (100 Euler steps) against
     cm-cd and cm-ct (1 and 2 steps): NFE, sampling time and ratio, W2 with its floor, modes."""
     try:
+        from .registry import HEADLINE
         from .runner import Plan, Runner
 
-        plan = Plan(models=["diffusion", "cm-cd", "cm-ct"], datasets=["ring8"], seeds=[0],
-                    steps_by_model={"diffusion": [100], "cm-cd": [1, 2], "cm-ct": [1, 2]}, budget=budget,
-                    n_samples=2000, device=device, threads=threads, jobs=jobs, params=_params(param),
+        plan = Plan(models=list(HEADLINE.steps), datasets=[HEADLINE.dataset], seeds=[0],
+                    steps_by_model=HEADLINE.steps, budget=budget,
+                    n_samples=HEADLINE.n_samples, device=device, threads=threads, jobs=jobs, params=_params(param),
                     out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
         runner = Runner(plan)
         rows = _run(runner)
@@ -229,7 +230,7 @@ def reproduce(
     from . import report
 
     df = report.tidy(rows)
-    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(df),
+    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(df, HEADLINE),
                   highlight=False, soft_wrap=True)
     _finish(runner, df)
 
@@ -335,16 +336,17 @@ def list_cmd():
     from . import registry
 
     t = Table(title="models")
-    for c in ("name", "source", "target", "note"):
+    for c in ("name", "source", "target", "capabilities", "note"):
         t.add_column(c)
     for name, e in registry.discover().items():
         doc = (e.cls.__doc__ or "").strip().splitlines() if e.cls else []
         note = e.error or (doc[0] if doc else "(no docstring)")
         if e.ignored:
             note += f" (ignored: {', '.join(e.ignored)} also claims this name)"
-        t.add_row(*(escape(v) for v in (name, e.source, e.target, note)))  # plugin text is not markup
+        caps = ", ".join(e.cls.capabilities()) if e.cls else ""
+        t.add_row(*(escape(v) for v in (name, e.source, e.target, caps, note)))  # plugin text is not markup
     for alias, names in registry.ALIASES.items():
-        t.add_row(alias, "alias", ", ".join(names), "")
+        t.add_row(alias, "alias", ", ".join(names), "", "")
     console.print(t)
     d = Table(title="datasets")
     for c in ("name", "version", "kind", "description", "on the support (hq_frac)"):

@@ -16,14 +16,19 @@ import pandas as pd  # noqa: E402
 
 from .store import RunDir, cell_name  # noqa: E402
 
-#: fixed colours so a model looks the same in every figure; plugins take the remaining ones
-BUILTIN_COLOURS = {"diffusion": "#1f77b4", "cm-cd": "#d62728", "cm-ct": "#ff7f0e", "vae": "#2ca02c", "flow": "#9467bd"}
+#: colours for models that declare none (``Generator.colour``), picked by name so that a model
+#: looks the same in every figure
 _SPARE = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def colour(model: str) -> str:
-    if model in BUILTIN_COLOURS:
-        return BUILTIN_COLOURS[model]
+def colour(df: pd.DataFrame, model: str) -> str:
+    """The colour the model's rows carry (its class's ``colour``), else one picked from its name."""
+    from matplotlib.colors import is_color_like
+
+    if "colour" in df:
+        declared = df.loc[df["model"] == model, "colour"].dropna()
+        if len(declared) and is_color_like(declared.iloc[0]):
+            return str(declared.iloc[0])
     return _SPARE[sum(map(ord, model)) % len(_SPARE)]
 
 
@@ -73,7 +78,7 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
                 continue
             ref, x = arr["ref"], arr["x"]
             ax.scatter(ref[:, 0], ref[:, 1], s=1, c="0.75", alpha=0.5, lw=0)
-            ax.scatter(x[:, 0], x[:, 1], s=1, c=colour(m), alpha=0.6, lw=0)
+            ax.scatter(x[:, 0], x[:, 1], s=1, c=colour(df, m), alpha=0.6, lw=0)
             (x0, x1), (y0, y1) = _limits(ref)
             ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
             r = cell.iloc[0]
@@ -106,12 +111,19 @@ def _one_per_dataset(rd: RunDir, df: pd.DataFrame, model: str, key: str):
     return out
 
 
+def _saved(rd: RunDir, df: pd.DataFrame, key: str) -> list[tuple]:
+    """(model, dataset, row, arrays) of every model that saved ``key`` (a capability of its class),
+    one cell per dataset."""
+    return [(m, d, r, arr) for m in dict.fromkeys(_done(df)["model"])
+            for d, (r, arr) in _one_per_dataset(rd, df, m, key).items()]
+
+
 def trajectories(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
-    found = _one_per_dataset(rd, df, "diffusion", "trajectory")
+    found = _saved(rd, df, "trajectory")
     if not found:
-        return "no diffusion cells with saved trajectories"
+        return "no cells with saved trajectories (a model's trajectory_sample)"
     fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 3.6), squeeze=False)
-    for ax, (d, (r, arr)) in zip(axes[0], found.items()):
+    for ax, (m, d, r, arr) in zip(axes[0], found):
         traj, ref = arr["trajectory"], arr["ref"]
         (x0, x1), (y0, y1) = _limits(ref, pad=0.6)
         inside = (np.abs(traj - [(x0 + x1) / 2, (y0 + y1) / 2]) < (x1 - x0) / 2).all(-1)  # [k+1, n]
@@ -122,7 +134,8 @@ def trajectories(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             ax.scatter(*traj[first, p], c="red", s=8, zorder=3, label="start (x_T, or where the path enters the view)" if p == 0 else None)
             ax.scatter(*traj[-1, p], c="green", s=8, zorder=3, label="end point" if p == 0 else None)
         ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
-        ax.set_title(f"{d}: PF-ODE paths, {r['variant']}, {int(r['steps'])} steps", fontsize=8)
+        steps = "" if pd.isna(r["steps"]) else f", {int(r['steps'])} steps"
+        ax.set_title(f"{m} on {d}: sampling paths, {r['variant']}{steps}", fontsize=8)
         ax.set_xlabel("x1"), ax.set_ylabel("x2")
     axes[0, 0].legend(fontsize=6, loc="lower left", markerscale=2)
     fig.tight_layout()
@@ -132,22 +145,19 @@ def trajectories(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
 
 
 def one_step_maps(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
-    panels = []
-    for m in ("cm-cd", "cm-ct"):
-        for d, (r, arr) in _one_per_dataset(rd, df, m, "one_step_map").items():
-            panels.append((m, d, arr))
+    panels = [(m, d, arr) for m, d, _, arr in _saved(rd, df, "one_step_map")]
     if not panels:
-        return "no consistency-model cells with saved one-step maps"
+        return "no cells with saved one-step maps (a model's one_step_map)"
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     for ax, (m, d, arr) in zip(axes[0], panels):
         z, fz, ref = arr["one_step_map"][:, 0], arr["one_step_map"][:, 1], arr["ref"]
         ax.scatter(ref[:, 0], ref[:, 1], s=1, c="tab:blue", alpha=0.3, lw=0)
         ax.quiver(z[:, 0], z[:, 1], fz[:, 0] - z[:, 0], fz[:, 1] - z[:, 1], angles="xy", scale_units="xy", scale=1,
-                  color=colour(m), width=0.004, alpha=0.8)
+                  color=colour(df, m), width=0.004, alpha=0.8)
         ax.scatter(z[:, 0], z[:, 1], c="red", s=6, zorder=3)
         lim = _limits(np.concatenate([ref, z]), pad=0.05)
         ax.set_xlim(*lim[0]), ax.set_ylim(*lim[1]), ax.set_aspect("equal")
-        ax.set_title(f"{m} on {d}: z (red) -> f(T z, T)", fontsize=8)
+        ax.set_title(f"{m} on {d}: noise z (red) -> its sample in one call", fontsize=8)
         ax.set_xlabel("x1"), ax.set_ylabel("x2")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -185,7 +195,7 @@ def frontier(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
         for (m, v), g in sub.groupby(["model", "variant"], sort=False):
             s = g.groupby("nfe")["w2"].agg(["median", "min", "max"]).reset_index().sort_values("nfe")
             yerr = np.vstack([s["median"] - s["min"], s["max"] - s["median"]])
-            ax.errorbar(s["nfe"], s["median"], yerr=yerr, marker="o", ms=3, capsize=2, c=colour(m),
+            ax.errorbar(s["nfe"], s["median"], yerr=yerr, marker="o", ms=3, capsize=2, c=colour(df, m),
                         label=f"{m} ({v})" if v else m)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -222,7 +232,7 @@ def losses(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             y = np.asarray(rec["losses"])
             allpos &= bool((y > 0).all())
             x = np.arange(1, len(y) + 1) * rec.get("log_every", 1)
-            ax.plot(x, y, styles[dsets.index(d) % 4], c=colour(m), lw=1, label=d)
+            ax.plot(x, y, styles[dsets.index(d) % 4], c=colour(df, m), lw=1, label=d)
         ax.set_yscale("log" if allpos else "symlog")
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("training step")
@@ -236,8 +246,8 @@ def losses(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
 
 FIGURES: dict[str, tuple[str, Callable]] = {
     "samples.png": ("Samples", samples_grid),
-    "trajectories.png": ("PF-ODE trajectories (diffusion)", trajectories),
-    "one_step_map.png": ("Consistency one-step map", one_step_maps),
+    "trajectories.png": ("Sampling trajectories", trajectories),
+    "one_step_map.png": ("One-step map", one_step_maps),
     "frontier.png": ("NFE vs W2 frontier", frontier),
     "losses.png": ("Training loss", losses),
 }

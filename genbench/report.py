@@ -259,29 +259,25 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-#: the source report's own figures (diffusion: Euler 100 steps; consistency: 1 step)
-REPORT_FIGURES = {"diffusion": {"nfe": 99, "sample_s": 1.14}, "cm": {"nfe": 1, "sample_s": 0.018}}
-REPORT_RATIO = 65.0
-
-
 def marked_columns(g: pd.DataFrame) -> list[str]:
     """The metric columns whose mean over ``g``'s seeds lies outside the floor band."""
     return [c for c in _shown_metrics(g) if f"{c}_floor" in g
             and outside_floor(g[c], g[f"{c}_floor"], g[f"{c}_floor_std"])]
 
 
-def headline(df: pd.DataFrame) -> str:
-    """The source report's comparison on this run: NFE, sampling time and its ratio to diffusion
-    at 100 steps, the quality metrics with their floor marks and which metrics tell each model
-    from the data; with the report's own figures alongside."""
+def headline(df: pd.DataFrame, spec) -> str:
+    """A published comparison (``spec``, a ``registry.Headline``) on this run: NFE, sampling time
+    and its ratio to the reference cell, the quality metrics with their floor marks and which
+    metrics tell each model from the data; with the publication's own figures alongside."""
     ok = df[df["status"] == "done"]
+    ref_model, ref_steps = spec.reference
     lines = []
     for dev, sub in ok.groupby("device_name", sort=False):
-        ref = sub[(sub["model"] == "diffusion") & (sub["steps"] == 100)]
+        ref = sub[(sub["model"] == ref_model) & (sub["steps"] == ref_steps)]
         t_ref = ref["sample_s"].median() if len(ref) else float("nan")
         recs = []
         for (m, k), g in sub.groupby(["model", "steps"], sort=False):
-            rep = REPORT_FIGURES.get("diffusion" if m == "diffusion" else "cm") if (m == "diffusion" and k == 100) or (m.startswith("cm") and k == 1) else None
+            rep = spec.published.get((m, int(k)))
             recs.append({
                 "model": m, "steps": int(k), "nfe": int(g["nfe"].median()),
                 "sample_s": _fmt(g["sample_s"].median(), 3), "time_ratio": _fmt(t_ref / g["sample_s"].median(), 3),
@@ -293,7 +289,7 @@ def headline(df: pd.DataFrame) -> str:
             })
         lines += [f"## {dev} ({sub['device'].iloc[0]}, {_distinct(sub['threads'])} thread(s))", "",
                   pd.DataFrame(recs).to_markdown(index=False), "",
-                  f"time_ratio = sample_s(diffusion, 100 steps) / sample_s(row). The source report measured "
-                  f"~{REPORT_RATIO:.0f}x wall time and ~100x NFE (99 vs 1). {MARK}: outside the data's noise floor "
+                  f"time_ratio = sample_s({ref_model}, {ref_steps} steps) / sample_s(row). The source report measured "
+                  f"{spec.source}. {MARK}: outside the data's noise floor "
                   f"± {MARK_STD:g} std; 'told from the data by' lists every metric so marked.", "", protocol_line(sub), ""]
     return "\n".join(lines)

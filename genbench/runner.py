@@ -509,7 +509,7 @@ class Runner:
         floors = self._floors_for(ds, seed, ref)
         for k in steps:
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: sampling" + (f" {k} steps" if k else ""))
-            row = base | {"steps": k, "variant": model.variant, "train_s": record["train_s"],
+            row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
                           "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
                           "fit_sha256": record.get("fit_sha256"), **floors, **extras}
@@ -545,10 +545,11 @@ class Runner:
         if not np.isfinite(x).all():
             raise Diverged(f"{int((~np.isfinite(x)).any(1).sum())} of {n} samples are not finite")
         arrays = {"x": x, "ref": ref}
-        for name, fn in (("trajectory", "trajectory_sample"), ("one_step_map", "one_step_map")):
-            extra = getattr(model, fn, None)
-            if extra is not None:
-                arrays[name] = np.asarray(extra(64, steps=k, seed=sample_seed))
+        caps = model.capabilities()
+        if "trajectory" in caps:
+            arrays["trajectory"] = np.asarray(model.trajectory_sample(64, steps=k, seed=sample_seed))
+        if "one-step map" in caps:
+            arrays["one_step_map"] = np.asarray(model.one_step_map(64, steps=k, seed=sample_seed))
         row["samples_sha256"] = self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
 
     @property

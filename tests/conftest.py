@@ -59,6 +59,20 @@ class GaussFit(Generator):
     @property
     def nfe_module(self):
         return self.lin
+
+
+class GaussPaths(GaussFit):
+    """The Gaussian with straight noise-to-sample paths: a plugin with the trajectory capability."""
+
+    name = "gauss-paths"
+    colour = "#ff00ff"
+
+    def trajectory_sample(self, n, *, steps=None, seed=None):
+        g = torch.Generator().manual_seed(seed or 0)
+        z = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            x = self.lin(z)
+        return torch.stack([z + (x - z) * t for t in torch.linspace(0, 1, 5, dtype=torch.float64)])
 '''
 
 
@@ -111,7 +125,7 @@ def plugin_path(tmp_path_factory) -> Path:
     # distribution also claims (or a built-in's), and a module with an import-time side effect
     (root / "oddplug.py").write_text(ODD)
     dists = {
-        "toyplug": "gauss = toyplug:GaussFit\nbroken = brokenplug:Thing\n",
+        "toyplug": "gauss = toyplug:GaussFit\ngauss-paths = toyplug:GaussPaths\nbroken = brokenplug:Thing\n",
         "oddplug": "nodoc = oddplug:NoDoc\nmalformed = oddplug:Malformed\ntwin = oddplug:NoDoc\n"
                    "vae = oddplug:NoDoc\nnoisy = oddplug:NoDoc\n",
         "otherplug": "twin = toyplug:GaussFit\n",

@@ -61,3 +61,21 @@ def test_plot_skips_what_a_run_lacks(cli, tmp_path):
     top = pixels[: pixels.shape[0] // 6]
     assert (top < 200).any(), "no title drawn"
     assert (top[:, :3] >= 250).all() and (top[:, -3:] >= 250).all(), "the title is clipped at the figure's edge"
+
+
+def test_a_plugin_appears_in_the_figures_its_capabilities_fit(cli, tmp_path, monkeypatch):
+    """No figure knows a model's name: a plugin with trajectory_sample gets the trajectories figure,
+    and its declared colour is the one drawn."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert cli("run", "--models", "gauss-paths", "--n-samples", "200", "--floor-draws", "2", "--out", str(out)).returncode == 0
+    r = cli("plot", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "skipped trajectories.png" not in r.stderr and (out / "report" / "trajectories.png").exists()
+    rgb = np.asarray(Image.open(out / "report" / "samples.png").convert("RGB")).astype(int)
+    magenta = (rgb[..., 0] > 200) & (rgb[..., 1] < 120) & (rgb[..., 2] > 200)
+    assert magenta.sum() > 50, magenta.sum()
+    monkeypatch.setenv("COLUMNS", "500")  # a table this wide wraps no cell
+    listed = cli("list", timeout=120).stdout
+    assert "trajectory" in listed and "multistep, trajectory" in listed  # capabilities column

@@ -72,6 +72,7 @@ class RealNVP(Generator):
     """RealNVP on nflows; sampling is one inverse pass through the flow (NFE = 1)."""
 
     name = "flow"
+    colour = "#9467bd"
     Config = FlowConfig
     budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8}}
 

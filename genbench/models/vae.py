@@ -48,6 +48,7 @@ class VAE(Generator):
     """Gaussian VAE; one decoder pass per sample batch (NFE = 1)."""
 
     name = "vae"
+    colour = "#2ca02c"
     Config = VAEConfig
     budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000}}
 
