@@ -26,7 +26,7 @@ class RectFlowConfig:
     depth: int = 3
     lr: float = 2e-3
     batch: int = 512
-    train_steps: int = 15000  # 4000 left grid25 at 15/25 modes (17 Euler steps); 15000 kept 25/25
+    train_steps: int = 15000  # the budget that keeps every grid25 mode (README, "Samplers at low NFE")
     ema_decay: float = 0.999  # sampling uses the EMA of the weights (warmed up: min(decay, (1+k)/(10+k)))
     default_steps: int = 50
     log_every: int = 50
