@@ -144,6 +144,7 @@ def cli(plugin_path, tmp_path):
 
     def run(*args, timeout=600):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+        env["COLUMNS"] = "500"  # tables wide enough that no cell wraps (tests read their text)
         return subprocess.run([sys.executable, "-m", "genbench.cli", *args], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=timeout)
 

@@ -63,7 +63,7 @@ def test_plot_skips_what_a_run_lacks(cli, tmp_path):
     assert (top[:, :3] >= 250).all() and (top[:, -3:] >= 250).all(), "the title is clipped at the figure's edge"
 
 
-def test_a_plugin_appears_in_the_figures_its_capabilities_fit(cli, tmp_path, monkeypatch):
+def test_a_plugin_appears_in_the_figures_its_capabilities_fit(cli, tmp_path):
     """No figure knows a model's name: a plugin with trajectory_sample gets the trajectories figure,
     and its declared colour is the one drawn."""
     import numpy as np
@@ -76,6 +76,5 @@ def test_a_plugin_appears_in_the_figures_its_capabilities_fit(cli, tmp_path, mon
     rgb = np.asarray(Image.open(out / "report" / "samples.png").convert("RGB")).astype(int)
     magenta = (rgb[..., 0] > 200) & (rgb[..., 1] < 120) & (rgb[..., 2] > 200)
     assert magenta.sum() > 50, magenta.sum()
-    monkeypatch.setenv("COLUMNS", "500")  # a table this wide wraps no cell
     listed = cli("list", timeout=120).stdout
     assert "trajectory" in listed and "multistep, trajectory" in listed  # capabilities column

@@ -195,8 +195,7 @@ def test_report_never_pools_settings_and_refuses_what_it_cannot_compare(cli, tmp
         assert r.returncode == 2 and "manifest.json holds a list, not a JSON object" in r.stderr, r.stderr
 
 
-def test_list_names_every_plugin_problem_and_exits_0(cli, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "500")  # a table this wide wraps no note
+def test_list_names_every_plugin_problem_and_exits_0(cli):
     r = cli("list")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     out = r.stdout
