@@ -381,7 +381,8 @@ class Runner:
             units = list(self.units())
             keys = {(e.name, d, s, k) for e, d, s in units for k in self.steps_for(make_model(e, self.plan))}
             finished = {row_key(r) for r in self.store.rows() if r.get("status") == "done"} & keys
-            redo = finished - self.done_keys()
+            done = self.done_keys()
+            redo = finished - done
             if redo:
                 self.notes.append(f"{len(redo)} finished cell(s) run again: their samples file is missing or does "
                                   "not match the sha256 in their row")
@@ -389,9 +390,9 @@ class Runner:
                 self.notes.append(f"{len(finished - redo)} of {len(keys)} cells were already done and were skipped")
             self.progress.start(len(keys))
             if self.plan.jobs == 1:
-                self.run_units(units)
+                self.run_units(units, done)
             else:
-                self._run_parallel(keys)
+                self._run_parallel(keys, done)
             rows = self.store.rows()
             if self.store.skipped_lines:
                 self.notes.append(f"{self.store.skipped_lines} line(s) of rows.jsonl are not rows and were skipped")
@@ -407,14 +408,14 @@ class Runner:
             if r.get("status") != "done":
                 continue
             sha = r.get("samples_sha256")
-            if sha is not None and self.store.load_samples(cell_name(r["model"], r["dataset"], r["seed"], r["steps"]),
-                                                           sha) is None:
+            if sha is not None and self.store.sha("samples", cell_name(r["model"], r["dataset"], r["seed"], r["steps"]),
+                                                  ".npz") != sha:
                 continue
             done.add(row_key(r))
         return done
 
-    def run_units(self, units) -> None:
-        done = self.done_keys()
+    def run_units(self, units, done: set | None = None) -> None:
+        done = self.done_keys() if done is None else done
         for entry, dataset, seed in units:
             model = make_model(entry, self.plan)
             todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
@@ -422,16 +423,15 @@ class Runner:
             if todo:
                 self._run_unit(entry, model, dataset, seed, todo)
 
-    def _run_parallel(self, keys: set) -> None:
-        """Chains of fit units in ``jobs`` worker processes; each appends its own rows (one
-        O_APPEND write per row), the progress bar follows the rows file. Any interruption
+    def _run_parallel(self, keys: set, done: set) -> None:
+        """Chains of fit units in ``jobs`` worker processes; each appends its own rows (whole, under
+        the rows file's lock), the progress bar follows the rows file. Any interruption
         (Ctrl-C, an error) terminates the workers at once: finished rows stay, the rest resumes.
         Workers ignore SIGINT, so that Ctrl-C reaches only this process, which terminates them
         (a worker interrupted while importing printed a traceback)."""
         chains = [[(e.name, d, s) for e, d, s in c] for c in self.chains()]
         self.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
-        done = self.done_keys() & keys
-        self.progress.advance(len(done))
+        self.progress.advance(len(done & keys))
         lines = lambda: self.store.rows_path.read_text().count("\n") if self.store.rows_path.exists() else 0  # noqa: E731
         start, seen = lines(), 0
         with worker_pool(self.plan.jobs) as pool:
