@@ -197,8 +197,12 @@ class RunDir:
         return len(torn)
 
     def _open_rows(self) -> int:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        """rows.jsonl opened for appending and locked exclusively; RunDirError where it cannot be."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise environment_error(self.rows_path, e) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
@@ -206,10 +210,7 @@ class RunDir:
         """Quarantines a torn last line of rows.jsonl (see the module doc); returns its size in bytes."""
         if not self.rows_path.exists():
             return 0
-        try:
-            fd = self._open_rows()
-        except OSError as e:
-            raise environment_error(self.rows_path, e) from None
+        fd = self._open_rows()
         try:
             return self._cut_torn_tail(fd)
         except OSError as e:
@@ -222,10 +223,7 @@ class RunDir:
         every process writing this dir), after a torn tail is cut; a short or failed write cuts the
         file back to its size before the write and raises RunDirError."""
         line = (dumps(row) + "\n").encode()
-        try:
-            fd = self._open_rows()
-        except OSError as e:
-            raise environment_error(self.rows_path, e) from None
+        fd = self._open_rows()
         try:
             self._cut_torn_tail(fd)
             size = os.fstat(fd).st_size
