@@ -16,7 +16,7 @@ import torch
 from genbench import datasets
 from genbench.models.consistency import ConsistencyDistillation
 from genbench.models.diffusion import Diffusion
-from genbench.models.nets import capture_graph
+from genbench.models.graphs import capture_graph
 
 N, ROUNDS = 2000, 40
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 BUDGETS = ("quick", "default", "full")
 
@@ -35,6 +35,28 @@ class FitInfo:
     extras: dict[str, float] = field(default_factory=dict)  # e.g. teacher_train_s
 
 
+@dataclass(frozen=True)
+class PFODEDenoiser:
+    """What a model with a probability-flow ODE offers a student (``Generator.pf_ode_denoiser``):
+    consistency distillation takes its teacher's ODE steps through it, whatever the teacher's class.
+
+    The ODE is the variance-exploding one of Karras et al. (2022), in the teacher's standardised
+    units ``y = (x - mean) * scale`` (x in data units): ``y_t = y + t z`` and
+    ``dy/dt = (y - D(y; t)) / t`` for t in [sigma_min, sigma_max], with prior N(0, sigma_max^2 I).
+    """
+
+    #: D(y; t): y float32 [n, 2], t [n, 1] (one level per row) or [1, 1]; returns the denoised [n, 2]
+    denoise: Callable[[Any, Any], Any]
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float  #: the std the data were standardised to
+    mean: Any  #: tensor [2], data units
+    scale: float
+    #: where D = c_skip(t) y + c_out(t) F(c_in y, ln(t) / 4) with EDM's c_in = 1/sqrt(t^2 + sigma_data^2):
+    #: F, a ``genbench.models.nets.TimeMLP`` whose weights a student may start from (None: no such F)
+    net: Any = None
+
+
 class Generator:
     """Base class of every model (built-in or plugin).
 
@@ -47,6 +69,8 @@ class Generator:
     budgets: ClassVar[dict[str, dict[str, Any]]] = {b: {} for b in BUDGETS}
     #: the name of a model that must be fitted first and is passed to ``fit`` as ``teacher``
     teacher: ClassVar[str | None] = None
+    #: the capabilities (as ``capabilities()`` names them) the teacher must have, checked before a run
+    teacher_needs: ClassVar[tuple[str, ...]] = ()
     #: True where ``sample(steps=k)`` gives a different sampler per k (diffusion, CM multistep)
     multistep: ClassVar[bool] = False
     #: why the model reports no likelihood, where it cannot (shown under the report's tables);
@@ -105,6 +129,12 @@ class Generator:
         (drawn by ``genbench plot`` as the one-step map figure)."""
         raise NotImplementedError
 
+    # -- optional: a probability-flow ODE that a student (consistency distillation) can learn from --
+    def pf_ode_denoiser(self) -> PFODEDenoiser:
+        """The fitted model's PF-ODE denoiser (see ``PFODEDenoiser``); models with a teacher whose
+        ``teacher_needs`` names "pf-ode denoiser" receive a model that defines it."""
+        raise NotImplementedError
+
     @classmethod
     def capabilities(cls) -> list[str]:
         """What this model offers beyond sampling, read off the class (``genbench list`` shows it)."""
@@ -114,7 +144,8 @@ class Generator:
         caps = [name for name, ok in (
             ("multistep", cls.multistep), ("trajectory", has("trajectory_sample")),
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
-            ("likelihood", cls.no_likelihood is None and has("evaluate"))) if ok]
+            ("likelihood", cls.no_likelihood is None and has("evaluate")),
+            ("pf-ode denoiser", has("pf_ode_denoiser"))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
@@ -154,6 +185,7 @@ def check_generator_class(cls: Any, target: str = "") -> None:
         if unknown:
             raise TypeError(f"{where}.budgets[{b!r}] sets {', '.join(sorted(unknown))}, not fields of Config")
     for attr, ok in (("multistep", lambda v: isinstance(v, bool)), ("teacher", lambda v: v is None or isinstance(v, str)),
+                     ("teacher_needs", lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v)),
                      ("no_likelihood", lambda v: v is None or isinstance(v, str))):
         if not ok(getattr(cls, attr)):
             raise TypeError(f"{where}.{attr} = {getattr(cls, attr)!r} has the wrong type (see genbench.api.Generator)")

@@ -28,7 +28,7 @@ from .api import BUDGETS, Generator, RunDirError, UsageError
 from .models.nets import Diverged
 from .registry import Entry, resolve
 from .store import RunDir, cell_name, check_out_dir, dumps, row_key
-from .timing import time_call
+from .timing import MIN_CALLS, MIN_TIME_S, time_call
 
 N_TRAIN = 50_000  # training points drawn per (dataset, seed)
 N_TEST = 5_000  # held-out points for NLL / ELBO
@@ -52,7 +52,8 @@ class Plan:
     device: str = "auto"
     threads: int = 1
     jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
-    repeats: int = 5
+    repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
+    min_time_s: float = MIN_TIME_S  # ... and at least this long together
     metrics: list[str] = field(default_factory=lambda: list(scoring.DEFAULT_METRICS))
     floor_draws: int = 10  # independent true samples scored for each metric's noise floor
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
@@ -61,8 +62,8 @@ class Plan:
     def settings(self) -> dict:
         """What must match for a run dir to be resumed or extended."""
         return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
-                "params": self.params, "repeats": self.repeats, "n_train": N_TRAIN, "metrics": self.metrics,
-                "floor_draws": self.floor_draws}
+                "params": self.params, "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
+                "metrics": self.metrics, "floor_draws": self.floor_draws}
 
     def settings_hash(self) -> str:
         """A short hash of ``settings()``, written into every row: rows of other settings are told
@@ -219,6 +220,7 @@ class Runner:
         if unknown_metrics:
             raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown_metrics)}; valid: {', '.join(scoring.METRICS)}")
         self.entries = resolve(plan.models)
+        self._check_teachers()
         for d in plan.datasets:
             ds_mod.get(d)
         self._check_steps()
@@ -240,6 +242,20 @@ class Runner:
         self._check_settings()
         self._floors: dict[tuple, dict] = {}
         self.notes: list[str] = []  # what the run did besides the plan (repairs, redone cells), for the user
+
+    def _check_teachers(self) -> None:
+        """Each student's teacher is installed and has the capabilities the student needs."""
+        for e in self.entries:
+            if not e.cls.teacher:
+                continue
+            try:
+                t = resolve([e.cls.teacher])[0]
+            except UsageError as err:
+                raise UsageError(f"model {e.name} needs teacher {e.cls.teacher!r}: {err}") from None
+            lacking = [c for c in e.cls.teacher_needs if c not in t.cls.capabilities()]
+            if lacking:
+                raise UsageError(f"model {e.name}: its teacher {t.name} lacks {', '.join(lacking)} "
+                                 f"(it has: {', '.join(t.cls.capabilities()) or 'none'})")
 
     def _check_steps(self) -> None:
         by_name = {e.name: e for e in self.entries}
@@ -537,8 +553,9 @@ class Runner:
             raise RuntimeError(f"NFE mismatch: declared {declared}, counted {counter.count} forward passes")
         x = x.detach().float().cpu().numpy()
         row["nfe"] = counter.count
-        row["sample_s"], row["sample_s_min"] = time_call(lambda: model.sample(n, steps=k, seed=sample_seed),
-                                                         device=self.device, repeats=self.plan.repeats)
+        t = time_call(lambda: model.sample(n, steps=k, seed=sample_seed), device=self.device,
+                      min_calls=self.plan.repeats, min_time=self.plan.min_time_s)
+        row |= {"sample_s": t.median, "sample_s_min": t.min, "sample_s_iqr": t.iqr, "sample_calls": t.calls}
         values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
         row |= values
         row["metric_errors"] = errors or None

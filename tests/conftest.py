@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -73,6 +72,57 @@ class GaussPaths(GaussFit):
         with torch.no_grad():
             x = self.lin(z)
         return torch.stack([z + (x - z) * t for t in torch.linspace(0, 1, 5, dtype=torch.float64)])
+
+
+class ExactGaussDenoiser(torch.nn.Module):
+    """D(y; t) = E[y | y + t z] = S (S + t^2 I)^-1 y for y ~ N(0, S): the exact PF-ODE denoiser."""
+
+    def __init__(self, cov):
+        super().__init__()
+        lam, self.u = torch.linalg.eigh(cov)
+        self.lam = lam.clamp_min(1e-12)
+
+    def forward(self, y, t):
+        w = self.lam / (self.lam + t.reshape(-1, 1) ** 2)  # [n or 1, 2]
+        return ((y.double() @ self.u) * w) @ self.u.T
+
+
+class GaussTeacher(GaussFit):
+    """The Gaussian with its exact PF-ODE denoiser: a teacher that is not the built-in diffusion."""
+
+    name = "gauss-teacher"
+
+    def pf_ode_denoiser(self):
+        from genbench.api import PFODEDenoiser
+
+        w, b = self.lin.weight.detach(), self.lin.bias.detach()
+        cov = w @ w.T
+        scale = 0.5 / float(cov.trace() / 2) ** 0.5  # standardised to sd 0.5, as the built-ins
+        den = ExactGaussDenoiser(cov * scale**2)
+        return PFODEDenoiser(lambda y, t: den(y, t).float(), 0.002, 20.0, 0.5, b.float(), scale)
+
+
+from genbench.models.consistency import ConsistencyConfig, ConsistencyDistillation  # noqa: E402
+
+
+@dataclass
+class FromScratch(ConsistencyConfig):
+    init_from_teacher: bool = False  # the exact teacher has no network to start from
+
+
+class GaussCD(ConsistencyDistillation):
+    """Consistency distillation of the exact Gaussian PF-ODE."""
+
+    name = "cd-gauss"
+    teacher = "gauss-teacher"
+    Config = FromScratch
+
+
+class NeedyCD(ConsistencyDistillation):
+    """A student whose teacher has no PF-ODE."""
+
+    name = "cd-needy"
+    teacher = "gauss"
 '''
 
 
@@ -125,7 +175,8 @@ def plugin_path(tmp_path_factory) -> Path:
     # distribution also claims (or a built-in's), and a module with an import-time side effect
     (root / "oddplug.py").write_text(ODD)
     dists = {
-        "toyplug": "gauss = toyplug:GaussFit\ngauss-paths = toyplug:GaussPaths\nbroken = brokenplug:Thing\n",
+        "toyplug": "gauss = toyplug:GaussFit\ngauss-paths = toyplug:GaussPaths\nbroken = brokenplug:Thing\n"
+                   "gauss-teacher = toyplug:GaussTeacher\ncd-gauss = toyplug:GaussCD\ncd-needy = toyplug:NeedyCD\n",
         "oddplug": "nodoc = oddplug:NoDoc\nmalformed = oddplug:Malformed\ntwin = oddplug:NoDoc\n"
                    "vae = oddplug:NoDoc\nnoisy = oddplug:NoDoc\n",
         "otherplug": "twin = toyplug:GaussFit\n",
@@ -139,8 +190,38 @@ def plugin_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cli(plugin_path, tmp_path):
-    """Runs the genbench CLI in a subprocess with the plugin on the path; returns CompletedProcess."""
+def cli(plugin_path, tmp_path, monkeypatch):
+    """Runs the genbench CLI in this process (no interpreter start, no torch import per call) with
+    the plugin on the path, in tmp_path; returns a CompletedProcess. An exception that the CLI
+    would have turned into 'internal error' fails the test with its traceback."""
+    monkeypatch.syspath_prepend(str(plugin_path))
+    monkeypatch.chdir(tmp_path)
+    return in_process(monkeypatch)
+
+
+def in_process(monkeypatch):
+    """A function running the CLI in this process, as ``cli`` describes."""
+    from typer.testing import CliRunner
+
+    import genbench.cli as gcli
+
+    for console in (gcli.console, gcli.err):
+        monkeypatch.setattr(console, "width", 500)  # tables wide enough that no cell wraps (tests read their text)
+
+    def run(*args, timeout=None):  # timeout: accepted for cli_process's signature, not enforced
+        args = [str(a) for a in args]
+        r = CliRunner().invoke(gcli.app, args)
+        if r.exception is not None and not isinstance(r.exception, SystemExit):
+            raise r.exception
+        return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+    return run
+
+
+@pytest.fixture
+def cli_process(plugin_path, tmp_path):
+    """Runs the genbench CLI in a subprocess (what a user gets, signals and process pools
+    included) with the plugin on the path; returns CompletedProcess."""
 
     def run(*args, timeout=600):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))

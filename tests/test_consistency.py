@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -126,3 +127,49 @@ def test_ct_trains_and_counts():
     with NFECounter(ct.nfe_module) as c:
         x = ct.sample(100, steps=2, seed=0)
     assert c.count == 2 and torch.isfinite(x).all()
+
+
+def test_cd_takes_its_teachers_shape_without_changing_its_config():
+    """init_from_teacher: the student's network has the teacher's shape and starts from its weights;
+    the config stays as given, and a checkpoint restores the same model."""
+    data = two_modes(2000, 0)
+    teacher = Diffusion(params={"train_steps": "30", "hidden": "32", "depth": "2"})
+    teacher.fit(data, seed=0)
+    cd = ConsistencyDistillation(params={"train_steps": "1", "lr": "1e-12"})
+    before = dataclasses.replace(cd.config)
+    cd.fit(data, seed=0, teacher=teacher)
+    assert cd.config == before and cd.config.hidden == 96
+    assert (cd.model.net.hidden, cd.model.net.depth) == (32, 2)
+    w = teacher.pf_ode_denoiser().net.point.weight
+    assert torch.allclose(cd.ema.model.net.point.weight, w, atol=1e-6)
+    again = ConsistencyDistillation()
+    again.load_state_dict(cd.state_dict())
+    assert torch.equal(again.sample(50, steps=2, seed=3), cd.sample(50, steps=2, seed=3))
+
+
+def test_cd_refuses_a_teacher_without_a_pf_ode():
+    from genbench.models.vae import VAE
+
+    with pytest.raises(ValueError, match="provides pf_ode_denoiser"):
+        ConsistencyDistillation().fit(two_modes(100, 0), teacher=VAE())
+
+
+@pytest.mark.slow
+def test_cd_distils_an_exact_pf_ode_teacher_of_another_class(plugin_path, monkeypatch):
+    """The teacher protocol: a plugin teacher with the exact denoiser of a Gaussian (not the built-in
+    diffusion) is distilled from scratch to a one-step sampler of that Gaussian."""
+    monkeypatch.syspath_prepend(str(plugin_path))
+    import toyplug
+
+    rng = np.random.default_rng(0)
+    cov = np.array([[2.0, 0.8], [0.8, 0.5]])
+    data = (rng.standard_normal((4000, 2)) @ np.linalg.cholesky(cov).T + [1.0, -2.0]).astype(np.float32)
+    teacher = toyplug.GaussTeacher()
+    teacher.fit(data)
+    cd = toyplug.GaussCD(params={"train_steps": "2500"})
+    cd.fit(data, seed=0, teacher=teacher)
+    x = cd.sample(20000, steps=1, seed=1).numpy()
+    got = np.cov(x.T)
+    assert np.abs(x.mean(0) - [1.0, -2.0]).max() < 0.05
+    assert np.corrcoef(x.T)[0, 1] == pytest.approx(0.8 / math.sqrt(2 * 0.5), abs=0.05)
+    assert 0.35 < np.trace(got) / np.trace(cov) < 1.1  # from scratch, the variance is recovered last

@@ -1,5 +1,6 @@
 """Registry, plugins and the CLI, exercised end to end through subprocesses."""
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -130,6 +131,7 @@ BAD = [
     (["run", "--models", "gauss", "--steps", "nosuchmodel=3"], "'nosuchmodel' is not in this run's models"),
     (["run", "--models", "diffusion,vae", "--steps", "vae=3"], "vae samples in one pass"),
     (["run", "--models", "gauss", "--steps", "3"], "none of this run's models samples in several steps"),
+    (["run", "--models", "cd-needy"], "model cd-needy: its teacher gauss lacks pf-ode denoiser"),
     (["run", "--models", "gauss", "--out", "afile"], "afile is a file, not a directory"),
     (["run", "--models", "gauss", "--out", "afile/run"], "afile is a file, so afile/run cannot be a directory"),
     (["run", "--models", "gauss", "--out", "x" * 300], "is 300 bytes long; file systems allow at most 255"),
@@ -212,6 +214,7 @@ def test_plugins_are_imported_only_when_named(plugin_path, tmp_path, monkeypatch
 
     marker = tmp_path / "imported"
     monkeypatch.setenv("ODDPLUG_MARKER", str(marker))
+    monkeypatch.delitem(sys.modules, "oddplug", raising=False)  # an in-process test may have imported it
     monkeypatch.syspath_prepend(str(plugin_path))
     entries = registry.resolve(["gauss", "vae"])
     assert [e.source for e in entries] == ["plugin", "built-in"] and not marker.exists()

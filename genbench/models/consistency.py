@@ -23,16 +23,16 @@ eps^2) z, tau_n)`` (k steps = k NFE). The schedule for k steps is the k - 1 poin
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator, UsageError, check_config
-from .diffusion import Diffusion, time_grid
+from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
+from .diffusion import time_grid
 from .samplers import euler_step, heun_correction
-from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
+from .graphs import FusedSteps, GraphCache, graphs_available
+from .nets import EMA, Standardizer, TimeMLP, fit_loop, generator, seeded
 
 PARAMETRIZATIONS = ("song", "linear")
 DISTANCES = ("l2", "huber")
@@ -97,7 +97,7 @@ class ConsistencyConfig:
     target_decay: float = 0.9  # CD: mu of the target network theta^- (0: stop-gradient of the online net)
     tau_max: float = 0.1  # multistep: the first re-noising level (benchmarks/tau_sweep.py)
     default_steps: int = 1
-    cuda_graph: bool = False  # on CUDA, replay the sampling loop from a captured CUDA graph
+    cuda_graph: bool = True  # on CUDA, capture the training step and the sampling loop in CUDA graphs (false: eager)
     # CD only
     grid_points: int = 32  # N, Karras (rho = 7) spaced, as in the source report
     teacher_solver: str = "euler"  # euler | heun
@@ -130,14 +130,17 @@ class _Consistency(Generator):
     no_likelihood = ("a consistency model is a learned map from noise to data with no tractable density "
                      "(its multistep sampler re-noises, so no ODE gives a change of variables)")
 
-    def _build(self, device: str):
+    def _build(self, device: str, arch: dict | None = None):
+        """The consistency function on ``device``; ``arch`` (hidden, depth, emb_dim) overrides the
+        config's network shape (a student initialised from its teacher takes the teacher's)."""
         c = self.config
         if c.distance not in DISTANCES:
             raise ValueError(f"unknown distance {c.distance!r}; valid: {', '.join(DISTANCES)}")
         self.device = device
-        self.model = ConsistencyFunction(c.hidden, c.depth, c.emb_dim, c.sigma_min, c.sigma_max, c.sigma_data,
-                                         c.parametrization).to(device)
-        self.graphs = GraphCache()
+        self.arch = arch or {"hidden": c.hidden, "depth": c.depth, "emb_dim": c.emb_dim}
+        self.model = ConsistencyFunction(self.arch["hidden"], self.arch["depth"], self.arch["emb_dim"], c.sigma_min,
+                                         c.sigma_max, c.sigma_data, c.parametrization).to(device)
+        self.graphs = GraphCache(device)
 
     def _distance(self, a, b):
         if self.config.distance == "huber":
@@ -158,8 +161,8 @@ class _Consistency(Generator):
     def sample(self, n, *, steps=None, seed=None):
         c = self.config
         steps = steps or c.default_steps
-        noise = torch.randn(steps, n, 2, generator=generator(seed, self.device), device=self.device)
         scales, levels = self.levels(steps)
+        noise = lambda g: torch.randn(steps, n, 2, generator=g, device=self.device)  # noqa: E731
 
         def loop(noise):
             f = self.ema.model
@@ -169,9 +172,9 @@ class _Consistency(Generator):
                 x = f(x + scales[i] * noise[i], times[i])
             return self.std.back(x)
 
-        if c.cuda_graph and self.device.startswith("cuda"):
-            return self.graphs.run((n, steps, tuple(levels)), loop, noise, build=lambda: self._fused(scales, levels))
-        return loop(noise)
+        if c.cuda_graph and self.device.startswith("cuda") and graphs_available():
+            return self.graphs.run((n, steps, tuple(levels)), noise, loop, seed, build=lambda: self._fused(scales, levels))
+        return loop(noise(generator(seed, self.device)))
 
     def levels(self, steps: int) -> tuple[list[float], list[float]]:
         """Multistep sampling's noise scales and levels: x = T z at level T, then for each re-noising
@@ -223,10 +226,12 @@ class _Consistency(Generator):
         return f"{self.config.parametrization}/{self.config.distance}"
 
     def state_dict(self) -> dict:
-        return {"config": asdict(self.config), "ema": self.ema.model.state_dict(), "std": self.std.state()}
+        return {"config": asdict(self.config), "arch": self.arch, "ema": self.ema.model.state_dict(),
+                "std": self.std.state()}
 
     def load_state_dict(self, state: dict, device: str = "cpu") -> None:
-        self._build(device)
+        saved = state.get("arch") or state["config"]  # checkpoints before "arch" kept the shape in the config
+        self._build(device, {k: int(saved[k]) for k in ("hidden", "depth", "emb_dim")})
         self.ema = EMA(self.model, self.config.ema_decay)
         self.ema.model.load_state_dict(state["ema"])
         self.std = Standardizer.from_state(state["std"], device)
@@ -238,30 +243,35 @@ class ConsistencyDistillation(_Consistency):
     name = "cm-cd"
     colour = "#d62728"
     teacher = "diffusion"
+    teacher_needs = ("pf-ode denoiser",)
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
 
-    def fit(self, data, *, device="cpu", seed=0, teacher: Diffusion | None = None) -> FitInfo:
+    def fit(self, data, *, device="cpu", seed=0, teacher: Generator | None = None) -> FitInfo:
         c = self.config
-        if teacher is None:
-            raise ValueError("cm-cd needs the trained diffusion model as teacher")
-        tc = teacher.config
-        if (tc.sigma_min, tc.sigma_max, tc.sigma_data) != (c.sigma_min, c.sigma_max, c.sigma_data):
-            raise ValueError("cm-cd and its diffusion teacher must share sigma_min, sigma_max and sigma_data")
-        if c.init_from_teacher:  # the student takes the teacher's architecture and weights
-            c = self.config = dataclasses.replace(c, hidden=tc.hidden, depth=tc.depth, emb_dim=tc.emb_dim)
-        with seeded(seed, device):
-            self._build(device)
-        if c.init_from_teacher:
-            self.model.net.load_state_dict(teacher.denoiser().net.state_dict())
+        if teacher is None or type(teacher).pf_ode_denoiser is Generator.pf_ode_denoiser:
+            raise ValueError("cm-cd needs a fitted teacher that provides pf_ode_denoiser()")
+        pf: PFODEDenoiser = teacher.pf_ode_denoiser()
+        if (pf.sigma_min, pf.sigma_max, pf.sigma_data) != (c.sigma_min, c.sigma_max, c.sigma_data):
+            raise ValueError(f"cm-cd and its teacher must share sigma_min, sigma_max and sigma_data: the teacher has "
+                             f"{pf.sigma_min}, {pf.sigma_max}, {pf.sigma_data}; cm-cd {c.sigma_min}, {c.sigma_max}, "
+                             f"{c.sigma_data}")
+        init = c.init_from_teacher and pf.net is not None
+        if c.init_from_teacher and not init:
+            raise ValueError("init_from_teacher needs a teacher whose PF-ODE denoiser exposes its network (net); "
+                             "set init_from_teacher=false")
+        with seeded(seed, device):  # the student takes the teacher's architecture and weights
+            self._build(device, {k: getattr(pf.net, k) for k in ("hidden", "depth", "emb_dim")} if init else None)
+        if init:
+            self.model.net.load_state_dict(pf.net.state_dict())
         self.ema = EMA(self.model, c.ema_decay)
         target_net = EMA(self.model, c.target_decay) if c.target_decay > 0 else None
-        self.std = teacher.std
+        self.std = Standardizer.from_state({"mean": pf.mean, "scale": pf.scale}, device)
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
         ts = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
-        D = teacher.denoiser()
+        D = pf.denoise
         g = generator(seed + 1, device)
 
-        def loss_fn(k):
+        def loss_fn(k, step):
             x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
             n = torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device)
             t_n, t_next = ts[n], ts[n + 1]
@@ -279,13 +289,13 @@ class ConsistencyDistillation(_Consistency):
                 loss = loss + c.bc_weight * ((self.model(x + c.sigma_min * z, eps_t) - x) ** 2).sum(1).mean()
             return loss
 
-        def after_step(k):
+        def after_step(step):
             self.ema.update(self.model)
             if target_net:
                 target_net.update(self.model)
 
         return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, after_step=after_step,
-                        device=device)
+                        device=device, cuda_graph=c.cuda_graph, generators=(g,))
 
 
 @dataclass
@@ -319,13 +329,17 @@ class ConsistencyTraining(_Consistency):
         def levels(N: int):
             if N not in cache:
                 s = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending, N points
-                cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).to(device))
+                cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
             return cache[N]
 
-        def loss_fn(k):
-            sig, probs = levels(ct_discretisation(k, c.train_steps, c.s0, c.s1))
+        def phase(k):  # the discretisation: the loss changes with k through it alone
+            return ct_discretisation(k, c.train_steps, c.s0, c.s1)
+
+        def loss_fn(k, step):
+            sig, cdf = levels(phase(k))
             x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            i = torch.multinomial(probs, c.batch, replacement=True, generator=g).unsqueeze(1)
+            u = torch.rand(c.batch, 1, generator=g, device=device)  # level i with probability p(i), by inverse CDF
+            i = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
             s_i, s_next = sig[i], sig[i + 1]
             z = torch.randn(x.shape, generator=g, device=device)
             with torch.no_grad():
@@ -334,4 +348,5 @@ class ConsistencyTraining(_Consistency):
             return (dist / (s_next - s_i).squeeze(1)).mean()
 
         return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr,
-                        after_step=lambda k: self.ema.update(self.model), device=device)
+                        after_step=lambda step: self.ema.update(self.model), device=device, cuda_graph=c.cuda_graph,
+                        generators=(g,), phase=phase)

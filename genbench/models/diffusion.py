@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator, UsageError, check_config
+from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from . import samplers
-from .nets import EMA, FusedSteps, GraphCache, Standardizer, TimeMLP, fit_loop, generator, seeded
+from .graphs import FusedSteps, GraphCache, graphs_available
+from .nets import EMA, Standardizer, TimeMLP, at_most, fit_loop, generator, seeded
 
 
 @dataclass
@@ -52,7 +53,7 @@ class DiffusionConfig:
     grid: str = "karras"  # karras | uniform
     rho: float = 7.0
     default_steps: int = 100
-    cuda_graph: bool = False  # on CUDA, replay the sampling loop from a captured CUDA graph
+    cuda_graph: bool = True  # on CUDA, capture the training step and the sampling loop in CUDA graphs (false: eager)
     nll_points: int = 2000  # held-out points whose PF-ODE log-likelihood is reported (0: none)
     nll_rtol: float = 1e-5  # dopri5 tolerances of the likelihood ODE
     nll_atol: float = 1e-5
@@ -175,7 +176,7 @@ class Diffusion(Generator):
         self.device = device
         self.model = Denoiser(cfg).to(device)
         self.ema = EMA(self.model, cfg.ema_decay)
-        self.graphs = GraphCache()
+        self.graphs = GraphCache(device)
 
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         cfg = self.config
@@ -186,7 +187,7 @@ class Diffusion(Generator):
         x0 = self.std.to(data)
         g = generator(seed + 1, device)
 
-        def loss_fn(k):
+        def loss_fn(k, step):
             x = x0[torch.randint(len(x0), (cfg.batch,), generator=g, device=device)]
             t = (cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, 1, generator=g, device=device)).exp()
             z = torch.randn(x.shape, generator=g, device=device)
@@ -194,8 +195,8 @@ class Diffusion(Generator):
             return (((self.model(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
 
         return fit_loop(self.model.parameters(), loss_fn, steps=cfg.train_steps, lr=cfg.lr,
-                        after_step=lambda k: self.ema.update(self.model, min(cfg.ema_decay, (1 + k) / (10 + k))),
-                        device=device)
+                        after_step=lambda t: self.ema.update(self.model, at_most((1 + t) / (10 + t), cfg.ema_decay)),
+                        device=device, cuda_graph=cfg.cuda_graph, generators=(g,))
 
     # -- sampling -------------------------------------------------------------------------------
     def default_steps(self) -> int:
@@ -210,20 +211,22 @@ class Diffusion(Generator):
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None, trajectory: bool = False):
-        steps = steps or self.config.default_steps
+        cfg = self.config
+        steps = steps or cfg.default_steps
+        grid, sampler = self.grid(steps), cfg.sampler
+        grid_dev = grid.to(self.device)
         traj = [] if trajectory else None
+        loop = lambda x: self.std.back(pf_ode(self.ema.model, x, grid, sampler, traj, grid_dev))  # noqa: E731
+        if cfg.cuda_graph and self.device.startswith("cuda") and not trajectory and graphs_available():
+            # Euler and Heun steps fold into FusedSteps; the multistep samplers' loop is captured as it is
+            build = (lambda: self._fused(grid, sampler)) if sampler in ("euler", "heun") else None  # noqa: E731
+            prior = lambda g: cfg.sigma_max * torch.randn(n, 2, generator=g, device=self.device)  # noqa: E731
+            return self.graphs.run((n, steps, sampler, cfg.grid), prior, loop, seed, build=build)
         x = self.prior(n, seed)
         if traj is not None:
             traj.append(x)
-        grid, sampler = self.grid(steps), self.config.sampler
-        grid_dev = grid.to(self.device)
-        loop = lambda x: self.std.back(pf_ode(self.ema.model, x, grid, sampler, traj, grid_dev))  # noqa: E731
         if trajectory:
             return loop(x), torch.stack([self.std.back(p) for p in traj])
-        if self.config.cuda_graph and self.device.startswith("cuda"):
-            # Euler and Heun steps fold into FusedSteps; the multistep samplers' loop is captured as it is
-            build = (lambda: self._fused(grid, sampler)) if sampler in ("euler", "heun") else None  # noqa: E731
-            return self.graphs.run((n, steps, sampler, self.config.grid), loop, x, build=build)
         return loop(x)
 
     def _fused(self, grid: torch.Tensor, sampler: str = "euler", thin: bool = True):
@@ -293,6 +296,8 @@ class Diffusion(Generator):
         self.ema.model.load_state_dict(state["ema"])
         self.std = Standardizer.from_state(state["std"], device)
 
-    def denoiser(self):
+    def pf_ode_denoiser(self) -> PFODEDenoiser:
         """The EMA denoiser in standardised units (the teacher of consistency distillation)."""
-        return self.ema.model
+        cfg = self.config
+        return PFODEDenoiser(self.ema.model, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data, self.std.mean,
+                             self.std.scale, net=self.ema.model.net)

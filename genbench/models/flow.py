@@ -50,6 +50,7 @@ class FlowConfig:
     lr: float = 3e-3
     batch: int = 256
     train_steps: int = 4500
+    cuda_graph: bool = True  # on CUDA, capture the training step in a CUDA graph (false: eager)
 
     def __post_init__(self):
         check_config(self, positive=("layers", "hidden", "blocks", "lr", "batch", "train_steps"),
@@ -102,12 +103,16 @@ class RealNVP(Generator):
         g.manual_seed(seed + 1)
         with torch.no_grad():  # ActNorm initialises itself from its first batch
             self.flow.log_prob(x0[torch.randint(len(x0), (4096,), generator=g, device=device)])
+        for m in self.flow.modules():  # ActNorm reads its "initialised" flag on every forward: on the host
+            if isinstance(m, ActNorm):  # (a read from the GPU would sync, and break graph capture)
+                m.initialized = torch.tensor(True)
 
-        def loss_fn(k):
+        def loss_fn(k, step):
             x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
             return -self.flow.log_prob(x).mean()
 
-        return fit_loop(self.flow.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, device=device)
+        return fit_loop(self.flow.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, device=device,
+                        cuda_graph=c.cuda_graph, generators=(g,))
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):

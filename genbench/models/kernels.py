@@ -1,12 +1,11 @@
-"""Triton kernels for the two thin layers of a fused sampling step on CUDA (see FusedSteps).
+"""Triton kernels for the two thin layers of a fused sampling step on CUDA (see graphs.FusedSteps).
 
 The first layer of a TimeMLP reads a D = 2 point and the last writes one; as cuBLAS GEMMs (K = 2,
 N = 2) each costs as much GPU time as a square 96 x 96 layer. Here the first layer and its SiLU are
 one elementwise kernel, and the last SiLU, the last layer and the step's update ``a x + ...`` (and
 a Heun corrector's ``+ g x0``) are one row-reduction kernel, all in fp32 FMA (no tensor cores, so
-no TF32 rounding): a step drops from 10 kernels to 7. Measured on the H100 with
-``python benchmarks/thin_kernels.py`` (both loops replayed from CUDA graphs in one process): see
-FusedSteps.
+no TF32 rounding): a step drops from 10 kernels to 7. ``python benchmarks/thin_kernels.py`` times
+both loops replayed from CUDA graphs in one process.
 
 Imported only where Triton is (torch's CUDA wheels bring it, the CPU wheels do not).
 """
@@ -16,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Rows per program. Measured on the H100 (100 Euler steps, n = 2000): 16 rows 2.135 ms, 32 rows
-# 2.248 ms, 64 rows 2.473 ms; more programs keep more of the 132 SMs busy on these small layers.
+# Rows per program: of 16, 32 and 64, 16 was the fastest on the H100 (more programs keep more SMs
+# busy on these small layers; baselines/README.md has the figures).
 BLOCK_ROWS = 16
 
 

@@ -7,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 class TimeMLP(nn.Module):
@@ -23,6 +22,7 @@ class TimeMLP(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, emb_dim: int = 64, max_freq: float = 100.0):
         super().__init__()
         half = emb_dim // 2
+        self.hidden, self.depth, self.emb_dim = hidden, depth, emb_dim
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), half)))
         self.point = nn.Linear(dim, hidden)
         self.time = nn.Sequential(nn.Linear(2 * half, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -46,9 +46,23 @@ class EMA:
         self.model = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, decay: float | None = None) -> None:
+    def update(self, model: nn.Module, decay: "float | torch.Tensor | None" = None) -> None:
+        """``decay`` may be a 0-dim tensor on the parameters' device (a step-dependent decay inside
+        a captured training step)."""
         mu = self.decay if decay is None else decay
-        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - mu)
+        ema, online = list(self.model.parameters()), list(model.parameters())
+        if isinstance(mu, torch.Tensor):
+            delta = torch._foreach_sub(online, ema)
+            torch._foreach_mul_(delta, 1.0 - mu)
+            torch._foreach_add_(ema, delta)
+        else:
+            torch._foreach_lerp_(ema, online, 1.0 - mu)
+
+
+def at_most(value, bound: float):
+    """``min(value, bound)`` of a number or a 0-dim tensor (a step-dependent value in a captured
+    training step, see ``fit_loop``)."""
+    return value.clamp(max=bound) if isinstance(value, torch.Tensor) else min(value, bound)
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -104,11 +118,32 @@ class Diverged(RuntimeError):
 
 
 def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
-             after_step=None, log_every: int = 50, device: str = "cpu"):
+             after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
+             generators: tuple = (), phase=None):
     """The training loop every torch family shares: Adam, warm-up + cosine schedule, gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
-    ``loss_fn(step)`` returns the scalar loss; ``after_step(step)`` runs after each update (EMA).
-    Returns a ``FitInfo``."""
+    ``loss_fn(k, t)`` returns the scalar loss of step k; ``after_step(t)`` runs after each update
+    (EMA). ``t`` is the step as a number: k itself in the eager loop. Returns a ``FitInfo``.
+
+    On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
+    is captured in a CUDA graph and replayed (``graphs.fit_graphed``); the loss is read back once per
+    ``log_every`` steps. A captured step follows three rules: its random numbers come from
+    ``generators`` (the torch.Generators it draws from, registered with the graph); ``loss_fn`` is
+    called once per ``phase(k)`` (default: one phase for the whole fit) with the phase's first
+    step as k, so it may use k only through ``phase(k)``; and ``t`` is a 0-dim float tensor on the
+    device holding the current step, so what depends on it must be arithmetic that works on a number
+    and a tensor alike (``at_most``)."""
+    if cuda_graph and device.startswith("cuda"):
+        from .graphs import fit_graphed, graphs_available
+
+        if graphs_available():
+            return fit_graphed(params, loss_fn, steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step,
+                               log_every=log_every, device=device, generators=generators, phase=phase)
+    return _fit_eager(params, loss_fn, steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step,
+                      log_every=log_every, device=device)
+
+
+def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, log_every, device):
     import time
 
     from ..api import FitInfo
@@ -122,7 +157,7 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     synchronize(device)
     t0 = time.perf_counter()
     for k in range(steps):
-        loss = loss_fn(k)
+        loss = loss_fn(k, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -141,130 +176,3 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     synchronize(device)
     return FitInfo(steps=steps, final_loss=curve[-1] if curve else float("nan"),
                    train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)
-
-
-def capture_graph(fn, *inputs: torch.Tensor):
-    """``fn`` run once on a side stream (warm-up, as CUDA-graph capture requires), then captured on
-    copies of ``inputs``: (graph, the copies, fn's output). Replay after copying new values into
-    the copies; the output tensor is overwritten in place."""
-    static = [i.clone() for i in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
-    return graph, static, out
-
-
-class GraphCache:
-    """Replays a fixed-shape sampling loop captured in a CUDA graph (tiny MLPs on a GPU are
-    launch-bound: one replay launches the whole loop at once).
-
-    Per key, the first call runs eagerly (so NFE counted by hooks is the real count, and kernels are
-    warmed up), the second captures the loop on a side stream and replays it, later calls copy their
-    inputs into the captured buffers and replay. ``fn`` must be a pure function of its tensor
-    inputs (noise is drawn outside it)."""
-
-    def __init__(self):
-        self.entries: dict = {}
-
-    def run(self, key, fn, *inputs: torch.Tensor, build=None) -> torch.Tensor:
-        """``fn(*inputs)`` runs eagerly on the first call; ``build()``, if given, returns the
-        function captured instead (same results, fewer kernels). The entry holds that function and
-        whatever it references, so the memory a captured graph reads is never freed and reused."""
-        entry = self.entries.get(key)
-        if entry is None:
-            self.entries[key] = "eager"
-            return fn(*inputs)
-        if entry == "eager":
-            fn = build() if build is not None else fn
-            entry = self.entries[key] = (*capture_graph(fn, *inputs), fn)
-        graph, static, out, _ = entry
-        for buf, value in zip(static, inputs):
-            buf.copy_(value)
-        graph.replay()
-        return out.clone()
-
-
-def thin_kernels(device: torch.device):
-    """The Triton kernels for FusedSteps' thin layers where they can run (a CUDA device and Triton
-    installed), else None."""
-    if device.type != "cuda":
-        return None
-    try:
-        from . import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-class FusedSteps:
-    """A fixed sequence of steps ``x <- a_i x + b_i F(c_i x, n_i) [+ g_i x0]`` with F a TimeMLP and x0
-    an optional second state (a Heun corrector's start point), evaluated
-    with everything that does not depend on x precomputed: the time branch of each level, the
-    input scale c_i folded into the first layer, b_i into the last, and an optional output affine
-    map into the last step. Used inside CUDA-graph captures, where the loop is replayed without
-    Python; the eager path (and NFE counting by hook) goes through the module itself, and tests
-    check both give the same samples.
-
-    A step is one cuBLAS matmul per square layer and a SiLU after each; on CUDA with Triton
-    (``thin=True``), the thin first layer (K = D = 2) with its SiLU is one Triton kernel and the last
-    SiLU, the thin last layer (N = 2) and the update ``a x + ...`` are another (genbench.models.
-    kernels): 7 kernels a step at depth 4 instead of 10 (addmm for the thin layers, the SiLUs and
-    one add), against about 30 for the module's forward. The loop is bound by the GPU time of these
-    tiny kernels, not by launches: a CUDA profile of the cuBLAS-only replay showed ~4 us per GEMM,
-    thin ones included, and ~1.6 us per elementwise kernel. Measured on the H100 with
-    ``python benchmarks/thin_kernels.py`` (n = 2000, both graphs replayed in alternating rounds in
-    one process): 100 Euler steps 2.17 ms with the Triton kernels against 2.91 ms with cuBLAS only
-    (1.34x), 50 Heun steps 2.16 ms against 2.99 ms, one consistency step 0.036 ms against 0.044 ms;
-    all within 1.5e-6 of the eager samples. Rejected, measured: carrying the last bias as an offset and
-    updating x in place with ``x.addmm_(h, W, beta=a)`` was 1.09x slower (cuBLAS picks split-K for
-    that in-place [n, 2] product); the whole loop as one Triton kernel was 4.03 ms with fp32 products
-    (one program runs all square layers on CUDA cores) and 0.34 ms with TF32 tensor-core products
-    but samples off by up to 7.7e-3; ``torch.compile`` of the step, captured the same way, was
-    3.68 ms (default mode) and 5.36 ms (max-autotune, fp32 Triton GEMMs) against 2.97 ms for the
-    cuBLAS-only loop and 2.29 ms for this one with 32-row blocks (one process, one session)."""
-
-    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None, thin: bool = True,
-                 g=None):
-        linears = [m for m in net.body if isinstance(m, nn.Linear)]
-        dev = net.point.weight.device
-        self.kernels = thin_kernels(dev) if thin else None
-        self.a = [float(v) for v in a]
-        self.g = [0.0] * len(self.a) if g is None else [float(v) for v in g]
-        with torch.no_grad():
-            args = torch.tensor([float(v) for v in c_noise], device=dev).reshape(-1, 1) * net.freqs
-            bias0 = net.point.bias + net.time(torch.cat([torch.sin(args), torch.cos(args)], 1))  # [K, hidden]
-            self.first = [(bias0[i], (float(c) * net.point.weight).t().contiguous()) for i, c in enumerate(c_in)]
-            self.middle = [(lin.bias, lin.weight.t().contiguous()) for lin in linears[:-1]]
-            last, k = linears[-1], len(self.a)
-            shift = torch.zeros_like(last.bias) if out_shift is None else torch.as_tensor(out_shift, device=dev)
-            self.last = []
-            for i, bi in enumerate(b):
-                s = out_scale if i == k - 1 else 1.0
-                self.last.append((float(bi) * s * last.bias + (shift if i == k - 1 else 0), (float(bi) * s * last.weight).t().contiguous()))
-            self.a[-1] *= out_scale
-            self.g[-1] *= out_scale
-
-    def __call__(self, x: torch.Tensor, i: int, x0: torch.Tensor | None = None) -> torch.Tensor:
-        """Step ``i`` from x; ``x0`` is the second state of steps with g_i != 0."""
-        if (x0 is None) != (self.g[i] == 0.0):
-            raise ValueError(f"step {i} has g = {self.g[i]}: pass x0 exactly when g != 0")
-        if self.kernels is not None:
-            x = x.contiguous()
-            x0 = None if x0 is None else x0.contiguous()
-            h = self.kernels.first_layer(x, self.first[i][1], self.first[i][0])  # SiLU applied
-            for j, (bias, w) in enumerate(self.middle):
-                h = torch.addmm(bias, h, w)
-                if j < len(self.middle) - 1:
-                    h = F.silu(h)
-            return self.kernels.last_layer(h, self.last[i][1], self.last[i][0], x, self.a[i], act=bool(self.middle),
-                                           x2=x0, g=self.g[i])
-        h = torch.addmm(self.first[i][0], x, self.first[i][1])
-        for bias, w in self.middle:
-            h = torch.addmm(bias, F.silu(h), w)
-        out = torch.addmm(self.last[i][0], F.silu(h), self.last[i][1]).add_(x, alpha=self.a[i])
-        return out if x0 is None else out.add_(x0, alpha=self.g[i])

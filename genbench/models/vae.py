@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, fit_loop, generator, seeded
+from .nets import Standardizer, at_most, fit_loop, generator, seeded
 
 
 @dataclass
@@ -31,6 +31,7 @@ class VAEConfig:
     kl_warmup: int = 600
     elbo_samples: int = 1  # Monte-Carlo samples of z per point for the reported test ELBO
     iwae_samples: int = 128  # importance samples of the reported bound on the test NLL (0: none)
+    cuda_graph: bool = True  # on CUDA, capture the training step in a CUDA graph (false: eager)
 
     def __post_init__(self):
         check_config(self, positive=("latent", "hidden", "depth", "lr", "batch", "train_steps", "elbo_samples"),
@@ -79,12 +80,14 @@ class VAE(Generator):
         x0 = self.std.to(data)
         g = generator(seed + 1, device)
 
-        def loss_fn(k):
+        def loss_fn(k, step):
             x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            return self._neg_elbo(x, g, min(1.0, (k + 1) / c.kl_warmup)).mean()
+            beta = at_most((step + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
+            return self._neg_elbo(x, g, beta).mean()
 
         params = [*self.enc.parameters(), *self.dec.parameters(), self.log_sigma]
-        return fit_loop(params, loss_fn, steps=c.train_steps, lr=c.lr, device=device)
+        return fit_loop(params, loss_fn, steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
+                        generators=(g,))
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):

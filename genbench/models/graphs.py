@@ -1,0 +1,248 @@
+"""CUDA-graph sampling: capture a fixed-shape sampling loop once and replay it.
+
+The networks are tiny, so on a GPU a sampling loop is bound by kernel launches; replayed from a
+CUDA graph it launches at once. ``GraphCache`` holds one captured loop per (shape, steps, sampler)
+key; ``FusedSteps`` rewrites a loop of preconditioned TimeMLP steps with everything that does not
+depend on x precomputed, and (with Triton) its two thin layers as the kernels of
+``genbench.models.kernels``. ``benchmarks/thin_kernels.py`` and ``genbench bench-graph`` measure them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .nets import TimeMLP
+
+
+def capture_graph(fn, *inputs: torch.Tensor):
+    """``fn`` run once on a side stream (warm-up, as CUDA-graph capture requires), then captured on
+    copies of ``inputs``: (graph, the copies, fn's output). Replay after copying new values into
+    the copies; the output tensor is overwritten in place."""
+    static = [i.clone() for i in inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    return graph, static, out
+
+
+class GraphCache:
+    """Replays a fixed-shape sampling loop captured in a CUDA graph (tiny MLPs on a GPU are
+    launch-bound: one replay launches the whole loop at once), its noise drawn inside the graph.
+
+    Per key, the first call runs eagerly (so NFE counted by hooks is the real count, and kernels are
+    warmed up); the second captures the loop, noise draw included, on a side stream, and replays it;
+    later calls reseed the cache's generator (registered with every graph) and replay, so a call
+    costs the replay and one copy of its output. A call gives the samples of the eager path with the
+    same seed: the captured draw reads the generator's seed and offset at each replay."""
+
+    def __init__(self, device: str = "cuda"):
+        self.device = device
+        self.entries: dict = {}
+        self.gen: torch.Generator | None = None
+
+    def run(self, key, noise, loop, seed: int | None, build=None) -> torch.Tensor:
+        """``loop(noise(gen))`` with ``gen`` seeded with ``seed``. ``build()``, if given, returns the
+        loop captured instead (same results, fewer kernels). The entry holds that loop and whatever
+        it references, so the memory a captured graph reads is never freed and reused."""
+        seed = 0 if seed is None else int(seed)
+        entry = self.entries.get(key)
+        if self.gen is None:
+            self.gen = torch.Generator(device=self.device)
+        if entry is None:
+            self.entries[key] = "eager"
+            self.gen.manual_seed(seed)
+            return loop(noise(self.gen))
+        if entry == "eager":
+            fn = build() if build is not None else loop
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up, as capture requires
+                self.gen.manual_seed(seed)
+                fn(noise(self.gen))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.gen)
+            with torch.cuda.graph(graph):
+                out = fn(noise(self.gen))
+            entry = self.entries[key] = (graph, out, fn)
+        graph, out, _ = entry
+        self.gen.manual_seed(seed)
+        graph.replay()
+        return out.clone()
+
+
+def thin_kernels(device: torch.device):
+    """The Triton kernels for FusedSteps' thin layers where they can run (a CUDA device and Triton
+    installed), else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+class FusedSteps:
+    """A fixed sequence of steps ``x <- a_i x + b_i F(c_i x, n_i) [+ g_i x0]`` with F a TimeMLP and x0
+    an optional second state (a Heun corrector's start point), evaluated
+    with everything that does not depend on x precomputed: the time branch of each level, the
+    input scale c_i folded into the first layer, b_i into the last, and an optional output affine
+    map into the last step. Used inside CUDA-graph captures, where the loop is replayed without
+    Python; the eager path (and NFE counting by hook) goes through the module itself, and tests
+    check both give the same samples.
+
+    A step is one cuBLAS matmul per square layer and a SiLU after each; on CUDA with Triton
+    (``thin=True``), the thin first layer (K = D = 2) with its SiLU is one Triton kernel and the last
+    SiLU, the thin last layer (N = 2) and the update ``a x + ...`` are another (genbench.models.
+    kernels): 7 kernels a step at depth 4 instead of 10 (addmm for the thin layers, the SiLUs and
+    one add), against about 30 for the module's forward. ``benchmarks/thin_kernels.py`` times both
+    forms and the alternatives that were tried and rejected are listed in baselines/README.md."""
+
+    def __init__(self, net: TimeMLP, c_in, c_noise, a, b, out_scale: float = 1.0, out_shift=None, thin: bool = True,
+                 g=None):
+        linears = [m for m in net.body if isinstance(m, nn.Linear)]
+        dev = net.point.weight.device
+        self.kernels = thin_kernels(dev) if thin else None
+        self.a = [float(v) for v in a]
+        self.g = [0.0] * len(self.a) if g is None else [float(v) for v in g]
+        with torch.no_grad():
+            args = torch.tensor([float(v) for v in c_noise], device=dev).reshape(-1, 1) * net.freqs
+            bias0 = net.point.bias + net.time(torch.cat([torch.sin(args), torch.cos(args)], 1))  # [K, hidden]
+            self.first = [(bias0[i], (float(c) * net.point.weight).t().contiguous()) for i, c in enumerate(c_in)]
+            self.middle = [(lin.bias, lin.weight.t().contiguous()) for lin in linears[:-1]]
+            last, k = linears[-1], len(self.a)
+            shift = torch.zeros_like(last.bias) if out_shift is None else torch.as_tensor(out_shift, device=dev)
+            self.last = []
+            for i, bi in enumerate(b):
+                s = out_scale if i == k - 1 else 1.0
+                self.last.append((float(bi) * s * last.bias + (shift if i == k - 1 else 0), (float(bi) * s * last.weight).t().contiguous()))
+            self.a[-1] *= out_scale
+            self.g[-1] *= out_scale
+
+    def __call__(self, x: torch.Tensor, i: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+        """Step ``i`` from x; ``x0`` is the second state of steps with g_i != 0."""
+        if (x0 is None) != (self.g[i] == 0.0):
+            raise ValueError(f"step {i} has g = {self.g[i]}: pass x0 exactly when g != 0")
+        if self.kernels is not None:
+            x = x.contiguous()
+            x0 = None if x0 is None else x0.contiguous()
+            h = self.kernels.first_layer(x, self.first[i][1], self.first[i][0])  # SiLU applied
+            for j, (bias, w) in enumerate(self.middle):
+                h = torch.addmm(bias, h, w)
+                if j < len(self.middle) - 1:
+                    h = F.silu(h)
+            return self.kernels.last_layer(h, self.last[i][1], self.last[i][0], x, self.a[i], act=bool(self.middle),
+                                           x2=x0, g=self.g[i])
+        h = torch.addmm(self.first[i][0], x, self.first[i][1])
+        for bias, w in self.middle:
+            h = torch.addmm(bias, F.silu(h), w)
+        out = torch.addmm(self.last[i][0], F.silu(h), self.last[i][1]).add_(x, alpha=self.a[i])
+        return out if x0 is None else out.add_(x0, alpha=self.g[i])
+
+
+def graphs_available() -> bool:
+    """Whether this torch can capture work that draws from its own generators (training steps,
+    sampling loops); where it cannot, the CUDA paths run eagerly."""
+    return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
+def phase_segments(steps: int, phase=None) -> list[tuple[int, int]]:
+    """The runs [start, end) of consecutive steps with equal ``phase(k)``: one captured graph each."""
+    if phase is None:
+        return [(0, steps)] if steps else []
+    out: list[tuple[int, int]] = []
+    for k in range(steps):
+        if k and phase(k) == phase(k - 1):
+            out[-1] = (out[-1][0], k + 1)
+        else:
+            out.append((k, k + 1))
+    return out
+
+
+def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: float, after_step, log_every: int,
+                device: str, generators: tuple = (), phase=None):
+    """``nets.fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
+
+    The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
+    from the precomputed warm-up + cosine schedule inside the graph), gradient clipping, then
+    ``after_step``. The step counter, the schedule and the loss of every step live on the device;
+    the host reads the losses back once per ``log_every`` steps (the loss curve and the divergence
+    check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
+    they warm up the optimizer state and the kernels that capture needs), then the step is
+    captured once and replayed to the phase's end."""
+    import time
+
+    from ..api import FitInfo
+    from ..timing import synchronize
+    from .nets import Diverged, warmup_cosine
+
+    params = [p for p in params if p.requires_grad]
+    warmup = max(1, min(warmup, steps // 10))
+    sched = torch.tensor([lr * warmup_cosine(k, steps, warmup) for k in range(steps)], device=device)
+    lr_t = sched[0].clone()
+    opt = torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
+    k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
+    k_float = torch.zeros((), device=device)  # ... and as a number for after_step
+    losses = torch.zeros(steps, device=device)
+
+    def one_step(k: int) -> None:
+        lr_t.copy_(sched.index_select(0, k_long).reshape(()))
+        loss = loss_fn(k, k_float)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        if after_step is not None:
+            after_step(k_float)
+        losses.index_copy_(0, k_long, loss.detach().reshape(1).float())
+        k_long.add_(1)
+        k_float.add_(1)
+
+    curve: list[float] = []
+    logged = 0
+
+    def log_upto(k: int) -> None:  # the mean loss of each finished window, read back at its end
+        nonlocal logged
+        if k - logged == log_every or k == steps:
+            mean = losses[logged:k].mean().item()
+            if not math.isfinite(mean):
+                raise Diverged(f"non-finite loss at step {k - 1}")
+            curve.append(mean)
+            logged = k
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream()
+    for i, (start, end) in enumerate(phase_segments(steps, phase)):
+        eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for k in range(start, start + eager):
+                opt.zero_grad(set_to_none=True)
+                one_step(k)
+                log_upto(k + 1)
+        torch.cuda.current_stream().wait_stream(side)
+        if start + eager == end:
+            continue
+        opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
+        graph = torch.cuda.CUDAGraph()
+        for g in generators:
+            graph.register_generator_state(g)
+        with torch.cuda.graph(graph):
+            one_step(start + eager)
+        for k in range(start + eager, end):
+            graph.replay()
+            log_upto(k + 1)
+        del graph  # the phase's graph and its memory go before the next is captured
+    synchronize(device)
+    return FitInfo(steps=steps, final_loss=curve[-1] if curve else float("nan"),
+                   train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)

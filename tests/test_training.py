@@ -1,0 +1,29 @@
+"""The training loop's host-side logic (the CUDA-graph path's GPU behaviour is in test_cuda.py)."""
+import torch
+
+from genbench.models.consistency import ct_discretisation
+from genbench.models.graphs import phase_segments
+from genbench.models.nets import EMA, at_most
+
+
+def test_phase_segments_cover_the_steps_in_runs_of_one_phase():
+    assert phase_segments(7) == [(0, 7)] and phase_segments(0) == []
+    steps = 1000
+    phase = lambda k: ct_discretisation(k, steps, 10, 1280)  # noqa: E731
+    segs = phase_segments(steps, phase)
+    assert segs[0][0] == 0 and segs[-1][1] == steps
+    assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))  # contiguous
+    assert all(len({phase(k) for k in range(s, e)}) == 1 for s, e in segs)  # one phase each
+    assert len(segs) == len({phase(k) for k in range(steps)}) == 8  # N = 11, 21, ..., 1281
+
+
+def test_step_dependent_values_work_on_numbers_and_tensors():
+    assert at_most(3, 2.0) == 2.0 and at_most(1.5, 2.0) == 1.5
+    t = torch.tensor(5.0)
+    assert at_most((1 + t) / (10 + t), 0.999).item() == torch.tensor(6 / 15).item()
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    e1, e2 = EMA(a, 0.9), EMA(a, 0.9)
+    e1.update(b, 0.75)
+    e2.update(b, torch.tensor(0.75))  # the captured step's form
+    for p, q in zip(e1.model.parameters(), e2.model.parameters()):
+        torch.testing.assert_close(p, q)
