@@ -42,7 +42,7 @@ def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threa
                 m.ema.model(x, t)
 
     def timed(fn) -> float:
-        return time_call(fn, device=device, repeats=1, warmup=0)[0]
+        return time_call(fn, device=device, min_calls=1, min_time=0, max_calls=1, warmup=0).median
 
     forwards(), m.sample(n, steps=steps, seed=0)  # warm-up
     fwd, loop = [], []
@@ -69,9 +69,9 @@ def graph_vs_eager(n: int = 2000, device: str = "cuda", repeats: int = 20) -> li
         for graph in (False, True):
             m.config.cuda_graph = graph
             m.sample(n, steps=steps, seed=0)  # the eager first call of the graph path
-            med, mn = time_call(lambda: m.sample(n, steps=steps, seed=0), device=device, repeats=repeats, warmup=2)
-            tag = "graph" if graph else "eager"
-            row[f"{tag}_ms"], row[f"{tag}_ms_min"] = med * 1e3, mn * 1e3
+            t = time_call(lambda: m.sample(n, steps=steps, seed=0), device=device, min_calls=repeats, warmup=2)
+            tag, med = "graph" if graph else "eager", t.median
+            row[f"{tag}_ms"], row[f"{tag}_ms_min"], row[f"{tag}_calls"] = med * 1e3, t.min * 1e3, t.calls
             row[f"{tag}_us_per_nfe"] = med * 1e6 / row["nfe"]
         row["speedup"] = row["eager_ms"] / row["graph_ms"]
         out.append(row)

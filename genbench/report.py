@@ -10,7 +10,7 @@ import pandas as pd
 from .api import UsageError
 from .metrics import mean_ci
 from .scoring import METRICS, NO_FLOOR
-from .timing import PROTOCOL
+from .timing import MIN_CALLS, MIN_TIME_S, PROTOCOL
 
 ID = ["model", "variant", "dataset", "steps"]
 #: every metric column, in the order the tables show them
@@ -19,7 +19,8 @@ FLOOR_COLUMNS = [f"{c}_floor{s}" for c in METRIC_COLUMNS if c not in NO_FLOOR fo
 CELL_COLUMNS = [
     "run_id", "model", "variant", "source", "dataset", "dataset_version", "seed", "steps", "nfe", "n_samples",
     *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
-    "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "budget",
+    "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "sample_s_iqr",
+    "sample_calls", "budget",
     "device", "device_name", "threads", "jobs", "torch_version", "cuda_version", "genbench_version", "git_sha",
     "status", "error",
 ]
@@ -141,8 +142,11 @@ def _distinct(values: pd.Series) -> str:
 
 
 def protocol_line(df: pd.DataFrame) -> str:
-    return PROTOCOL.format(n=_distinct(df["n_samples"]), repeats=">=5", threads=_distinct(df["threads"]),
-                           jobs=_distinct(df["jobs"]))
+    calls = df["sample_calls"].dropna() if "sample_calls" in df else pd.Series(dtype=float)
+    counts = f"{int(calls.min())}" if len(calls) and calls.min() == calls.max() else (
+        f"{int(calls.min())}–{int(calls.max())}" if len(calls) else "5 (older rows: no count recorded)")
+    return PROTOCOL.format(n=_distinct(df["n_samples"]), calls=counts, min_calls=MIN_CALLS, min_time=MIN_TIME_S,
+                           threads=_distinct(df["threads"]), jobs=_distinct(df["jobs"]))
 
 
 NOTES = (
