@@ -18,11 +18,19 @@ QUICK = ["--models", "gauss", "--datasets", "ring8,moons", "--n-samples", "200",
 
 
 @pytest.fixture
-def gb(plugin_path, tmp_path):
-    """The genbench CLI in a subprocess with the test plugin on the path; ``preexec`` runs in the
-    child before exec (resource limits, dropped privileges)."""
+def gb(plugin_path, tmp_path, monkeypatch):
+    """The genbench CLI with the test plugin on the path: in this process, or in a subprocess where
+    the test needs one (``background``, or ``preexec`` run in the child before exec: resource
+    limits, dropped privileges)."""
+    from conftest import in_process
+
+    monkeypatch.syspath_prepend(str(plugin_path))
+    monkeypatch.chdir(tmp_path)
+    here = in_process(monkeypatch)
 
     def run(*args, preexec=None, timeout=600, background=False):
+        if preexec is None and not background:
+            return here(*args)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, "-m", "genbench.cli", *map(str, args)]
         if background:
@@ -223,6 +231,7 @@ def readonly(tmp_path):
             os.chmod(p, 0o755)
 
 
+@pytest.mark.slow
 def test_a_read_only_dir_is_one_line_exit_1(gb, tmp_path, readonly):
     top, seal = readonly
     out = top / "run"
@@ -237,6 +246,7 @@ def test_a_read_only_dir_is_one_line_exit_1(gb, tmp_path, readonly):
     assert r.returncode == 0 and "| gauss" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(gb, tmp_path):
     """Three runs killed (SIGKILL, SIGTERM, SIGKILL) at random moments (seeded), then one to the
     end: every cell once, done."""

@@ -53,6 +53,7 @@ def test_flow_density_integrates_to_one(fitted):
     assert p == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.slow
 def test_unbounded_coupling_fits_ring8_better_than_nflows_bounded():
     ref = datasets.RING8.sample(1000, [0, 1])
     test = datasets.RING8.sample(2000, [0, 2])

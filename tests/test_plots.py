@@ -2,10 +2,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 NO_TORCH = """
 import sys
+
+import pytest
 class Block:  # any import of torch fails: the plot command can only read saved files
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
@@ -17,6 +21,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_quick_run_rows(quick_run):
     rows = [json.loads(l) for l in (quick_run / "rows.jsonl").read_text().splitlines()]
     # diffusion, cm-cd, cm-ct: 2 step counts each; vae, flow: 1 row; x 2 datasets
@@ -26,6 +31,7 @@ def test_quick_run_rows(quick_run):
     assert {r["nfe"] for r in rows if r["model"] == "diffusion"} == {1, 4}
 
 
+@pytest.mark.slow
 def test_plot_writes_every_figure_from_saved_data_only(quick_run, tmp_path):
     """The plot command runs with torch made unimportable: it can only read saved run data."""
     out = tmp_path / "fig"

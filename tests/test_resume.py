@@ -8,6 +8,8 @@ import sys
 import time
 from collections import Counter
 
+pytestmark = pytest.mark.slow  # real processes killed, interrupted and pooled: end-to-end runs
+
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path, jobs):
@@ -42,13 +44,13 @@ def test_killed_run_resumes_without_redoing_finished_cells(plugin_path, tmp_path
     assert all(x["status"] == "done" for x in rows)
 
 
-def test_parallel_run_gives_the_serial_rows(cli, tmp_path):
+def test_parallel_run_gives_the_serial_rows(cli_process, tmp_path):
     """--jobs 2 runs fit chains in two processes (cm-cd with its teacher in one); every cell is
     written once and the numbers are those of the serial run (same seeds, one thread each)."""
     common = ["run", "--models", "gauss,cm-cd,vae", "--datasets", "ring8,moons", "--budget", "quick",
               "--n-samples", "300"]
     for jobs in (1, 2):
-        r = cli(*common, "--jobs", str(jobs), "--out", str(tmp_path / f"j{jobs}"))
+        r = cli_process(*common, "--jobs", str(jobs), "--out", str(tmp_path / f"j{jobs}"))
         assert r.returncode == 0, r.stderr
     rows = {}
     for jobs in (1, 2):
@@ -92,14 +94,14 @@ def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
     assert (rows.read_text() if rows.exists() else "") == before  # no worker left running
 
 
-def test_a_planted_pickle_checkpoint_runs_no_code_and_is_retrained(cli, tmp_path):
+def test_a_planted_pickle_checkpoint_runs_no_code_and_is_retrained(cli_process, tmp_path):
     """Checkpoints are read with weights_only=True: a pickle whose __reduce__ runs a command is
     refused, and the unit is trained again."""
     import pickle
 
     out = tmp_path / "run"
     args = ["run", "--models", "vae", "--budget", "quick", "--n-samples", "200", "--out", str(out)]
-    assert cli(*args).returncode == 0
+    assert cli_process(*args).returncode == 0
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -109,7 +111,7 @@ def test_a_planted_pickle_checkpoint_runs_no_code_and_is_retrained(cli, tmp_path
     ckpt = next((out / "checkpoints").glob("vae__ring8__s0.pt"))
     ckpt.write_bytes(pickle.dumps(Payload()))
     (out / "rows.jsonl").unlink()  # the cell must be redone, so the checkpoint is read
-    r = cli(*args)
+    r = cli_process(*args)
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
     row = json.loads((out / "rows.jsonl").read_text())

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from genbench.datasets import get
@@ -37,6 +38,7 @@ def test_checkpoint_round_trip_gives_the_same_samples():
     torch.testing.assert_close(again.sample(100, steps=4, seed=2), model.sample(100, steps=4, seed=2))
 
 
+@pytest.mark.slow
 def test_genbench_runs_the_plugin_with_a_step_sweep_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "genbench.cli", "run", "--models", "rectflow", "--steps", "1,8", "--budget", "quick",
