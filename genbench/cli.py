@@ -86,6 +86,7 @@ def run(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 gives stable timings on small shared machines)."),
     jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
+    score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
 ):
@@ -99,8 +100,8 @@ def run(
             n for n, e in registry.discover().items() if e.cls is not None]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
-                    floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, params=_params(param),
-                    out=str(out) if out else f"results/{budget}-{{device}}")
+                    floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
+                    params=_params(param), out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
         rows = _run(runner)
     except UsageError as e:
@@ -222,6 +223,7 @@ def reproduce(
         plan = Plan(models=list(HEADLINE.steps), datasets=[HEADLINE.dataset], seeds=[0],
                     steps_by_model=HEADLINE.steps, budget=budget,
                     n_samples=HEADLINE.n_samples, device=device, threads=threads, jobs=jobs, params=_params(param),
+                    score_jobs=0,  # nothing else runs while the headline is timed
                     out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
         runner = Runner(plan)
         rows = _run(runner)

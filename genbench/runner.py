@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import subprocess
@@ -52,6 +53,7 @@ class Plan:
     device: str = "auto"
     threads: int = 1
     jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
+    score_jobs: int | None = None  # CPU processes scoring cells beside the fits; None: auto (Runner.auto_score_jobs)
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
     metrics: list[str] = field(default_factory=lambda: list(scoring.DEFAULT_METRICS))
@@ -235,12 +237,18 @@ class Runner:
         if unknown:
             raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
         self.device = resolve_device(plan.device)
-        self._check_memory()
+        if plan.score_jobs is not None and plan.score_jobs < 0:
+            raise UsageError(f"--score-jobs {plan.score_jobs}: must be >= 0 (0: score in the fit process)")
         plan.jobs = min(plan.jobs or self.auto_jobs(), len(self.chains()))
+        if plan.score_jobs is None:
+            plan.score_jobs = self.auto_score_jobs()
+        self._check_memory()
         plan.out = plan.out.replace("{budget}", plan.budget).replace("{device}", self.device)
         self.store = RunDir(check_out_dir(plan.out))
         self._check_settings()
-        self._floors: dict[tuple, dict] = {}
+        self._floors: dict[tuple, object] = {}  # (dataset, seed) -> a function giving its floors
+        self.scorer = None  # the scoring processes' pool, while a run has one
+        self.pending: list[tuple] = []  # (row, its scores to come, its floors) of cells being scored
         self.notes: list[str] = []  # what the run did besides the plan (repairs, redone cells), for the user
 
     def _check_teachers(self) -> None:
@@ -277,7 +285,7 @@ class Runner:
             have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return
-        procs = self.plan.jobs or 1
+        procs = (self.plan.jobs or 1) + (self.plan.score_jobs or 0)
         if need * procs > 0.8 * have:
             per = max(scoring.METRICS[m].bytes_per_n2 for m in self.plan.metrics)
             most = int((0.8 * have / procs / per) ** 0.5)
@@ -338,6 +346,7 @@ class Runner:
             "device_name": device_name(self.device),
             "threads": torch.get_num_threads(),
             "jobs": self.plan.jobs,
+            "score_jobs": self.plan.score_jobs,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if self.device.startswith("cuda") else None,
             "genbench_version": __version__,
@@ -376,6 +385,14 @@ class Runner:
             return 1
         return max(1, min(cpu_cores() // self.plan.threads, len(self.chains())))
 
+    def auto_score_jobs(self) -> int:
+        """On a GPU with one fit process, the CPU cores but two score cells while the GPU fits and
+        samples the next ones; on the CPU the cores are the fits', and each fit process scores its
+        own cells."""
+        if self.device == "cpu" or self.plan.jobs != 1:
+            return 0
+        return max(0, cpu_cores() - 2)
+
     def _setup_process(self) -> None:
         """Per process (the run's and each worker's): the thread count, and the provenance that
         every row carries."""
@@ -406,7 +423,8 @@ class Runner:
                 self.notes.append(f"{len(finished - redo)} of {len(keys)} cells were already done and were skipped")
             self.progress.start(len(keys))
             if self.plan.jobs == 1:
-                self.run_units(units, done)
+                with self._scoring_pool():
+                    self.run_units(units, done)
             else:
                 self._run_parallel(keys, done)
             rows = self.store.rows()
@@ -438,6 +456,44 @@ class Runner:
             self.progress.advance(len(self.steps_for(model)) - len(todo))
             if todo:
                 self._run_unit(entry, model, dataset, seed, todo)
+        self._drain(block=True)
+
+    @contextlib.contextmanager
+    def _scoring_pool(self):
+        """``score_jobs`` CPU worker processes that score cells and floor draws while this process
+        goes on fitting and sampling; rows are written as their scores arrive. Closed (or, on an
+        interruption, terminated: cells not yet written are run again on resume) when the block ends."""
+        if not self.plan.score_jobs:
+            yield
+            return
+        self.progress.update(f"starting {self.plan.score_jobs} scoring processes")
+        with worker_pool(self.plan.score_jobs, initializer=_score_worker_init) as pool:
+            self.scorer = pool
+            try:
+                yield
+            finally:
+                self.scorer = None
+
+    def _score_async(self, x, ref, ds_name: str, seed: int):
+        return self.scorer.apply_async(_score_task, (x, ref, ds_name, self.plan.metrics, seed))
+
+    def _drain(self, block: bool = False) -> None:
+        """Writes the rows whose scores have arrived (all of them with ``block``)."""
+        waiting = []
+        for row, result, floors in self.pending:
+            if not (block or result.ready()):
+                waiting.append((row, result, floors))
+                continue
+            try:
+                values, errors = result.get()
+                row |= values | {"metric_errors": errors or None} | floors()
+            except RunDirError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a scoring failure is the cell's error
+                self._write(row, e)
+            else:
+                self._write(row, None)
+        self.pending = waiting
 
     def _run_parallel(self, keys: set, done: set) -> None:
         """Chains of fit units in ``jobs`` worker processes; each appends its own rows (whole, under
@@ -528,19 +584,28 @@ class Runner:
             row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
                           "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
-                          "fit_sha256": record.get("fit_sha256"), **floors, **extras}
+                          "fit_sha256": record.get("fit_sha256"), **extras}
             try:
-                self._sample_cell(model, ds, seed, k, ref, row)
+                x = self._sample_cell(model, ds, seed, k, ref, row)
+                if self.scorer is not None:  # scored beside the next fits; the row is written then
+                    self.pending.append((row, self._score_async(x, ref, ds.name, seed), floors))
+                    self._drain()
+                    continue
+                values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
+                row |= values | {"metric_errors": errors or None} | floors()
             except RunDirError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - the row is still written whole, floors included
+                with contextlib.suppress(Exception):
+                    row |= floors()
                 self._write(row, e)
             else:
                 self._write(row, None)
 
-    def _sample_cell(self, model: Generator, ds, seed: int, k, ref, row: dict) -> None:
-        """Samples, counts NFE, times and scores one cell into ``row``. Non-finite samples leave
-        the metric columns empty (each with its reason) and end the cell as diverged."""
+    def _sample_cell(self, model: Generator, ds, seed: int, k, ref, row: dict) -> np.ndarray:
+        """Samples, counts NFE and times one cell into ``row``, saves its samples and returns them
+        (to be scored). Non-finite samples end the cell as diverged, its metric columns empty (each
+        with its reason)."""
         n, sample_seed = self.plan.n_samples, 10_000 + seed
         with NFECounter(model.nfe_module) as counter:
             x = model.sample(n, steps=k, seed=sample_seed)
@@ -555,11 +620,11 @@ class Runner:
         row["nfe"] = counter.count
         t = time_call(lambda: model.sample(n, steps=k, seed=sample_seed), device=self.device,
                       min_calls=self.plan.repeats, min_time=self.plan.min_time_s)
-        row |= {"sample_s": t.median, "sample_s_min": t.min, "sample_s_iqr": t.iqr, "sample_calls": t.calls}
-        values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
-        row |= values
-        row["metric_errors"] = errors or None
+        row |= {"sample_s": t.median, "sample_s_min": t.min, "sample_s_iqr": t.iqr, "sample_calls": t.calls,
+                "sample_calls_per_block": t.per_block}
         if not np.isfinite(x).all():
+            values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device="cpu")
+            row |= values | {"metric_errors": errors or None}
             raise Diverged(f"{int((~np.isfinite(x)).any(1).sum())} of {n} samples are not finite")
         arrays = {"x": x, "ref": ref}
         caps = model.capabilities()
@@ -568,27 +633,45 @@ class Runner:
         if "one-step map" in caps:
             arrays["one_step_map"] = np.asarray(model.one_step_map(64, steps=k, seed=sample_seed))
         row["samples_sha256"] = self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
+        return x
 
     @property
     def metric_device(self) -> str:
-        """Where the GPU-capable metrics run: the run's CUDA device, else the CPU."""
-        return self.device if self.device.startswith("cuda") else "cpu"
+        """Where the GPU-capable metrics run: the run's CUDA device, unless scoring processes
+        score on the CPU beside the fits; else the CPU."""
+        return self.device if self.device.startswith("cuda") and not self.plan.score_jobs else "cpu"
 
-    def _floors_for(self, ds, seed: int, ref) -> dict:
+    def _floors_for(self, ds, seed: int, ref):
         """Every metric's noise floor for (dataset, seed): ``floor_draws`` independent true samples
         of n points scored against the reference sample. Computed once per run dir (saved under
-        floors/, shared by the worker processes under a lock) and reused by every model."""
+        floors/, shared by the worker processes under a lock) and reused by every model; with
+        scoring processes, the draws are scored there while the fits go on. Returns a function
+        that gives the floors (waiting for them, the first time, if they are being scored)."""
         key = (ds.name, seed)
-        if key not in self._floors:
-            ident = {"dataset": ds.name, "dataset_version": ds.version, "seed": seed, "n": len(ref),
-                     "metrics": self.plan.metrics, "draws": self.plan.floor_draws, "device": self.device}
+        if key in self._floors:
+            return self._floors[key]
+        name = f"{ds.name}__s{seed}"
+        ident = {"dataset": ds.name, "dataset_version": ds.version, "seed": seed, "n": len(ref),
+                 "metrics": self.plan.metrics, "draws": self.plan.floor_draws, "device": self.device,
+                 "metric_device": self.metric_device}
+        draws = lambda: [ds.sample(len(ref), [seed, 3, i]) for i in range(self.plan.floor_draws)]  # noqa: E731
+        saved = self.store.load_json("floors", name)
+        if self.scorer is None or (isinstance(saved, dict) and saved.get("ident") == json.loads(dumps(ident))):
+            value = self.store.cached_json("floors", name, ident, lambda: scoring.floors(
+                draws(), ref, ds, self.plan.metrics, seed=seed, device=self.metric_device))
+            self._floors[key] = lambda: value
+            return self._floors[key]
+        results = [self._score_async(d, ref, ds.name, scoring.floor_seed(seed, i)) for i, d in enumerate(draws())]
+        memo: dict = {}
 
-            def compute():
-                draws = [ds.sample(len(ref), [seed, 3, i]) for i in range(self.plan.floor_draws)]
-                return scoring.floors(draws, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
+        def floors() -> dict:
+            if "value" not in memo:
+                value = scoring.floor_summary([r.get()[0] for r in results])
+                memo["value"] = self.store.cached_json("floors", name, ident, lambda: value)
+            return memo["value"]
 
-            self._floors[key] = self.store.cached_json("floors", f"{ds.name}__s{seed}", ident, compute)
-        return self._floors[key]
+        self._floors[key] = floors
+        return floors
 
     def _write(self, row: dict, error: BaseException | None) -> None:
         if error is None:
@@ -604,13 +687,14 @@ class Runner:
 
 
 @contextlib.contextmanager
-def worker_pool(jobs: int):
+def worker_pool(jobs: int, initializer=None):
     """A pool of ``jobs`` spawned worker processes that ignore SIGINT (Ctrl-C reaches only this
     process) and leave when it is killed; closed when the block ends normally, terminated at once
-    on any interruption (Ctrl-C, an error), so finished work stays and nothing runs on."""
+    on any interruption (Ctrl-C, an error), so finished work stays and nothing runs on.
+    ``initializer(parent_pid)`` runs in each (default ``_worker_init``)."""
     import multiprocessing as mp
 
-    pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(jobs, initializer=_worker_init,
+    pool = _ignoring_sigint(lambda: mp.get_context("spawn").Pool(jobs, initializer=initializer or _worker_init,
                                                                   initargs=(os.getpid(),)))
     try:
         yield pool
@@ -632,6 +716,20 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _score_worker_init(parent: int) -> None:
+    """A scoring process: one thread (torch, and the BLAS and OpenMP pools of numpy, scipy and
+    scikit-learn), leaving with its parent."""
+    from threadpoolctl import threadpool_limits
+
+    _worker_init(parent)
+    torch.set_num_threads(1)
+    threadpool_limits(1)
+
+
+def _score_task(x, ref, ds_name: str, metrics: list[str], seed: int):
+    return scoring.score(x, ref, ds_mod.get(ds_name), metrics, seed=seed, device="cpu")
 
 
 def _ignoring_sigint(start):

@@ -120,9 +120,19 @@ def floors(draws, ref, ds: Dataset, names, *, seed: int = 0, device: str = "cpu"
     """``{column}_floor`` and ``{column}_floor_std``: the mean and std of each column over
     independent true samples ``draws`` scored against ``ref`` — what a perfect model scores, and
     how much that moves by chance."""
+    return floor_summary([score(d, ref, ds, names, seed=floor_seed(seed, i), device=device)[0]
+                          for i, d in enumerate(draws)])
+
+
+def floor_seed(seed: int, draw: int) -> int:
+    """The scoring seed of floor draw ``draw`` of (dataset, seed)."""
+    return seed + 1000 * (draw + 1)
+
+
+def floor_summary(draw_values: list[dict]) -> dict:
+    """The floors (``floors``) from each draw's ``score`` values."""
     per: dict[str, list] = {}
-    for i, d in enumerate(draws):
-        values, _ = score(d, ref, ds, names, seed=seed + 1000 * (i + 1), device=device)
+    for values in draw_values:
         for k, v in values.items():
             per.setdefault(k, []).append(v)
     out = {}

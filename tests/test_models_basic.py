@@ -55,7 +55,6 @@ def test_flow_density_integrates_to_one(fitted):
 
 @pytest.mark.slow
 def test_unbounded_coupling_fits_ring8_better_than_nflows_bounded():
-    ref = datasets.RING8.sample(1000, [0, 1])
     test = datasets.RING8.sample(2000, [0, 2])
     res = {}
     for coupling in ("unbounded", "nflows"):

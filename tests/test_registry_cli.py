@@ -104,6 +104,7 @@ BAD = [
     (["run", "--models", "gauss", "--threads", "0"], "--threads 0: must be >= 1"),
     (["reproduce", "--threads", "0"], "--threads 0: must be >= 1"),
     (["run", "--models", "gauss", "--jobs", "-1"], "--jobs -1: must be >= 1, or 0 for auto"),
+    (["run", "--models", "gauss", "--score-jobs", "-1"], "--score-jobs -1: must be >= 0"),
     (["run", "--models", "gauss", "--metrics", "w2,mmd"], "unknown metric 'mmd'"),
     (["run", "--models", "gauss", "--floor-draws", "1"], "need at least 2 true samples"),
     (["calibrate", "--defects", "smudge"], "unknown defect 'smudge'"),
@@ -223,3 +224,21 @@ def test_plugins_are_imported_only_when_named(plugin_path, tmp_path, monkeypatch
         registry.resolve(["twin"])
     with pytest.raises(UsageError, match="model 'malformed' is broken"):
         registry.resolve(["malformed"])
+
+
+def test_scoring_processes_give_the_rows_of_inline_scoring(cli, tmp_path):
+    """--score-jobs: cells and floor draws scored in worker processes while the fits go on give the
+    same rows as scoring in the fit process."""
+    rows = {}
+    for jobs in (0, 2):
+        out = tmp_path / f"s{jobs}"
+        r = cli("run", "--models", "gauss,gauss-paths", "--datasets", "ring8,moons", "--n-samples", "300",
+                "--floor-draws", "3", "--jobs", "1", "--score-jobs", jobs, "--out", out)
+        assert r.returncode == 0, r.stderr
+        rows[jobs] = {(x["model"], x["dataset"]): x for x in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+    assert rows[0].keys() == rows[2].keys() and len(rows[0]) == 4
+    for key, a in rows[0].items():
+        b = rows[2][key]
+        assert b["score_jobs"] == 2 and a["score_jobs"] == 0
+        same = [c for c in a if c.startswith(("w2", "energy", "precision", "recall", "c2st", "hq_frac", "modes"))]
+        assert len(same) > 10 and {c: a[c] for c in same} == {c: b[c] for c in same}
