@@ -9,7 +9,7 @@ from .models.consistency import ConsistencyDistillation
 from .models.diffusion import Diffusion
 from .models.nets import EMA, Standardizer
 from .runner import device_name, resolve_device
-from .timing import time_call
+from .timing import block_time, time_call
 
 
 def _untrained(cls, device: str, **params):
@@ -42,7 +42,7 @@ def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threa
                 m.ema.model(x, t)
 
     def timed(fn) -> float:
-        return time_call(fn, device=device, min_calls=1, min_time=0, max_calls=1, warmup=0).median
+        return block_time(fn, 1, device)
 
     forwards(), m.sample(n, steps=steps, seed=0)  # warm-up
     fwd, loop = [], []

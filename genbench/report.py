@@ -10,7 +10,7 @@ import pandas as pd
 from .api import UsageError
 from .metrics import mean_ci
 from .scoring import METRICS, NO_FLOOR
-from .timing import MIN_CALLS, MIN_TIME_S, PROTOCOL
+from .timing import BLOCK_S, MIN_CALLS, MIN_TIME_S, PROTOCOL
 
 ID = ["model", "variant", "dataset", "steps"]
 #: every metric column, in the order the tables show them
@@ -20,7 +20,7 @@ CELL_COLUMNS = [
     "run_id", "model", "variant", "source", "dataset", "dataset_version", "seed", "steps", "nfe", "n_samples",
     *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "sample_s_iqr",
-    "sample_calls", "budget",
+    "sample_calls", "sample_calls_per_block", "budget",
     "device", "device_name", "threads", "jobs", "torch_version", "cuda_version", "genbench_version", "git_sha",
     "status", "error",
 ]
@@ -141,12 +141,19 @@ def _distinct(values: pd.Series) -> str:
     return ",".join(str(int(v)) for v in sorted(values.dropna().unique())) or "?"
 
 
+def _span(df: pd.DataFrame, column: str, missing: str) -> str:
+    """The range of an integer column's values ('5' or '5–4000'); ``missing`` where none is recorded."""
+    v = df[column].dropna() if column in df else pd.Series(dtype=float)
+    if not len(v):
+        return missing
+    return f"{int(v.min())}" if v.min() == v.max() else f"{int(v.min())}–{int(v.max())}"
+
+
 def protocol_line(df: pd.DataFrame) -> str:
-    calls = df["sample_calls"].dropna() if "sample_calls" in df else pd.Series(dtype=float)
-    counts = f"{int(calls.min())}" if len(calls) and calls.min() == calls.max() else (
-        f"{int(calls.min())}–{int(calls.max())}" if len(calls) else "5 (older rows: no count recorded)")
-    return PROTOCOL.format(n=_distinct(df["n_samples"]), calls=counts, min_calls=MIN_CALLS, min_time=MIN_TIME_S,
-                           threads=_distinct(df["threads"]), jobs=_distinct(df["jobs"]))
+    return PROTOCOL.format(n=_distinct(df["n_samples"]), calls=_span(df, "sample_calls", "5 (not recorded)"),
+                           block=_span(df, "sample_calls_per_block", "1"), block_ms=BLOCK_S * 1e3,
+                           min_calls=MIN_CALLS, min_time=MIN_TIME_S, threads=_distinct(df["threads"]),
+                           jobs=_distinct(df["jobs"]))
 
 
 NOTES = (

@@ -1,5 +1,5 @@
-"""Device-aware wall-clock timing: warm-up calls, device synchronisation around each timed call,
-and as many timed calls as a stable median needs (like ``timeit``'s autorange)."""
+"""Device-aware wall-clock timing: warm-up calls, device synchronisation around each timed block of
+calls, and as many calls as a stable median needs (like ``timeit``'s autorange)."""
 from __future__ import annotations
 
 import statistics
@@ -12,6 +12,8 @@ from typing import Callable
 MIN_CALLS = 5
 MIN_TIME_S = 0.25
 MAX_CALLS = 10_000
+#: calls shorter than this are timed in blocks of back-to-back calls that last at least this long
+BLOCK_S = 0.001
 
 
 def synchronize(device: str) -> None:
@@ -27,42 +29,60 @@ def synchronize(device: str) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over ``calls`` timed calls: median, minimum and interquartile range."""
+    """Seconds per call: median, minimum and interquartile range over the timed blocks (each block's
+    time divided by its calls); ``calls`` timed in all, ``per_block`` between two synchronizes."""
 
     median: float
     min: float
     iqr: float
     calls: int
+    per_block: int = 1
+
+
+def block_time(fn: Callable[[], object], number: int, device: str) -> float:
+    """Seconds for ``number`` back-to-back calls of ``fn``, with a device synchronize before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def time_call(fn: Callable[[], object], *, device: str = "cpu", min_calls: int = MIN_CALLS,
-              min_time: float = MIN_TIME_S, max_calls: int = MAX_CALLS, warmup: int = 1) -> Timing:
-    """Runs ``fn`` ``warmup`` times untimed, then timed until at least ``min_calls`` calls that took
-    ``min_time`` seconds together were made (or ``max_calls``). Each timed call is bracketed by a
-    device synchronize, so queued GPU work is counted in the call that queued it."""
+              min_time: float = MIN_TIME_S, max_calls: int = MAX_CALLS, warmup: int = 1,
+              block_s: float = BLOCK_S) -> Timing:
+    """Runs ``fn`` ``warmup`` times (at least once) untimed, then times it in blocks of back-to-back calls with a
+    device synchronize around each block: the calls per block double until a block takes
+    ``block_s`` (``timeit``'s autorange: a synchronize per 0.05 ms call would time the synchronize),
+    then blocks are timed until there are at least ``min_calls`` of them and they took ``min_time``
+    together (at most ``max_calls`` calls). Calls of ``block_s`` or more are timed one per block."""
     if min_calls < 1 or max_calls < min_calls or min_time < 0:
         raise ValueError("need 1 <= min_calls <= max_calls and min_time >= 0")
-    for _ in range(warmup):
+    for _ in range(warmup - 1):
         fn()
+    last = block_time(fn, 1, device)  # the last warm-up call (one untimed call at least), timed: calibrates
+    number = 1
+    while last < block_s and number * 2 * min_calls <= max_calls:
+        number *= 2  # the calibrating blocks are untimed warm-up too
+        last = block_time(fn, number, device)
     times: list[float] = []
     total = 0.0
-    while len(times) < max_calls and (len(times) < min_calls or total < min_time):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        total += times[-1]
+    while (len(times) + 1) * number <= max_calls and (len(times) < min_calls or total < min_time):
+        t = block_time(fn, number, device)
+        times.append(t / number)
+        total += t
     if len(times) > 1:
         q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     else:
         q1 = q3 = times[0]
-    return Timing(statistics.median(times), min(times), q3 - q1, len(times))
+    return Timing(statistics.median(times), min(times), q3 - q1, len(times) * number, number)
 
 
 PROTOCOL = (
-    "Timing: {n} samples per call, 1 warm-up call, device synchronize around each timed call, "
-    "median of {calls} timed calls per cell (at least {min_calls} and {min_time} s of calls; each row's "
-    "sample_calls, with the interquartile range in sample_s_iqr); CPU threads = {threads} per process, "
-    "{jobs} fit process(es) at once."
+    "Timing: {n} samples per call, 1 warm-up call, then {calls} timed calls per cell in blocks of {block} "
+    "back-to-back calls with a device synchronize around each block (blocks of at least {block_ms} ms; at "
+    "least {min_calls} blocks and {min_time} s); sample_s is the median over the blocks of the time per call "
+    "(each row's sample_calls, sample_calls_per_block, and the interquartile range in sample_s_iqr); "
+    "CPU threads = {threads} per process, {jobs} fit process(es) at once."
 )
