@@ -52,16 +52,16 @@ def block_time(fn: Callable[[], object], number: int, device: str) -> float:
 def time_call(fn: Callable[[], object], *, device: str = "cpu", min_calls: int = MIN_CALLS,
               min_time: float = MIN_TIME_S, max_calls: int = MAX_CALLS, warmup: int = 1,
               block_s: float = BLOCK_S) -> Timing:
-    """Runs ``fn`` ``warmup`` times (at least once) untimed, then times it in blocks of back-to-back calls with a
+    """Runs ``fn`` ``warmup`` times untimed, and once more to calibrate, then times it in blocks of back-to-back calls with a
     device synchronize around each block: the calls per block double until a block takes
     ``block_s`` (``timeit``'s autorange: a synchronize per 0.05 ms call would time the synchronize),
     then blocks are timed until there are at least ``min_calls`` of them and they took ``min_time``
     together (at most ``max_calls`` calls). Calls of ``block_s`` or more are timed one per block."""
     if min_calls < 1 or max_calls < min_calls or min_time < 0:
         raise ValueError("need 1 <= min_calls <= max_calls and min_time >= 0")
-    for _ in range(warmup - 1):
+    for _ in range(warmup):
         fn()
-    last = block_time(fn, 1, device)  # the last warm-up call (one untimed call at least), timed: calibrates
+    last = block_time(fn, 1, device)  # untimed: calibrates (a warm-up call may be slow: a CUDA graph's capture)
     number = 1
     while last < block_s and number * 2 * min_calls <= max_calls:
         number *= 2  # the calibrating blocks are untimed warm-up too
