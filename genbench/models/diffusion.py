@@ -231,20 +231,21 @@ class Diffusion(Generator):
 
     def _fused(self, grid: torch.Tensor, sampler: str = "euler", thin: bool = True):
         """The PF-ODE loop as FusedSteps (``thin``: see there), with the standardisation undone in
-        the last step. An Euler step is x_e = lerp(D, x, r) = (r + (1 - r) c_skip) x + (1 - r) c_out F,
-        r = t'/t. A Heun step (all but the last) follows it with x <- x + h/2 ((x - D)/t + (x_e - D')/t')
-        = x/2 + (1/2 + q (1 - c_skip')) x_e - q c_out' F(x_e, t'), q = h / 2t', h = t' - t, using
-        (x - D)/t = (x_e - x)/h."""
+        the last step: the samplers' step coefficients (``samplers.euler_coefficients``,
+        ``heun_coefficients``) composed with the denoiser's D = c_skip x + c_out F. An Euler step is
+        x_e = a x + b D = (a + b c_skip) x + b c_out F; a Heun corrector (all steps but the last)
+        x' = a' x + b' x_e + c' D' = a' x + (b' + c' c_skip') x_e + c' c_out' F(x_e, t')."""
         t, t_next = grid[:-1].double(), grid[1:].double()
-        r, heun = t_next / t, sampler == "heun"
+        heun = sampler == "heun"
+        a, b = samplers.euler_coefficients(t, t_next)
+        a2, b2, c2 = samplers.heun_coefficients(t, t_next)
         c_skip, c_out, c_in, c_noise = self.ema.model.coefficients(t)
         cs, co, ci, cn = self.ema.model.coefficients(t_next)  # the corrector's, at t' (not used at t' = 0)
-        q = (t_next - t) / (2 * t_next)
-        rows = []  # (c_in, c_noise, a, b, g) in the order the loop uses them
+        rows = []  # (c_in, c_noise, a, b, g) of FusedSteps, in the order the loop uses them
         for i in range(len(t)):
-            rows.append((c_in[i], c_noise[i], r[i] + (1 - r[i]) * c_skip[i], (1 - r[i]) * c_out[i], 0.0))
+            rows.append((c_in[i], c_noise[i], a[i] + b[i] * c_skip[i], b[i] * c_out[i], 0.0))
             if heun and i < len(t) - 1:
-                rows.append((ci[i], cn[i], 0.5 + q[i] * (1 - cs[i]), -q[i] * co[i], 0.5))
+                rows.append((ci[i], cn[i], b2[i] + c2[i] * cs[i], c2[i] * co[i], a2))
         ci, cn, a, b, g = ([float(v) for v in col] for col in zip(*rows))
         fs = FusedSteps(self.ema.model.net, ci, cn, a, b, out_scale=1 / self.std.scale, out_shift=self.std.mean,
                         thin=thin, g=g)

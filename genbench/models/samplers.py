@@ -27,14 +27,30 @@ import numpy as np
 import torch
 
 
+def euler_coefficients(t, t_next):
+    """(a, b) of one Euler step of dx/dt = (x - d)/t from t to t': ``x + (t' - t)(x - d)/t = a x + b d``."""
+    r = t_next / t
+    return r, 1 - r
+
+
+def heun_coefficients(t, t_next):
+    """(a, b, c) of Heun's corrector, the mean of the slopes at (x, t) and at the Euler point
+    (x_e, t'): ``x + (t' - t)/2 ((x - d)/t + (x_e - d_e)/t') = a x + b x_e + c d_e``, using
+    ``(x - d)/t = (x_e - x)/(t' - t)``."""
+    q = (t_next - t) / (2 * t_next)
+    return 0.5, 0.5 + q, -q
+
+
 def euler_step(x: torch.Tensor, d: torch.Tensor, t, t_next) -> torch.Tensor:
-    """One Euler step of dx/dt = (x - d)/t from t to t_next: ``x + (t' - t)(x - d)/t``."""
-    return torch.lerp(d, x, t_next / t)
+    """One Euler step (``euler_coefficients``), as one fused op: ``lerp(d, x, a)``."""
+    return torch.lerp(d, x, euler_coefficients(t, t_next)[0])
 
 
 def heun_correction(x: torch.Tensor, d: torch.Tensor, x_e: torch.Tensor, d_e: torch.Tensor, t, t_next) -> torch.Tensor:
-    """Heun's corrector: the mean of the slopes at (x, t) and at the Euler point (x_e, t')."""
-    return x + 0.5 * (t_next - t) * ((x - d) / t + (x_e - d_e) / t_next)
+    """Heun's corrector (``heun_coefficients``) from x, the Euler point x_e = euler_step(x, d) and
+    the denoiser d_e there; d enters through x_e."""
+    a, b, c = heun_coefficients(t, t_next)
+    return a * x + b * x_e + c * d_e
 
 
 def _grid(x: torch.Tensor, ts: torch.Tensor, ts_device: torch.Tensor | None):
