@@ -135,17 +135,29 @@ class Generator:
         ``teacher_needs`` names "pf-ode denoiser" receive a model that defines it."""
         raise NotImplementedError
 
+    # -- optional: fits trained side by side (the runner uses it on a GPU) -----------------------
+    @classmethod
+    def fit_side_by_side(cls, models: list["Generator"], datas: list, *, device: str, seeds: list[int]) -> list:
+        """Fits ``models`` (instances of this class with one config, no teacher) at once on
+        ``device``, each on its own data (as ``fit`` receives it) and seed, exactly as its own
+        ``fit`` would (its data draws, seed streams and schedule), e.g. as one stacked network.
+        Returns one FitInfo per model, in order, or an exception in place of a member that failed
+        (it is then fitted alone). The runner groups a GPU run's units of such a model; without
+        it, units are fitted one at a time."""
+        raise NotImplementedError
+
     @classmethod
     def capabilities(cls) -> list[str]:
         """What this model offers beyond sampling, read off the class (``genbench list`` shows it)."""
-        def has(method: str) -> bool:
-            return getattr(cls, method) is not getattr(Generator, method)
+        def has(method: str) -> bool:  # defined below Generator in the class's MRO
+            owner = next(c for c in cls.__mro__ if method in vars(c))
+            return owner is not Generator
 
         caps = [name for name, ok in (
             ("multistep", cls.multistep), ("trajectory", has("trajectory_sample")),
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
             ("likelihood", cls.no_likelihood is None and has("evaluate")),
-            ("pf-ode denoiser", has("pf_ode_denoiser"))) if ok]
+            ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side"))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------

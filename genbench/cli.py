@@ -87,6 +87,7 @@ def run(
     threads: int = typer.Option(1, help="CPU threads for torch (1 gives stable timings on small shared machines)."),
     jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
     score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
+    side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
 ):
@@ -101,7 +102,8 @@ def run(
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
-                    params=_params(param), out=str(out) if out else f"results/{budget}-{{device}}")
+                    side_by_side=side_by_side, params=_params(param),
+                    out=str(out) if out else f"results/{budget}-{{device}}")
         runner = Runner(plan)  # validates everything before anything is trained or written
         rows = _run(runner)
     except UsageError as e:

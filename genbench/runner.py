@@ -54,6 +54,7 @@ class Plan:
     threads: int = 1
     jobs: int = 1  # fit units run at once, each in its own process; 0: auto (see Runner.auto_jobs)
     score_jobs: int | None = None  # CPU processes scoring cells beside the fits; None: auto (Runner.auto_score_jobs)
+    side_by_side: bool | None = None  # fit units of a model side by side where it can; None: on a GPU
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
     metrics: list[str] = field(default_factory=lambda: list(scoring.DEFAULT_METRICS))
@@ -132,6 +133,11 @@ def git_sha() -> str:
         if src:
             return f"{src} (source dir of the install)"
     return "unknown (installed without a git checkout or VCS URL)"
+
+
+#: the most fit units trained side by side as one stacked network on a GPU (a group the GPU's memory
+#: cannot hold is split in halves until it fits)
+MAX_SIDE_BY_SIDE = 32
 
 
 def cpu_cores() -> int:
@@ -450,6 +456,7 @@ class Runner:
 
     def run_units(self, units, done: set | None = None) -> None:
         done = self.done_keys() if done is None else done
+        self._fit_side_by_side(units, done)
         for entry, dataset, seed in units:
             model = make_model(entry, self.plan)
             todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
@@ -522,24 +529,95 @@ class Runner:
         ds = ds_mod.get(dataset)
         return ds, ds.sample(N_TRAIN, [seed, 0]), ds.sample(self.plan.n_samples, [seed, 1]), ds.sample(N_TEST, [seed, 2])
 
-    def _fit_or_load(self, entry_name: str, model: Generator, dataset: str, seed: int, train) -> dict:
-        """Fits the model, or loads it from this run dir's checkpoint; returns its fit record."""
+    def _reuse(self, entry_name: str, model: Generator, dataset: str, seed: int) -> tuple[dict | None, str | None]:
+        """(the unit's fit record, its checkpoint loaded into ``model``), or (None, why the unit must
+        be fitted: None where it never was)."""
         unit = cell_name(entry_name, dataset, seed)
         record = self.store.load_json("fits", unit)
-        refit = None
         if isinstance(record, dict) and record.get("checkpoint_sha256"):
             try:  # tensors and plain containers only: a checkpoint is data, never code
                 state = self.store.load_checkpoint(unit, record["checkpoint_sha256"], self.device)
                 model.load_state_dict(state, device=self.device)
                 # reused: the refit reason of the fit that made it is not this run's
-                return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", unit, ".json")}
+                return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", unit, ".json")}, None
             except Exception as e:  # noqa: BLE001 - an unreadable, torn or unsafe checkpoint is retrained
                 refit = f"checkpoint not reused ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
                 self.progress.update(f"{unit}: {refit}; training again")
-        elif isinstance(record, dict) and "checkpoint_sha256" in record:
-            refit = "the model saves no checkpoint"
-        elif (self.store.path / "fits" / f"{unit}.json").exists():
-            refit = "fit record unreadable (torn or foreign)"
+                return None, refit
+        if isinstance(record, dict) and "checkpoint_sha256" in record:
+            return None, "the model saves no checkpoint"
+        if (self.store.path / "fits" / f"{unit}.json").exists():
+            return None, "fit record unreadable (torn or foreign)"
+        return None, None
+
+    def _save_fit(self, unit: str, model: Generator, info, extras: dict, refit: str | None) -> dict:
+        """The fit record (and the checkpoint, where the model saves one) of a fitted unit."""
+        record = {**dataclasses.asdict(info), **extras, "refit_reason": refit}
+        record.update(record.pop("extras", {}))
+        try:
+            state = model.state_dict()
+        except NotImplementedError:
+            state = None  # a plugin without checkpoints is simply retrained on resume
+        record["checkpoint_sha256"] = None if state is None else self.store.save_checkpoint(unit, state)
+        record["fit_sha256"] = self.store.save_json("fits", unit, record)
+        return record
+
+    def _fit_side_by_side(self, units, done: set) -> None:
+        """On a GPU (or as ``side_by_side`` says), the units of each model that fits side by side (and
+        has no teacher) and must be fitted are fitted in groups, as one stacked network each; their checkpoints and fit records
+        are then what the unit-by-unit pass reuses. A member that diverged, or a group that failed,
+        is left to that pass (fitted alone, its failure recorded as a solo fit's)."""
+        if not (self.device.startswith("cuda") if self.plan.side_by_side is None else self.plan.side_by_side):
+            return
+        todo: dict[str, list] = {}
+        for entry, dataset, seed in units:
+            if entry.cls.teacher or "side by side" not in entry.cls.capabilities():
+                continue
+            model = make_model(entry, self.plan)
+            if all((entry.name, dataset, seed, k) in done for k in self.steps_for(model)):
+                continue
+            record, refit = self._reuse(entry.name, model, dataset, seed)
+            if record is None:
+                todo.setdefault(entry.name, []).append((entry, dataset, seed, refit))
+        for group in todo.values():
+            for at in range(0, len(group), MAX_SIDE_BY_SIDE):
+                self._fit_group(group[at:at + MAX_SIDE_BY_SIDE])
+
+    def _fit_group(self, chunk: list) -> None:
+        """One group fitted side by side; a group the GPU's memory cannot hold is split in halves."""
+        if len(chunk) < 2:
+            return
+        name = chunk[0][0].name
+        self.progress.update(f"{name}: {len(chunk)} fits side by side")
+        models = [make_model(e, self.plan) for e, _, _, _ in chunk]
+        datas = [self._data(d, s)[1] for _, d, s, _ in chunk]
+        infos = None
+        try:
+            infos = chunk[0][0].cls.fit_side_by_side(models, datas, device=self.device,
+                                                     seeds=[s for _, _, s, _ in chunk])
+        except torch.cuda.OutOfMemoryError:
+            pass  # split below, once the exception (and the memory its frames hold) is gone
+        except Exception as e:  # noqa: BLE001 - the units are fitted one by one instead
+            self.notes.append(f"{name}: fitting {len(chunk)} units side by side failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              "they were fitted one by one")
+            return
+        if infos is None:
+            models = datas = None
+            torch.cuda.empty_cache()
+            self._fit_group(chunk[:len(chunk) // 2])
+            self._fit_group(chunk[len(chunk) // 2:])
+            return
+        for (e, d, s, refit), model, info in zip(chunk, models, infos):
+            if not isinstance(info, BaseException):
+                self._save_fit(cell_name(e.name, d, s), model, info, {}, refit)
+
+    def _fit_or_load(self, entry_name: str, model: Generator, dataset: str, seed: int, train) -> dict:
+        """Fits the model, or loads it from this run dir's checkpoint; returns its fit record."""
+        unit = cell_name(entry_name, dataset, seed)
+        record, refit = self._reuse(entry_name, model, dataset, seed)
+        if record is not None:
+            return record
         teacher = None
         extras: dict[str, float] = {}
         if model.teacher:
@@ -550,15 +628,7 @@ class Runner:
             extras["teacher_train_s"] = trec["train_s"]
         self.progress.update(f"{entry_name} on {dataset} seed {seed}: training")
         info = model.fit(train, device=self.device, seed=seed, **({"teacher": teacher} if teacher else {}))
-        record = {**dataclasses.asdict(info), **extras, "refit_reason": refit}
-        record.update(record.pop("extras", {}))
-        try:
-            state = model.state_dict()
-        except NotImplementedError:
-            state = None  # a plugin without checkpoints is simply retrained on resume
-        record["checkpoint_sha256"] = None if state is None else self.store.save_checkpoint(unit, state)
-        record["fit_sha256"] = self.store.save_json("fits", unit, record)
-        return record
+        return self._save_fit(unit, model, info, extras, refit)
 
     def _run_unit(self, entry: Entry, model: Generator, dataset: str, seed: int, steps: list) -> None:
         ds, train, ref, test = self._data(dataset, seed)

@@ -137,3 +137,18 @@ def test_graph_captured_cd_matches_eager(trained):
     print("cm-cd graph/eager", out)
     assert abs(out[True][0] - out[False][0]) <= 0.1 * abs(out[False][0]) + 0.05
     assert abs(out[True][1] - out[False][1]) <= 0.1 * out[False][1] + 0.05
+
+
+def test_fits_side_by_side_on_the_gpu_are_their_solo_fits():
+    """The stacked fit in a captured graph against each member's solo fit on the GPU."""
+    names, seeds = ("ring8", "moons", "grid25"), [0, 1, 2]
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(names, seeds)]
+    group = [Diffusion(budget="quick") for _ in seeds]
+    infos = Diffusion.fit_side_by_side(group, datas, device="cuda", seeds=seeds)
+    for member, info, data, seed in zip(group, infos, datas, seeds):
+        solo = Diffusion(budget="quick")
+        alone = solo.fit(data, device="cuda", seed=seed)
+        print("side by side / solo final loss", info.final_loss, alone.final_loss)
+        assert info.final_loss == pytest.approx(alone.final_loss, rel=1e-3)
+        torch.testing.assert_close(member.sample(1000, steps=10, seed=4), solo.sample(1000, steps=10, seed=4),
+                                   rtol=1e-3, atol=1e-3)

@@ -31,7 +31,7 @@ import torch
 from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, at_most, fit_loop, generator, seeded
+from .nets import EMA, Standardizer, TimeMLP, at_most, ema_update, fit_loop, generator, seeded
 
 
 @dataclass
@@ -178,25 +178,78 @@ class Diffusion(Generator):
         self.ema = EMA(self.model, cfg.ema_decay)
         self.graphs = GraphCache(device)
 
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        cfg = self.config
+    def _start(self, data, device: str, seed: int):
+        """Builds the network from the seed and standardises the data: (standardised data, the
+        generator of the fit's batches)."""
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
-        self.std = Standardizer(data, cfg.sigma_data)
-        x0 = self.std.to(data)
-        g = generator(seed + 1, device)
+        self.std = Standardizer(data, self.config.sigma_data)
+        return self.std.to(data), generator(seed + 1, device)
 
-        def loss_fn(k, step):
-            x = x0[torch.randint(len(x0), (cfg.batch,), generator=g, device=device)]
-            t = (cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, 1, generator=g, device=device)).exp()
-            z = torch.randn(x.shape, generator=g, device=device)
-            _, c_out, _, _ = self.model.coefficients(t)
-            return (((self.model(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
+    def _batch(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's draws: data points, noise levels (EDM's lognormal) and noise."""
+        cfg, device = self.config, x0.device
+        x = x0[torch.randint(len(x0), (cfg.batch,), generator=g, device=device)]
+        t = (cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, 1, generator=g, device=device)).exp()
+        return x, t, torch.randn(x.shape, generator=g, device=device)
 
+    @staticmethod
+    def _loss(denoise, coefficients, x, t, z) -> torch.Tensor:
+        """Denoising score matching with EDM's weighting: |D(x + t z; t) - x|^2 / c_out(t)^2."""
+        _, c_out, _, _ = coefficients(t)
+        return (((denoise(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        cfg = self.config
+        x0, g = self._start(data, device, seed)
+        loss_fn = lambda k, step: self._loss(self.model, self.model.coefficients, *self._batch(x0, g))  # noqa: E731
         return fit_loop(self.model.parameters(), loss_fn, steps=cfg.train_steps, lr=cfg.lr,
                         after_step=lambda t: self.ema.update(self.model, at_most((1 + t) / (10 + t), cfg.ema_decay)),
                         device=device, cuda_graph=cfg.cuda_graph, generators=(g,))
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["Diffusion"], datas: list, *, device: str, seeds: list[int]) -> list:
+        """Fits ``models`` (one config) at once as one stacked network (torch.func: stacked
+        parameters, the loss vmapped over the members), each member from its own seed's weights,
+        data draws and noise, with its own gradient clipping, EMA and loss curve: its solo fit's
+        arithmetic, batched. Returns each member's FitInfo (its train_s the group's wall time over
+        the members), or a Diverged error for a member whose loss stopped being finite."""
+        from torch.func import functional_call, stack_module_state, vmap
+
+        cfg = models[0].config
+        if any(m.config != cfg for m in models):
+            raise ValueError("fit_side_by_side needs models of one config")
+        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        params, buffers = stack_module_state([m.model for m in models])
+        ema = {k: v.detach().clone() for k, v in params.items()}
+        shell = models[0].model  # the structure: functional_call runs it on each member's tensors
+
+        def member_loss(p, b, x, t, z):
+            return cls._loss(lambda xx, tt: functional_call(shell, (p, b), (xx, tt)), shell.coefficients, x, t, z)
+
+        batched = vmap(member_loss)
+
+        def loss_fn(k, step):
+            x, t, z = (torch.stack(v) for v in zip(*(m._batch(x0, g) for m, (x0, g) in zip(models, starts))))
+            return batched(params, buffers, x, t, z)
+
+        def after_step(t):
+            ema_update(list(ema.values()), list(params.values()), at_most((1 + t) / (10 + t), cfg.ema_decay))
+
+        infos = fit_loop(list(params.values()), loss_fn, steps=cfg.train_steps, lr=cfg.lr, after_step=after_step,
+                         device=device, cuda_graph=cfg.cuda_graph, generators=tuple(g for _, g in starts),
+                         members=len(models))
+        with torch.no_grad():
+            for i, m in enumerate(models):
+                own = {k: v[i] for k, v in buffers.items()}
+                m.model.load_state_dict({k: v[i] for k, v in params.items()} | own)
+                m.ema.model.load_state_dict({k: v[i] for k, v in ema.items()} | own)
+        for info in infos:
+            if isinstance(info, FitInfo):
+                info.extras = {"side_by_side": len(models), "group_train_s": info.train_s}
+                info.train_s /= len(models)
+        return infos
 
     # -- sampling -------------------------------------------------------------------------------
     def default_steps(self) -> int:

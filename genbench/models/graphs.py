@@ -8,7 +8,6 @@ depend on x precomputed, and (with Triton) its two thin layers as the kernels of
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -169,7 +168,7 @@ def phase_segments(steps: int, phase=None) -> list[tuple[int, int]]:
 
 
 def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: float, after_step, log_every: int,
-                device: str, generators: tuple = (), phase=None):
+                device: str, generators: tuple = (), phase=None, members: int = 0):
     """``nets.fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
 
     The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
@@ -181,9 +180,8 @@ def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: fl
     captured once and replayed to the phase's end."""
     import time
 
-    from ..api import FitInfo
     from ..timing import synchronize
-    from .nets import Diverged, warmup_cosine
+    from .nets import LossLog, clip_gradients, warmup_cosine
 
     params = [p for p in params if p.requires_grad]
     warmup = max(1, min(warmup, steps // 10))
@@ -192,31 +190,28 @@ def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: fl
     opt = torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
     k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
     k_float = torch.zeros((), device=device)  # ... and as a number for after_step
-    losses = torch.zeros(steps, device=device)
+    losses = torch.zeros(steps, max(members, 1), device=device)
 
     def one_step(k: int) -> None:
         lr_t.copy_(sched.index_select(0, k_long).reshape(()))
         loss = loss_fn(k, k_float)
-        loss.backward()
+        (loss.sum() if members else loss).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            clip_gradients(params, clip, members)
         opt.step()
         if after_step is not None:
             after_step(k_float)
-        losses.index_copy_(0, k_long, loss.detach().reshape(1).float())
+        losses.index_copy_(0, k_long, loss.detach().reshape(1, -1).float())
         k_long.add_(1)
         k_float.add_(1)
 
-    curve: list[float] = []
+    log = LossLog(steps, log_every, members)
     logged = 0
 
     def log_upto(k: int) -> None:  # the mean loss of each finished window, read back at its end
         nonlocal logged
         if k - logged == log_every or k == steps:
-            mean = losses[logged:k].mean().item()
-            if not math.isfinite(mean):
-                raise Diverged(f"non-finite loss at step {k - 1}")
-            curve.append(mean)
+            log.add(losses[logged:k].mean(0), k - 1)
             logged = k
 
     synchronize(device)
@@ -244,5 +239,4 @@ def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: fl
             log_upto(k + 1)
         del graph  # the phase's graph and its memory go before the next is captured
     synchronize(device)
-    return FitInfo(steps=steps, final_loss=curve[-1] if curve else float("nan"),
-                   train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)
+    return log.result(time.perf_counter() - t0)

@@ -49,14 +49,18 @@ class EMA:
     def update(self, model: nn.Module, decay: "float | torch.Tensor | None" = None) -> None:
         """``decay`` may be a 0-dim tensor on the parameters' device (a step-dependent decay inside
         a captured training step)."""
-        mu = self.decay if decay is None else decay
-        ema, online = list(self.model.parameters()), list(model.parameters())
-        if isinstance(mu, torch.Tensor):
-            delta = torch._foreach_sub(online, ema)
-            torch._foreach_mul_(delta, 1.0 - mu)
-            torch._foreach_add_(ema, delta)
-        else:
-            torch._foreach_lerp_(ema, online, 1.0 - mu)
+        ema_update(list(self.model.parameters()), list(model.parameters()), self.decay if decay is None else decay)
+
+
+@torch.no_grad()
+def ema_update(ema: list, online: list, decay) -> None:
+    """``ema <- decay ema + (1 - decay) online`` for lists of tensors; ``decay`` a number or a 0-dim tensor."""
+    if isinstance(decay, torch.Tensor):
+        delta = torch._foreach_sub(online, ema)
+        torch._foreach_mul_(delta, 1.0 - decay)
+        torch._foreach_add_(ema, delta)
+    else:
+        torch._foreach_lerp_(ema, online, 1.0 - decay)
 
 
 def at_most(value, bound: float):
@@ -119,11 +123,16 @@ class Diverged(RuntimeError):
 
 def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
-             generators: tuple = (), phase=None):
+             generators: tuple = (), phase=None, members: int = 0):
     """The training loop every torch family shares: Adam, warm-up + cosine schedule, gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
     ``loss_fn(k, t)`` returns the scalar loss of step k; ``after_step(t)`` runs after each update
     (EMA). ``t`` is the step as a number: k itself in the eager loop. Returns a ``FitInfo``.
+
+    ``members`` > 0 trains that many models side by side, their parameters stacked along a first
+    dimension: ``loss_fn`` returns the [members] losses, each member's gradient is clipped by its own
+    norm, and a list of one FitInfo per member is returned (a ``Diverged`` error in place of a
+    member whose loss stopped being finite; the others train on, unaffected).
 
     On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
     is captured in a CUDA graph and replayed (``graphs.fit_graphed``); the loss is read back once per
@@ -133,46 +142,79 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     step as k, so it may use k only through ``phase(k)``; and ``t`` is a 0-dim float tensor on the
     device holding the current step, so what depends on it must be arithmetic that works on a number
     and a tensor alike (``at_most``)."""
+    kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, log_every=log_every,
+              device=device, members=members)
     if cuda_graph and device.startswith("cuda"):
         from .graphs import fit_graphed, graphs_available
 
         if graphs_available():
-            return fit_graphed(params, loss_fn, steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step,
-                               log_every=log_every, device=device, generators=generators, phase=phase)
-    return _fit_eager(params, loss_fn, steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step,
-                      log_every=log_every, device=device)
+            return fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
+    return _fit_eager(params, loss_fn, **kw)
 
 
-def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, log_every, device):
+def clip_gradients(params: list, clip: float, members: int = 0) -> None:
+    """``clip_grad_norm_``: of the whole model, or with ``members`` of each member's slice (the
+    first dimension of every parameter) by its own norm. Makes no host sync (capturable)."""
+    if not members:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        return
+    norms = sum(p.grad.reshape(members, -1).square().sum(1) for p in params).sqrt()
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.reshape(-1, *[1] * (p.dim() - 1)))
+
+
+class LossLog:
+    """The loss curve(s) of a fit: the mean of each window of ``log_every`` steps, per member."""
+
+    def __init__(self, steps: int, log_every: int, members: int = 0):
+        self.steps, self.log_every, self.members = steps, log_every, members
+        self.curves: list[list[float]] = [[] for _ in range(max(members, 1))]
+        self.diverged: list[int | None] = [None] * max(members, 1)
+
+    def add(self, means: torch.Tensor, k: int) -> None:
+        """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
+        for i, v in enumerate(means.reshape(-1).tolist()):
+            self.curves[i].append(v)
+            if not math.isfinite(v) and self.diverged[i] is None:
+                self.diverged[i] = k
+        if not self.members and self.diverged[0] is not None:
+            raise Diverged(f"non-finite loss at step {k}")
+
+    def result(self, train_s: float):
+        from ..api import FitInfo
+
+        infos = [Diverged(f"non-finite loss at step {d}") if d is not None else
+                 FitInfo(steps=self.steps, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
+                         log_every=self.log_every) for c, d in zip(self.curves, self.diverged)]
+        return infos if self.members else infos[0]
+
+
+def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, log_every, device, members):
     import time
 
-    from ..api import FitInfo
     from ..timing import synchronize
 
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     warmup = max(1, min(warmup, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
-    curve, window = [], []
+    log, window = LossLog(steps, log_every, members), []
     synchronize(device)
     t0 = time.perf_counter()
     for k in range(steps):
         loss = loss_fn(k, k)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss.sum() if members else loss).backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            clip_gradients(params, clip, members)
         opt.step()
         sched.step()
         if after_step is not None:
             after_step(k)
         window.append(loss.detach())
         if len(window) == log_every or k == steps - 1:
-            mean = torch.stack(window).mean().item()
-            if not math.isfinite(mean):
-                raise Diverged(f"non-finite loss at step {k}")
-            curve.append(mean)
+            log.add(torch.stack(window).mean(0), k)
             window = []
     synchronize(device)
-    return FitInfo(steps=steps, final_loss=curve[-1] if curve else float("nan"),
-                   train_s=time.perf_counter() - t0, losses=curve, log_every=log_every)
+    return log.result(time.perf_counter() - t0)
