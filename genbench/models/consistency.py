@@ -32,7 +32,7 @@ from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from .diffusion import time_grid
 from .samplers import euler_step, heun_correction
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, fit_loop, generator, seeded
+from .nets import EMA, Standardizer, TimeMLP, fit_loop, fit_stacked, generator, seeded, stack_draws
 
 PARAMETRIZATIONS = ("song", "linear")
 DISTANCES = ("l2", "huber")
@@ -315,38 +315,64 @@ class ConsistencyTraining(_Consistency):
     Config = CTConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000}}
 
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
+    def _start(self, data, device: str, seed: int):
+        """Builds the network and its EMA from the seed and standardises the data: (standardised
+        data, the generator of the fit's batches)."""
         with seeded(seed, device):
             self._build(device)
-        self.ema = EMA(self.model, c.ema_decay)
+        self.ema = EMA(self.model, self.config.ema_decay)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
-        self.std = Standardizer(data, c.sigma_data)
-        x0 = self.std.to(data)
-        g = generator(seed + 1, device)
-        cache: dict[int, tuple] = {}
+        self.std = Standardizer(data, self.config.sigma_data)
+        return self.std.to(data), generator(seed + 1, device)
 
-        def levels(N: int):
-            if N not in cache:
-                s = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending, N points
-                cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
-            return cache[N]
+    def phase(self, k: int) -> int:
+        """The discretisation N(k) of step k: the loss changes with k through it alone."""
+        c = self.config
+        return ct_discretisation(k, c.train_steps, c.s0, c.s1)
 
-        def phase(k):  # the discretisation: the loss changes with k through it alone
-            return ct_discretisation(k, c.train_steps, c.s0, c.s1)
+    def train_levels(self, N: int, device: str):
+        """The N ascending noise levels of discretisation N and the CDF of iCT's level distribution
+        over their N - 1 adjacent pairs (cached per N)."""
+        cache = self.__dict__.setdefault("_train_levels", {})
+        if N not in cache:
+            c = self.config
+            s = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)
+            cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
+        return cache[N]
 
-        def loss_fn(k, step):
-            sig, cdf = levels(phase(k))
-            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            u = torch.rand(c.batch, 1, generator=g, device=device)  # level i with probability p(i), by inverse CDF
-            i = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
-            s_i, s_next = sig[i], sig[i + 1]
-            z = torch.randn(x.shape, generator=g, device=device)
-            with torch.no_grad():
-                target = self.model(x + s_i * z, s_i)  # stop-gradient of the online net, same z
-            dist = self._distance(self.model(x + s_next * z, s_next), target)
-            return (dist / (s_next - s_i).squeeze(1)).mean()
+    def _batch(self, x0: torch.Tensor, g: torch.Generator, k: int):
+        """One step's draws: data points, a pair of adjacent levels per point (by inverse CDF) and noise."""
+        c, device = self.config, x0.device
+        sig, cdf = self.train_levels(self.phase(k), device)
+        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
+        u = torch.rand(c.batch, 1, generator=g, device=device)
+        i = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
+        return x, sig[i], sig[i + 1], torch.randn(x.shape, generator=g, device=device)
 
-        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr,
-                        after_step=lambda step: self.ema.update(self.model), device=device, cuda_graph=c.cuda_graph,
-                        generators=(g,), phase=phase)
+    def _loss(self, f, x, s_i, s_next, z) -> torch.Tensor:
+        """iCT's loss: d(f(x + s' z, s'), sg f(x + s z, s)) / (s' - s), the same z for both."""
+        with torch.no_grad():
+            target = f(x + s_i * z, s_i)  # stop-gradient of the online net
+        return (self._distance(f(x + s_next * z, s_next), target) / (s_next - s_i).squeeze(1)).mean()
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        c = self.config
+        x0, g = self._start(data, device, seed)
+        return fit_loop(self.model.parameters(), lambda k, step: self._loss(self.model, *self._batch(x0, g, k)),
+                        steps=c.train_steps, lr=c.lr, after_step=lambda step: self.ema.update(self.model),
+                        device=device, cuda_graph=c.cuda_graph, generators=(g,), phase=self.phase)
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["ConsistencyTraining"], datas: list, *, device: str,
+                         seeds: list[int]) -> list:
+        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
+        member with its solo fit's weights, draws, curriculum and EMA."""
+        c = models[0].config
+        if any(m.config != c for m in models):
+            raise ValueError("fit_side_by_side needs models of one config")
+        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        return fit_stacked([m.model for m in models], models[0]._loss,
+                           lambda k, step: stack_draws(m._batch(x0, g, k) for m, (x0, g) in zip(models, starts)),
+                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
+                           generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
+                           ema_decay=lambda t: c.ema_decay, phase=models[0].phase)

@@ -31,7 +31,7 @@ import torch
 from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, at_most, ema_update, fit_loop, generator, seeded
+from .nets import EMA, Standardizer, TimeMLP, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws
 
 
 @dataclass
@@ -210,46 +210,19 @@ class Diffusion(Generator):
 
     @classmethod
     def fit_side_by_side(cls, models: list["Diffusion"], datas: list, *, device: str, seeds: list[int]) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (torch.func: stacked
-        parameters, the loss vmapped over the members), each member from its own seed's weights,
-        data draws and noise, with its own gradient clipping, EMA and loss curve: its solo fit's
-        arithmetic, batched. Returns each member's FitInfo (its train_s the group's wall time over
-        the members), or a Diverged error for a member whose loss stopped being finite."""
-        from torch.func import functional_call, stack_module_state, vmap
-
+        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
+        member from its own seed's weights, data draws and noise, with its own gradient clipping,
+        EMA and loss curve: its solo fit's arithmetic, batched."""
         cfg = models[0].config
         if any(m.config != cfg for m in models):
             raise ValueError("fit_side_by_side needs models of one config")
         starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
-        params, buffers = stack_module_state([m.model for m in models])
-        ema = {k: v.detach().clone() for k, v in params.items()}
-        shell = models[0].model  # the structure: functional_call runs it on each member's tensors
-
-        def member_loss(p, b, x, t, z):
-            return cls._loss(lambda xx, tt: functional_call(shell, (p, b), (xx, tt)), shell.coefficients, x, t, z)
-
-        batched = vmap(member_loss)
-
-        def loss_fn(k, step):
-            x, t, z = (torch.stack(v) for v in zip(*(m._batch(x0, g) for m, (x0, g) in zip(models, starts))))
-            return batched(params, buffers, x, t, z)
-
-        def after_step(t):
-            ema_update(list(ema.values()), list(params.values()), at_most((1 + t) / (10 + t), cfg.ema_decay))
-
-        infos = fit_loop(list(params.values()), loss_fn, steps=cfg.train_steps, lr=cfg.lr, after_step=after_step,
-                         device=device, cuda_graph=cfg.cuda_graph, generators=tuple(g for _, g in starts),
-                         members=len(models))
-        with torch.no_grad():
-            for i, m in enumerate(models):
-                own = {k: v[i] for k, v in buffers.items()}
-                m.model.load_state_dict({k: v[i] for k, v in params.items()} | own)
-                m.ema.model.load_state_dict({k: v[i] for k, v in ema.items()} | own)
-        for info in infos:
-            if isinstance(info, FitInfo):
-                info.extras = {"side_by_side": len(models), "group_train_s": info.train_s}
-                info.train_s /= len(models)
-        return infos
+        coefficients = models[0].model.coefficients
+        return fit_stacked([m.model for m in models], lambda run, x, t, z: cls._loss(run, coefficients, x, t, z),
+                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),
+                           steps=cfg.train_steps, lr=cfg.lr, device=device, cuda_graph=cfg.cuda_graph,
+                           generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
+                           ema_decay=lambda t: at_most((1 + t) / (10 + t), cfg.ema_decay))
 
     # -- sampling -------------------------------------------------------------------------------
     def default_steps(self) -> int:

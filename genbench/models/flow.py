@@ -26,10 +26,25 @@ from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.normalization import ActNorm
 
 from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, fit_loop, seeded
+from .nets import Standardizer, fit_loop, fit_stacked, seeded, stack_draws
 
 
-class UnboundedAffineCoupling(AffineCouplingTransform):
+class StackableCoupling(AffineCouplingTransform):
+    """nflows' affine coupling with its forward output assembled out of place (``index_copy``)
+    instead of by index assignment, which ``torch.vmap`` cannot batch: the same values, and a layer
+    that fits side by side. (The inverse, used by sampling, is nflows' own.)"""
+
+    def forward(self, inputs, context=None):
+        if inputs.dim() != 2 or inputs.shape[1] != self.features or self.unconditional_transform is not None:
+            return super().forward(inputs, context)
+        identity = inputs[:, self.identity_features]
+        transform, logabsdet = self._coupling_transform_forward(
+            inputs=inputs[:, self.transform_features], transform_params=self.transform_net(identity, context))
+        out = torch.zeros_like(inputs).index_copy(1, self.identity_features, identity)
+        return out.index_copy(1, self.transform_features, transform), logabsdet
+
+
+class UnboundedAffineCoupling(StackableCoupling):
     """Affine coupling whose scale ``exp(s_max tanh(s / s_max))`` lies in (e^-s_max, e^s_max)."""
 
     s_max = 3.0
@@ -57,6 +72,17 @@ class FlowConfig:
                      choices={"coupling": ("unbounded", "nflows")})
 
 
+class NegLogProb(torch.nn.Module):
+    """-log p(x) under the flow as a module call (a flow itself cannot be called)."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.flow.log_prob(x)
+
+
 class InversePass(torch.nn.Module):
     """The flow's inverse, noise -> data, as one module call: the network evaluation that one
     ``sample`` call makes (NFE = 1), whatever the number of couplings inside."""
@@ -81,7 +107,7 @@ class RealNVP(Generator):
         c = self.config
         if c.coupling not in ("unbounded", "nflows"):
             raise ValueError(f"unknown coupling {c.coupling!r}; valid: unbounded, nflows")
-        cls = UnboundedAffineCoupling if c.coupling == "unbounded" else AffineCouplingTransform
+        cls = UnboundedAffineCoupling if c.coupling == "unbounded" else StackableCoupling
         transforms = []
         for i in range(c.layers):
             if c.actnorm:
@@ -92,8 +118,9 @@ class RealNVP(Generator):
         self.flow = Flow(CompositeTransform(transforms), StandardNormal([2])).to(device)
         self._inverse = InversePass(self.flow)
 
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
+    def _start(self, data, device: str, seed: int):
+        """Builds the flow from the seed, standardises the data and initialises ActNorm from a first
+        batch: (standardised data, the generator of the fit's batches)."""
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
@@ -106,13 +133,29 @@ class RealNVP(Generator):
         for m in self.flow.modules():  # ActNorm reads its "initialised" flag on every forward: on the host
             if isinstance(m, ActNorm):  # (a read from the GPU would sync, and break graph capture)
                 m.initialized = torch.tensor(True)
+        return x0, g
 
-        def loss_fn(k, step):
-            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            return -self.flow.log_prob(x).mean()
+    def _batch(self, x0: torch.Tensor, g: torch.Generator):
+        return (x0[torch.randint(len(x0), (self.config.batch,), generator=g, device=x0.device)],)
 
-        return fit_loop(self.flow.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, device=device,
-                        cuda_graph=c.cuda_graph, generators=(g,))
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        c = self.config
+        x0, g = self._start(data, device, seed)
+        return fit_loop(self.flow.parameters(), lambda k, step: -self.flow.log_prob(*self._batch(x0, g)).mean(),
+                        steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["RealNVP"], datas: list, *, device: str, seeds: list[int]) -> list:
+        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
+        member with its solo fit's weights, ActNorm initialisation and draws."""
+        c = models[0].config
+        if any(m.config != c for m in models):
+            raise ValueError("fit_side_by_side needs models of one config")
+        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        return fit_stacked([NegLogProb(m.flow) for m in models], lambda run, x: run(x).mean(),
+                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),
+                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
+                           generators=tuple(g for _, g in starts))
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):

@@ -218,3 +218,55 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, log_ever
             window = []
     synchronize(device)
     return log.result(time.perf_counter() - t0)
+
+
+def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: float, device: str,
+                cuda_graph: bool, generators: tuple, ema: list[nn.Module] | None = None, ema_decay=None,
+                phase=None) -> list:
+    """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
+    parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
+    ``member_loss(run, *batch)`` vmapped over the members, where ``run(*args)`` calls a member's
+    module and ``batch = draw(k)`` holds tensors stacked over the members (each member's draws from
+    its own generator, in its solo fit's order). ``ema``: the members' EMA copies, moved towards the
+    weights with ``ema_decay(t)`` after each step. The trained (and EMA) weights are loaded back into
+    the modules. Returns ``fit_loop``'s per-member results, each FitInfo's ``train_s`` the group's
+    wall time over the members (``extras``: the group's size and wall time)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from ..api import FitInfo
+
+    params, buffers = stack_module_state(modules)
+    # flags (ActNorm's "initialised") stay the modules' own: a batched flag cannot steer Python
+    buffers = {k: v for k, v in buffers.items() if v.is_floating_point()}
+    shadow = {k: v.detach().clone() for k, v in params.items()} if ema is not None else None
+    shell = modules[0]
+
+    def one(p, b, *batch):
+        return member_loss(lambda *args: functional_call(shell, (p, b), args), *batch)
+
+    batched = vmap(one)
+
+    def after_step(t):
+        if shadow is not None:
+            ema_update(list(shadow.values()), list(params.values()), ema_decay(t))
+
+    infos = fit_loop(list(params.values()), lambda k, t: batched(params, buffers, *draw(k, t)), steps=steps, lr=lr,
+                     after_step=after_step, device=device, cuda_graph=cuda_graph, generators=generators, phase=phase,
+                     members=len(modules))
+    with torch.no_grad():
+        for i, m in enumerate(modules):
+            own = {k: v[i] for k, v in buffers.items()}
+            for target, weights in ((m, params), *(((ema[i], shadow),) if ema is not None else ())):
+                missing = target.load_state_dict({k: v[i] for k, v in weights.items()} | own, strict=False).missing_keys
+                if set(missing) - set(dict(target.named_buffers())) - set(buffers):
+                    raise RuntimeError(f"stacked fit: weights not written back: {missing}")
+    for info in infos:
+        if isinstance(info, FitInfo):
+            info.extras = {"side_by_side": len(modules), "group_train_s": info.train_s}
+            info.train_s /= len(modules)
+    return infos
+
+
+def stack_draws(per_member) -> tuple:
+    """Each member's tuple of draws, stacked over the members: ((x_1, t_1), (x_2, t_2)) -> (x, t)."""
+    return tuple(torch.stack(v) for v in zip(*per_member))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, at_most, fit_loop, generator, seeded
+from .nets import Standardizer, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws
 
 
 @dataclass
@@ -45,6 +45,28 @@ def _mlp(i: int, h: int, o: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.SiLU(), nn.Linear(h, o))
 
 
+class VAENet(nn.Module):
+    """The encoder, the decoder and the decoder's log-std; ``forward`` is the negative ELBO per
+    point given the reparametrisation noise (so that stacked members can draw it from their own
+    generators)."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        self.enc = _mlp(2, c.hidden, 2 * c.latent, c.depth)
+        self.dec = _mlp(c.latent, c.hidden, 2, c.depth)
+        self.log_sigma = nn.Parameter(torch.full((2,), -1.0))
+
+    def neg_log_px_z(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """-log N(x; rec, diag(sigma^2)) over the last axis: the decoder's Gaussian."""
+        return 0.5 * (((x - rec) / self.log_sigma.exp()) ** 2).sum(-1) + self.log_sigma.sum() + math.log(2 * math.pi)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, beta=1.0) -> torch.Tensor:
+        mu, logvar = self.enc(x).chunk(2, -1)
+        z = mu + (0.5 * logvar).exp() * eps
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
+        return self.neg_log_px_z(x, self.dec(z)) + beta * kl
+
+
 class VAE(Generator):
     """Gaussian VAE; one decoder pass per sample batch (NFE = 1)."""
 
@@ -54,40 +76,58 @@ class VAE(Generator):
     budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000}}
 
     def _build(self, device: str):
-        c = self.config
         self.device = device
-        self.enc = _mlp(2, c.hidden, 2 * c.latent, c.depth).to(device)
-        self.dec = _mlp(c.latent, c.hidden, 2, c.depth).to(device)
-        self.log_sigma = nn.Parameter(torch.full((2,), -1.0, device=device))
+        self.net = VAENet(self.config).to(device)
+        self.enc, self.dec, self.log_sigma = self.net.enc, self.net.dec, self.net.log_sigma
 
-    def _neg_log_px_z(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """-log N(x; rec, diag(sigma^2)) over the last axis: the decoder's Gaussian."""
-        return 0.5 * (((x - rec) / self.log_sigma.exp()) ** 2).sum(-1) + self.log_sigma.sum() + math.log(2 * math.pi)
+    def _neg_elbo(self, x: torch.Tensor, g: torch.Generator, beta=1.0) -> torch.Tensor:
+        """The negative ELBO per point, one reparametrisation draw from ``g``."""
+        return self.net(x, torch.randn(len(x), self.config.latent, generator=g, device=x.device), beta)
 
-    def _neg_elbo(self, x: torch.Tensor, g: torch.Generator, beta: float = 1.0) -> torch.Tensor:
-        mu, logvar = self.enc(x).chunk(2, 1)
-        z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=g, device=x.device)
-        nll = self._neg_log_px_z(x, self.dec(z))
-        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
-        return nll + beta * kl
-
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
+    def _start(self, data, device: str, seed: int):
+        """Builds the networks from the seed and standardises the data: (standardised data, the
+        generator of the fit's batches)."""
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
         self.std = Standardizer(data, 1.0)
-        x0 = self.std.to(data)
-        g = generator(seed + 1, device)
+        return self.std.to(data), generator(seed + 1, device)
 
-        def loss_fn(k, step):
-            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            beta = at_most((step + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
-            return self._neg_elbo(x, g, beta).mean()
+    def _batch(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's draws: data points and their reparametrisation noise."""
+        c = self.config
+        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=x0.device)]
+        return x, torch.randn(c.batch, c.latent, generator=g, device=x0.device)
 
-        params = [*self.enc.parameters(), *self.dec.parameters(), self.log_sigma]
-        return fit_loop(params, loss_fn, steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
-                        generators=(g,))
+    def _beta(self, step):
+        """The KL weight at step ``step`` (annealed over the first kl_warmup steps)."""
+        c = self.config
+        return at_most((step + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
+
+    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
+        c = self.config
+        x0, g = self._start(data, device, seed)
+        return fit_loop(self.net.parameters(), lambda k, step: self.net(*self._batch(x0, g), self._beta(step)).mean(),
+                        steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["VAE"], datas: list, *, device: str, seeds: list[int]) -> list:
+        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
+        member with its solo fit's weights, draws and KL schedule."""
+        c = models[0].config
+        if any(m.config != c for m in models):
+            raise ValueError("fit_side_by_side needs models of one config")
+        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+
+        def draw(k, step):  # each member's batch, and the step's KL weight once per member
+            beta = models[0]._beta(step)
+            beta = beta.expand(len(models)) if isinstance(beta, torch.Tensor) else torch.full((len(models),), beta,
+                                                                                           device=device)
+            return (*stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)), beta)
+
+        return fit_stacked([m.net for m in models], lambda run, x, eps, beta: run(x, eps, beta).mean(), draw,
+                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
+                           generators=tuple(g for _, g in starts))
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):
@@ -130,7 +170,7 @@ class VAE(Generator):
         eps = torch.randn((k, *mu.shape), generator=g, device=x.device)
         z = mu + std * eps
         rec = self.dec(z.reshape(-1, mu.shape[1])).reshape(k, len(x), 2)
-        log_px_z = -self._neg_log_px_z(x, rec)
+        log_px_z = -self.net.neg_log_px_z(x, rec)
         half_log_2pi = 0.5 * mu.shape[1] * math.log(2 * math.pi)
         log_pz = -0.5 * (z**2).sum(-1) - half_log_2pi
         log_qz = -0.5 * (eps**2).sum(-1) - std.log().sum(-1) - half_log_2pi
