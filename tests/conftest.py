@@ -241,3 +241,22 @@ def quick_run(tmp_path_factory):
                         "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     return out
+
+
+def assert_members_are_solo_fits(cls, params: dict, sample) -> None:
+    """Three members of ``cls`` fitted side by side on the CPU against their solo fits: the same
+    loss curve and samples (``sample(model)``), up to the batched arithmetic's rounding."""
+    import numpy as np
+
+    from genbench import datasets
+
+    seeds = [0, 1, 2]
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
+    group = [cls(params=params) for _ in seeds]
+    infos = cls.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
+    for member, info, data, seed in zip(group, infos, datas, seeds):
+        solo = cls(params=params)
+        alone = solo.fit(data, seed=seed)
+        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
+        assert info.extras["side_by_side"] == 3
+        torch.testing.assert_close(sample(member), sample(solo), rtol=1e-4, atol=1e-4)

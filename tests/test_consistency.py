@@ -176,19 +176,10 @@ def test_cd_distils_an_exact_pf_ode_teacher_of_another_class(plugin_path, monkey
 
 
 def test_ct_fits_side_by_side_are_their_solo_fits():
-    """iCT stacked over three members, its curriculum's phases included: each member's loss curve
+    """iCT stacked over three members, its curriculum's 8 phases included: each member's loss curve
     and samples are its solo fit's."""
-    from genbench import datasets
+    from conftest import assert_members_are_solo_fits
 
-    seeds = [0, 1, 2]
-    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
     params = {"train_steps": "160", "batch": "128"}
-    group = [ConsistencyTraining(params=params) for _ in seeds]
-    infos = ConsistencyTraining.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
-    assert len({group[0].phase(k) for k in range(160)}) == 8
-    for member, info, data, seed in zip(group, infos, datas, seeds):
-        solo = ConsistencyTraining(params=params)
-        alone = solo.fit(data, seed=seed)
-        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
-        torch.testing.assert_close(member.sample(500, steps=2, seed=4), solo.sample(500, steps=2, seed=4),
-                                   rtol=1e-4, atol=1e-4)
+    assert len({ConsistencyTraining(params=params).phase(k) for k in range(160)}) == 8
+    assert_members_are_solo_fits(ConsistencyTraining, params, lambda m: m.sample(500, steps=2, seed=4))

@@ -101,15 +101,7 @@ def test_diffusion_reports_a_finite_test_nll(model):
 def test_fits_side_by_side_are_their_solo_fits():
     """Three members stacked into one network: each one's loss curve and samples are its solo fit's
     (the same seed streams and schedule; only the batched arithmetic's rounding may differ)."""
-    names, seeds = ("ring8", "moons", "grid25"), [0, 1, 2]
-    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(names, seeds)]
-    params = {"train_steps": "200", "batch": "128"}
-    group = [Diffusion(params=params) for _ in seeds]
-    infos = Diffusion.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
-    for member, info, data, seed in zip(group, infos, datas, seeds):
-        solo = Diffusion(params=params)
-        alone = solo.fit(data, seed=seed)
-        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
-        assert info.extras["side_by_side"] == 3
-        torch.testing.assert_close(member.sample(500, steps=10, seed=4), solo.sample(500, steps=10, seed=4),
-                                   rtol=1e-4, atol=1e-4)
+    from conftest import assert_members_are_solo_fits
+
+    assert_members_are_solo_fits(Diffusion, {"train_steps": "200", "batch": "128"},
+                                 lambda m: m.sample(500, steps=10, seed=4))

@@ -85,28 +85,16 @@ def test_vae_importance_weighted_bound_lies_above_the_elbo(fitted):
 def test_vae_fits_side_by_side_are_their_solo_fits():
     """Stacked over three members, the KL warm-up included: each member's loss curve and samples
     are its solo fit's."""
-    seeds = [0, 1, 2]
-    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
-    params = {"train_steps": "150", "kl_warmup": "100", "batch": "128"}
-    group = [VAE(params=params) for _ in seeds]
-    infos = VAE.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
-    for member, info, data, seed in zip(group, infos, datas, seeds):
-        solo = VAE(params=params)
-        alone = solo.fit(data, seed=seed)
-        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
-        torch.testing.assert_close(member.sample(500, seed=4), solo.sample(500, seed=4), rtol=1e-4, atol=1e-4)
+    from conftest import assert_members_are_solo_fits
+
+    assert_members_are_solo_fits(VAE, {"train_steps": "150", "kl_warmup": "100", "batch": "128"},
+                                 lambda m: m.sample(500, seed=4))
 
 
 def test_flow_fits_side_by_side_are_their_solo_fits():
     """The flow stacked over three members (its couplings assembled out of place, ActNorm
     initialised per member): each member's loss curve and samples are its solo fit's."""
-    seeds = [0, 1, 2]
-    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
-    params = {"train_steps": "100", "batch": "128", "lr": "1e-3"}  # no early loss spike, which amplifies rounding
-    group = [RealNVP(params=params) for _ in seeds]
-    infos = RealNVP.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
-    for member, info, data, seed in zip(group, infos, datas, seeds):
-        solo = RealNVP(params=params)
-        alone = solo.fit(data, seed=seed)
-        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
-        torch.testing.assert_close(member.sample(500, seed=4), solo.sample(500, seed=4), rtol=1e-4, atol=1e-4)
+    from conftest import assert_members_are_solo_fits
+
+    assert_members_are_solo_fits(RealNVP, {"train_steps": "100", "batch": "128", "lr": "1e-3"},  # lr: no early
+                                 lambda m: m.sample(500, seed=4))  # loss spike, which amplifies rounding

@@ -32,7 +32,7 @@ from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from .diffusion import time_grid
 from .samplers import euler_step, heun_correction
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, fit_loop, fit_stacked, generator, seeded, stack_draws
+from .nets import EMA, Standardizer, TimeMLP, fit_loop, fit_stacked, generator, seeded, stack_draws, start_members
 
 PARAMETRIZATIONS = ("song", "linear")
 DISTANCES = ("l2", "huber")
@@ -367,10 +367,7 @@ class ConsistencyTraining(_Consistency):
                          seeds: list[int]) -> list:
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, draws, curriculum and EMA."""
-        c = models[0].config
-        if any(m.config != c for m in models):
-            raise ValueError("fit_side_by_side needs models of one config")
-        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        c, starts = start_members(models, datas, seeds, device)
         return fit_stacked([m.model for m in models], models[0]._loss,
                            lambda k, step: stack_draws(m._batch(x0, g, k) for m, (x0, g) in zip(models, starts)),
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,

@@ -31,7 +31,8 @@ import torch
 from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws
+from .nets import (EMA, Standardizer, TimeMLP, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws,
+                   start_members)
 
 
 @dataclass
@@ -213,10 +214,7 @@ class Diffusion(Generator):
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member from its own seed's weights, data draws and noise, with its own gradient clipping,
         EMA and loss curve: its solo fit's arithmetic, batched."""
-        cfg = models[0].config
-        if any(m.config != cfg for m in models):
-            raise ValueError("fit_side_by_side needs models of one config")
-        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        cfg, starts = start_members(models, datas, seeds, device)
         coefficients = models[0].model.coefficients
         return fit_stacked([m.model for m in models], lambda run, x, t, z: cls._loss(run, coefficients, x, t, z),
                            lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),

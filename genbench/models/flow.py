@@ -26,7 +26,7 @@ from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.normalization import ActNorm
 
 from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, fit_loop, fit_stacked, seeded, stack_draws
+from .nets import Standardizer, fit_loop, fit_stacked, seeded, stack_draws, start_members
 
 
 class StackableCoupling(AffineCouplingTransform):
@@ -148,10 +148,7 @@ class RealNVP(Generator):
     def fit_side_by_side(cls, models: list["RealNVP"], datas: list, *, device: str, seeds: list[int]) -> list:
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, ActNorm initialisation and draws."""
-        c = models[0].config
-        if any(m.config != c for m in models):
-            raise ValueError("fit_side_by_side needs models of one config")
-        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        c, starts = start_members(models, datas, seeds, device)
         return fit_stacked([NegLogProb(m.flow) for m in models], lambda run, x: run(x).mean(),
                            lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,

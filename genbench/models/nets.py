@@ -267,6 +267,15 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: 
     return infos
 
 
+def start_members(models: list, datas: list, seeds: list[int], device: str) -> tuple:
+    """The shared config of ``models`` (fits side by side need one) and each member's ``_start``
+    (its seeded build and standardised data, and the generator of its batches)."""
+    config = models[0].config
+    if any(m.config != config for m in models):
+        raise ValueError("fits side by side need models of one config")
+    return config, [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+
+
 def stack_draws(per_member) -> tuple:
     """Each member's tuple of draws, stacked over the members: ((x_1, t_1), (x_2, t_2)) -> (x, t)."""
     return tuple(torch.stack(v) for v in zip(*per_member))

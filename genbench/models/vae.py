@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws
+from .nets import Standardizer, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws, start_members
 
 
 @dataclass
@@ -114,10 +114,7 @@ class VAE(Generator):
     def fit_side_by_side(cls, models: list["VAE"], datas: list, *, device: str, seeds: list[int]) -> list:
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, draws and KL schedule."""
-        c = models[0].config
-        if any(m.config != c for m in models):
-            raise ValueError("fit_side_by_side needs models of one config")
-        starts = [m._start(data, device, seed) for m, data, seed in zip(models, datas, seeds)]
+        c, starts = start_members(models, datas, seeds, device)
 
         def draw(k, step):  # each member's batch, and the step's KL weight once per member
             beta = models[0]._beta(step)
