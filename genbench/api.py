@@ -137,10 +137,12 @@ class Generator:
 
     # -- optional: fits trained side by side (the runner uses it on a GPU) -----------------------
     @classmethod
-    def fit_side_by_side(cls, models: list["Generator"], datas: list, *, device: str, seeds: list[int]) -> list:
-        """Fits ``models`` (instances of this class with one config, no teacher) at once on
-        ``device``, each on its own data (as ``fit`` receives it) and seed, exactly as its own
-        ``fit`` would (its data draws, seed streams and schedule), e.g. as one stacked network.
+    def fit_side_by_side(cls, models: list["Generator"], datas: list, *, device: str, seeds: list[int],
+                         teachers: list | None = None) -> list:
+        """Fits ``models`` (instances of this class with one config) at once on ``device``, each on
+        its own data (as ``fit`` receives it), seed and (for a model with a ``teacher``) fitted
+        teacher, exactly as its own ``fit`` would (its data draws, seed streams and schedule), e.g.
+        as one stacked network.
         Returns one FitInfo per model, in order, or an exception in place of a member that failed
         (it is then fitted alone). The runner groups a GPU run's units of such a model; without
         it, units are fitted one at a time."""

@@ -563,15 +563,16 @@ class Runner:
         return record
 
     def _fit_side_by_side(self, units, done: set) -> None:
-        """On a GPU (or as ``side_by_side`` says), the units of each model that fits side by side (and
-        has no teacher) and must be fitted are fitted in groups, as one stacked network each; their checkpoints and fit records
+        """On a GPU (or as ``side_by_side`` says), the units of each model that fits side by side and
+        must be fitted are fitted in groups, as one stacked network each (a student's group after
+        its teachers', each member given its own teacher); their checkpoints and fit records
         are then what the unit-by-unit pass reuses. A member that diverged, or a group that failed,
         is left to that pass (fitted alone, its failure recorded as a solo fit's)."""
         if not (self.device.startswith("cuda") if self.plan.side_by_side is None else self.plan.side_by_side):
             return
         todo: dict[str, list] = {}
-        for entry, dataset, seed in units:
-            if entry.cls.teacher or "side by side" not in entry.cls.capabilities():
+        for entry, dataset, seed in units:  # teachers' units come first: their groups are fitted first
+            if "side by side" not in entry.cls.capabilities():
                 continue
             model = make_model(entry, self.plan)
             if all((entry.name, dataset, seed, k) in done for k in self.steps_for(model)):
@@ -587,18 +588,28 @@ class Runner:
         """One group fitted side by side; a group the GPU's memory cannot hold is split in halves."""
         if len(chunk) < 2:
             return
-        name = chunk[0][0].name
-        self.progress.update(f"{name}: {len(chunk)} fits side by side")
+        entry = chunk[0][0]
+        self.progress.update(f"{entry.name}: {len(chunk)} fits side by side")
         models = [make_model(e, self.plan) for e, _, _, _ in chunk]
         datas = [self._data(d, s)[1] for _, d, s, _ in chunk]
+        kw, extras = {}, [{} for _ in chunk]
         infos = None
         try:
-            infos = chunk[0][0].cls.fit_side_by_side(models, datas, device=self.device,
-                                                     seeds=[s for _, _, s, _ in chunk])
+            if entry.cls.teacher:  # each member's teacher, fitted or loaded (its group came first)
+                teacher_entry = resolve([entry.cls.teacher])[0]
+                kw["teachers"] = []
+                for (_, d, s, _), data, ex in zip(chunk, datas, extras):
+                    teacher = make_model(teacher_entry, self.plan)
+                    ex["teacher_train_s"] = self._fit_or_load(teacher_entry.name, teacher, d, s, data)["train_s"]
+                    kw["teachers"].append(teacher)
+            infos = entry.cls.fit_side_by_side(models, datas, device=self.device, seeds=[s for _, _, s, _ in chunk],
+                                               **kw)
         except torch.cuda.OutOfMemoryError:
             pass  # split below, once the exception (and the memory its frames hold) is gone
+        except RunDirError:
+            raise
         except Exception as e:  # noqa: BLE001 - the units are fitted one by one instead
-            self.notes.append(f"{name}: fitting {len(chunk)} units side by side failed "
+            self.notes.append(f"{entry.name}: fitting {len(chunk)} units side by side failed "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                               "they were fitted one by one")
             return
@@ -608,9 +619,9 @@ class Runner:
             self._fit_group(chunk[:len(chunk) // 2])
             self._fit_group(chunk[len(chunk) // 2:])
             return
-        for (e, d, s, refit), model, info in zip(chunk, models, infos):
+        for (e, d, s, refit), model, info, ex in zip(chunk, models, infos, extras):
             if not isinstance(info, BaseException):
-                self._save_fit(cell_name(e.name, d, s), model, info, {}, refit)
+                self._save_fit(cell_name(e.name, d, s), model, info, ex, refit)
 
     def _fit_or_load(self, entry_name: str, model: Generator, dataset: str, seed: int, train) -> dict:
         """Fits the model, or loads it from this run dir's checkpoint; returns its fit record."""

@@ -183,3 +183,26 @@ def test_ct_fits_side_by_side_are_their_solo_fits():
     params = {"train_steps": "160", "batch": "128"}
     assert len({ConsistencyTraining(params=params).phase(k) for k in range(160)}) == 8
     assert_members_are_solo_fits(ConsistencyTraining, params, lambda m: m.sample(500, steps=2, seed=4))
+
+def test_cd_fits_side_by_side_are_their_solo_fits():
+    """Consistency distillation stacked over three members, each distilling its own teacher (the
+    teachers' denoisers stacked, frozen), with its target network and EMA: each member's loss curve
+    and samples are its solo fit's."""
+    from genbench import datasets
+
+    seeds = [0, 1, 2]
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
+    teachers = []
+    for data, seed in zip(datas, seeds):
+        t = Diffusion(params={"train_steps": "60", "batch": "128"})
+        t.fit(data, seed=seed)
+        teachers.append(t)
+    params = {"train_steps": "120", "batch": "128", "teacher_solver": "heun"}
+    group = [ConsistencyDistillation(params=params) for _ in seeds]
+    infos = ConsistencyDistillation.fit_side_by_side(group, datas, device="cpu", seeds=seeds, teachers=teachers)
+    for member, info, data, seed, teacher in zip(group, infos, datas, seeds, teachers):
+        solo = ConsistencyDistillation(params=params)
+        alone = solo.fit(data, seed=seed, teacher=teacher)
+        np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
+        torch.testing.assert_close(member.sample(500, steps=2, seed=4), solo.sample(500, steps=2, seed=4),
+                                   rtol=1e-4, atol=1e-4)

@@ -173,3 +173,23 @@ def test_other_families_side_by_side_on_the_gpu_match_their_solo_fits(name):
         spread = abs(alone - other)
         print(name, "side by side / solo / another seed", info.final_loss, alone, other)
         assert abs(info.final_loss - alone) <= max(0.05 * abs(alone), 3 * spread)
+
+
+def test_cd_side_by_side_on_the_gpu_matches_its_solo_fits():
+    """Distillation stacked over two members, each with its own teacher, in a captured graph."""
+    seeds = [0, 1]
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons"), seeds)]
+    teachers = []
+    for data, seed in zip(datas, seeds):
+        t = Diffusion(budget="quick")
+        t.fit(data, device="cuda", seed=seed)
+        teachers.append(t)
+    group = [ConsistencyDistillation(budget="quick") for _ in seeds]
+    infos = ConsistencyDistillation.fit_side_by_side(group, datas, device="cuda", seeds=seeds, teachers=teachers)
+    for member, info, data, seed, teacher in zip(group, infos, datas, seeds, teachers):
+        solo = ConsistencyDistillation(budget="quick")
+        alone = solo.fit(data, device="cuda", seed=seed, teacher=teacher)
+        print("cm-cd side by side / solo", info.final_loss, alone.final_loss)
+        assert info.final_loss == pytest.approx(alone.final_loss, rel=1e-2)
+        torch.testing.assert_close(member.sample(1000, steps=2, seed=4), solo.sample(1000, steps=2, seed=4),
+                                   rtol=1e-2, atol=1e-2)

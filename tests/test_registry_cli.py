@@ -244,25 +244,28 @@ def test_scoring_processes_give_the_rows_of_inline_scoring(cli, tmp_path):
         assert len(same) > 10 and {c: a[c] for c in same} == {c: b[c] for c in same}
 
 
+@pytest.mark.slow
 def test_a_grid_fitted_side_by_side_matches_the_one_by_one_grid(cli, tmp_path):
     """--side-by-side (the GPU default, forced here on the CPU): the diffusion units are fitted as
     one stacked network, each recorded and checkpointed as its own fit; the rows' metrics are the
     one-by-one run's, and report --compare flags nothing."""
-    common = ["run", "--models", "diffusion,gauss", "--datasets", "ring8,moons", "--seeds", "0,1", "--budget", "quick",
-              "--steps", "diffusion=5", "--n-samples", "300", "--floor-draws", "2", "--jobs", "1",
+    common = ["run", "--models", "diffusion,cm-cd,gauss", "--datasets", "ring8,moons", "--seeds", "0,1", "--budget",
+              "quick", "--steps", "diffusion=5,cm-cd=1", "--n-samples", "300", "--floor-draws", "2", "--jobs", "1",
               "--param", "diffusion.nll_points=0"]
     for mode in ("--side-by-side", "--one-by-one"):
         r = cli(*common, mode, "--out", tmp_path / mode.strip("-"))
         assert r.returncode == 0, r.stderr
-    fits = [json.loads(p.read_text()) for p in sorted((tmp_path / "side-by-side" / "fits").glob("diffusion__*.json"))]
-    assert len(fits) == 4 and all(f["side_by_side"] == 4 for f in fits)
+    for model in ("diffusion", "cm-cd"):  # the students after their teachers, each with its own
+        fits = [json.loads(p.read_text()) for p in sorted((tmp_path / "side-by-side" / "fits").glob(f"{model}__*.json"))]
+        assert len(fits) == 4 and all(f["side_by_side"] == 4 for f in fits)
+    assert all(f["teacher_train_s"] > 0 for f in fits)
     rows = {}
     for mode in ("side-by-side", "one-by-one"):
         rows[mode] = {(x["model"], x["dataset"], x["seed"]): x for x in
                       map(json.loads, (tmp_path / mode / "rows.jsonl").read_text().splitlines())}
-    assert rows["side-by-side"].keys() == rows["one-by-one"].keys() and len(rows["one-by-one"]) == 8
+    assert rows["side-by-side"].keys() == rows["one-by-one"].keys() and len(rows["one-by-one"]) == 12
     for key, a in rows["one-by-one"].items():
         b = rows["side-by-side"][key]
         assert b["w2"] == pytest.approx(a["w2"], abs=1e-3) and b["hq_frac"] == pytest.approx(a["hq_frac"], abs=0.01)
     r = cli("report", tmp_path / "side-by-side", "--compare", tmp_path / "one-by-one")
-    assert r.returncode == 0 and r.stdout.count("| ok") == 4 and "REGRESSION" not in r.stdout, r.stdout
+    assert r.returncode == 0 and r.stdout.count("| ok") == 6 and "REGRESSION" not in r.stdout, r.stdout

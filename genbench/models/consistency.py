@@ -246,7 +246,10 @@ class ConsistencyDistillation(_Consistency):
     teacher_needs = ("pf-ode denoiser",)
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
 
-    def fit(self, data, *, device="cpu", seed=0, teacher: Generator | None = None) -> FitInfo:
+    def _start(self, data, device: str, seed: int, teacher: Generator | None):
+        """Checks the teacher, builds the student (from the teacher's network where it starts from
+        it) with its EMA and target copies, and standardises the data as the teacher did:
+        (standardised data, the generator of the fit's batches, the teacher's PF-ODE denoiser)."""
         c = self.config
         if teacher is None or type(teacher).pf_ode_denoiser is Generator.pf_ode_denoiser:
             raise ValueError("cm-cd needs a fitted teacher that provides pf_ode_denoiser()")
@@ -264,38 +267,75 @@ class ConsistencyDistillation(_Consistency):
         if init:
             self.model.net.load_state_dict(pf.net.state_dict())
         self.ema = EMA(self.model, c.ema_decay)
-        target_net = EMA(self.model, c.target_decay) if c.target_decay > 0 else None
+        self.target = EMA(self.model, c.target_decay) if c.target_decay > 0 else None
         self.std = Standardizer.from_state({"mean": pf.mean, "scale": pf.scale}, device)
+        self.grid = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
-        ts = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
-        D = pf.denoise
-        g = generator(seed + 1, device)
+        return x0, generator(seed + 1, device), pf
 
-        def loss_fn(k, step):
-            x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-            n = torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device)
-            t_n, t_next = ts[n], ts[n + 1]
-            z = torch.randn(x.shape, generator=g, device=device)
-            x_next = x + t_next * z
-            with torch.no_grad():
-                d = D(x_next, t_next)
-                x_hat = euler_step(x_next, d, t_next, t_n)  # the teacher's PF-ODE step, as its samplers take it
-                if c.teacher_solver == "heun":
-                    x_hat = heun_correction(x_next, d, x_hat, D(x_hat, t_n), t_next, t_n)
-                target = (target_net.model if target_net else self.model)(x_hat, t_n)
-            loss = self._distance(self.model(x_next, t_next), target).mean()
-            if c.bc_weight:
-                eps_t = torch.full_like(t_n, c.sigma_min)
-                loss = loss + c.bc_weight * ((self.model(x + c.sigma_min * z, eps_t) - x) ** 2).sum(1).mean()
-            return loss
+    def _batch(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's draws: data points, a pair of adjacent grid levels per point, and noise."""
+        c, device = self.config, x0.device
+        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
+        n = torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device)
+        return x, self.grid[n], self.grid[n + 1], torch.randn(x.shape, generator=g, device=device)
+
+    def _loss(self, f, f_target, D, x, t_n, t_next, z) -> torch.Tensor:
+        """d(f(x_{t'}, t'), f_target(x_hat, t)): x_hat is the teacher D's PF-ODE step from x_{t'} =
+        x + t' z down to t, as its samplers take it; plus the optional boundary term."""
+        c = self.config
+        x_next = x + t_next * z
+        with torch.no_grad():
+            d = D(x_next, t_next)
+            x_hat = euler_step(x_next, d, t_next, t_n)
+            if c.teacher_solver == "heun":
+                x_hat = heun_correction(x_next, d, x_hat, D(x_hat, t_n), t_next, t_n)
+            target = f_target(x_hat, t_n)
+        loss = self._distance(f(x_next, t_next), target).mean()
+        if c.bc_weight:
+            eps_t = torch.full_like(t_n, c.sigma_min)
+            loss = loss + c.bc_weight * ((f(x + c.sigma_min * z, eps_t) - x) ** 2).sum(-1).mean()
+        return loss
+
+    def fit(self, data, *, device="cpu", seed=0, teacher: Generator | None = None) -> FitInfo:
+        c = self.config
+        x0, g, pf = self._start(data, device, seed, teacher)
+        f_target = self.target.model if self.target else self.model
 
         def after_step(step):
             self.ema.update(self.model)
-            if target_net:
-                target_net.update(self.model)
+            if self.target:
+                self.target.update(self.model)
 
-        return fit_loop(self.model.parameters(), loss_fn, steps=c.train_steps, lr=c.lr, after_step=after_step,
-                        device=device, cuda_graph=c.cuda_graph, generators=(g,))
+        return fit_loop(self.model.parameters(),
+                        lambda k, step: self._loss(self.model, f_target, pf.denoise, *self._batch(x0, g)),
+                        steps=c.train_steps, lr=c.lr, after_step=after_step, device=device,
+                        cuda_graph=c.cuda_graph, generators=(g,))
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["ConsistencyDistillation"], datas: list, *, device: str,
+                         seeds: list[int], teachers: list | None = None) -> list:
+        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
+        member distilling its own teacher (their denoisers stacked, frozen) with its solo fit's
+        initialisation, draws, target network and EMA. The teachers' denoisers must be modules of
+        one structure (the built-in diffusion's are)."""
+        c = models[0].config
+        if any(m.config != c for m in models) or teachers is None or len(teachers) != len(models):
+            raise ValueError("fits side by side need models of one config and a teacher each")
+        starts = [m._start(data, device, seed, t) for m, data, seed, t in zip(models, datas, seeds, teachers)]
+        dens = [pf.denoise for _, _, pf in starts]
+        if not all(isinstance(d, torch.nn.Module) and type(d) is type(dens[0]) for d in dens):
+            raise TypeError("the teachers' denoisers are not modules of one structure; fit one by one")
+        first = models[0]
+        return fit_stacked([m.model for m in models],
+                           lambda run, *batch: first._loss(run, run.target if first.target else run, run.frozen,
+                                                           *batch),
+                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g, _) in zip(models, starts)),
+                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
+                           generators=tuple(g for _, g, _ in starts), ema=[m.ema.model for m in models],
+                           ema_decay=lambda t: c.ema_decay,
+                           target=[m.target.model for m in models] if first.target else None,
+                           target_decay=c.target_decay, frozen=dens)
 
 
 @dataclass

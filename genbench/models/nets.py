@@ -220,45 +220,87 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, log_ever
     return log.result(time.perf_counter() - t0)
 
 
+class Member:
+    """A member's networks inside a vmapped loss (``fit_stacked``): calling it runs the member's
+    trained network; ``target`` its target copy (``target_decay``), ``frozen`` its frozen network."""
+
+    def __init__(self, shell, params, buffers, target_params, frozen_shell, frozen_state):
+        self.shell, self.params, self.buffers = shell, params, buffers
+        self.target_params, self.frozen_shell, self.frozen_state = target_params, frozen_shell, frozen_state
+
+    def __call__(self, *args):
+        from torch.func import functional_call
+
+        return functional_call(self.shell, (self.params, self.buffers), args)
+
+    def target(self, *args):
+        from torch.func import functional_call
+
+        return functional_call(self.shell, (self.target_params, self.buffers), args)
+
+    def frozen(self, *args):
+        from torch.func import functional_call
+
+        return functional_call(self.frozen_shell, self.frozen_state, args)
+
+
+def _stack(modules: list[nn.Module]) -> tuple[dict, dict]:
+    """Stacked parameters and floating buffers; flags (ActNorm's "initialised") stay the modules'
+    own: a batched flag cannot steer Python."""
+    from torch.func import stack_module_state
+
+    params, buffers = stack_module_state(modules)
+    return params, {k: v for k, v in buffers.items() if v.is_floating_point()}
+
+
 def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: float, device: str,
                 cuda_graph: bool, generators: tuple, ema: list[nn.Module] | None = None, ema_decay=None,
-                phase=None) -> list:
+                target: list[nn.Module] | None = None, target_decay: float | None = None,
+                frozen: list[nn.Module] | None = None, phase=None) -> list:
     """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
     parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
-    ``member_loss(run, *batch)`` vmapped over the members, where ``run(*args)`` calls a member's
-    module and ``batch = draw(k)`` holds tensors stacked over the members (each member's draws from
-    its own generator, in its solo fit's order). ``ema``: the members' EMA copies, moved towards the
-    weights with ``ema_decay(t)`` after each step. The trained (and EMA) weights are loaded back into
-    the modules. Returns ``fit_loop``'s per-member results, each FitInfo's ``train_s`` the group's
-    wall time over the members (``extras``: the group's size and wall time)."""
-    from torch.func import functional_call, stack_module_state, vmap
+    ``member_loss(member, *batch)`` vmapped over the members, where ``member`` (a ``Member``) runs a
+    member's networks and ``batch = draw(k, t)`` holds tensors stacked over the members (each
+    member's draws from its own generator, in its solo fit's order). ``ema``: the members' EMA
+    copies, moved towards the weights with ``ema_decay(t)`` after each step; ``target``: their
+    target copies (``member.target``), moved with ``target_decay``; ``frozen``: a network per member
+    that is not trained (``member.frozen``, e.g. a distillation teacher). The trained (and EMA and
+    target) weights are loaded back into the modules. Returns ``fit_loop``'s per-member results,
+    each FitInfo's ``train_s`` the group's wall time over the members (``extras``: the group's size
+    and wall time)."""
+    from torch.func import vmap
 
     from ..api import FitInfo
 
-    params, buffers = stack_module_state(modules)
-    # flags (ActNorm's "initialised") stay the modules' own: a batched flag cannot steer Python
-    buffers = {k: v for k, v in buffers.items() if v.is_floating_point()}
-    shadow = {k: v.detach().clone() for k, v in params.items()} if ema is not None else None
-    shell = modules[0]
+    params, buffers = _stack(modules)
+    shadows = {}  # name -> (the modules it is written back to, its stacked weights, its decay)
+    if ema is not None:
+        shadows["ema"] = (ema, {k: v.detach().clone() for k, v in params.items()}, ema_decay)
+    if target is not None:
+        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()}, lambda t: target_decay)
+    frozen_state = ({}, {}) if frozen is None else tuple({k: v.detach() for k, v in d.items()} for d in _stack(frozen))
+    shell, frozen_shell = modules[0], frozen[0] if frozen is not None else None
+    target_params = shadows["target"][1] if target is not None else {}
 
-    def one(p, b, *batch):
-        return member_loss(lambda *args: functional_call(shell, (p, b), args), *batch)
+    def one(p, b, tp, fs, *batch):
+        return member_loss(Member(shell, p, b, tp, frozen_shell, fs), *batch)
 
     batched = vmap(one)
 
     def after_step(t):
-        if shadow is not None:
-            ema_update(list(shadow.values()), list(params.values()), ema_decay(t))
+        for _, weights, decay in shadows.values():
+            ema_update(list(weights.values()), list(params.values()), decay(t))
 
-    infos = fit_loop(list(params.values()), lambda k, t: batched(params, buffers, *draw(k, t)), steps=steps, lr=lr,
-                     after_step=after_step, device=device, cuda_graph=cuda_graph, generators=generators, phase=phase,
-                     members=len(modules))
+    infos = fit_loop(list(params.values()),
+                     lambda k, t: batched(params, buffers, target_params, frozen_state, *draw(k, t)), steps=steps,
+                     lr=lr, after_step=after_step, device=device, cuda_graph=cuda_graph, generators=generators,
+                     phase=phase, members=len(modules))
     with torch.no_grad():
         for i, m in enumerate(modules):
             own = {k: v[i] for k, v in buffers.items()}
-            for target, weights in ((m, params), *(((ema[i], shadow),) if ema is not None else ())):
-                missing = target.load_state_dict({k: v[i] for k, v in weights.items()} | own, strict=False).missing_keys
-                if set(missing) - set(dict(target.named_buffers())) - set(buffers):
+            for to, weights in ((m, params), *((mods[i], w) for mods, w, _ in shadows.values())):
+                missing = to.load_state_dict({k: v[i] for k, v in weights.items()} | own, strict=False).missing_keys
+                if set(missing) - set(dict(to.named_buffers())) - set(buffers):
                     raise RuntimeError(f"stacked fit: weights not written back: {missing}")
     for info in infos:
         if isinstance(info, FitInfo):
