@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates baselines/cuda-h100: the canonical grid on one GPU in one lone process, its defaults
 # on: fits side by side and captured in CUDA graphs, CUDA-graph sampling, the CPU cores but two
-# scoring cells beside the fits. Writes report.md and results.csv beside the rows.
+# scoring cells beside the fits. Writes report.md and results.csv beside the rows. Extra arguments
+# go to 'genbench run' (OUT_DIR=baselines/cuda-h100-full bash baselines/run_cuda.sh --budget full).
 # Resumable: re-run to finish.
 set -u
 cd "$(dirname "$0")/.."
@@ -10,6 +11,6 @@ start=$(date +%s)
 genbench run --models diffusion,cm,vae,flow \
   --datasets ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard --seeds 0,1,2 \
   --steps diffusion=1:2:5:10:20:50:100,cm-cd=1:2:4,cm-ct=1:2:4 --device cuda --threads 1 \
-  --out "$out" > /dev/null
+  --out "$out" "$@" > /dev/null
 echo "canonical grid wall time: $(( $(date +%s) - start )) s"
 genbench report "$out" --out "$out/report.md" && genbench report "$out" --format csv --out "$out/results.csv"
