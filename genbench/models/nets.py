@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
 
 class TimeMLP(nn.Module):
@@ -229,26 +230,18 @@ class Member:
         self.target_params, self.frozen_shell, self.frozen_state = target_params, frozen_shell, frozen_state
 
     def __call__(self, *args):
-        from torch.func import functional_call
-
         return functional_call(self.shell, (self.params, self.buffers), args)
 
     def target(self, *args):
-        from torch.func import functional_call
-
         return functional_call(self.shell, (self.target_params, self.buffers), args)
 
     def frozen(self, *args):
-        from torch.func import functional_call
-
         return functional_call(self.frozen_shell, self.frozen_state, args)
 
 
 def _stack(modules: list[nn.Module]) -> tuple[dict, dict]:
     """Stacked parameters and floating buffers; flags (ActNorm's "initialised") stay the modules'
     own: a batched flag cannot steer Python."""
-    from torch.func import stack_module_state
-
     params, buffers = stack_module_state(modules)
     return params, {k: v for k, v in buffers.items() if v.is_floating_point()}
 
@@ -268,8 +261,6 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: 
     target) weights are loaded back into the modules. Returns ``fit_loop``'s per-member results,
     each FitInfo's ``train_s`` the group's wall time over the members (``extras``: the group's size
     and wall time)."""
-    from torch.func import vmap
-
     from ..api import FitInfo
 
     params, buffers = _stack(modules)
