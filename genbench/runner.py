@@ -431,7 +431,8 @@ class Runner:
             if self.plan.jobs == 1:
                 with self._scoring_pool():
                     self.run_units(units, done)
-            else:
+            else:  # groups fitted side by side here first; the worker processes then reuse their checkpoints
+                self._fit_side_by_side(units, done)
                 self._run_parallel(keys, done)
             rows = self.store.rows()
             if self.store.skipped_lines:

@@ -250,10 +250,10 @@ def test_a_grid_fitted_side_by_side_matches_the_one_by_one_grid(cli, tmp_path):
     one stacked network, each recorded and checkpointed as its own fit; the rows' metrics are the
     one-by-one run's, and report --compare flags nothing."""
     common = ["run", "--models", "diffusion,cm-cd,gauss", "--datasets", "ring8,moons", "--seeds", "0,1", "--budget",
-              "quick", "--steps", "diffusion=5,cm-cd=1", "--n-samples", "300", "--floor-draws", "2", "--jobs", "1",
+              "quick", "--steps", "diffusion=5,cm-cd=1", "--n-samples", "300", "--floor-draws", "2",
               "--param", "diffusion.nll_points=0"]
-    for mode in ("--side-by-side", "--one-by-one"):
-        r = cli(*common, mode, "--out", tmp_path / mode.strip("-"))
+    for mode, jobs in (("--side-by-side", "2"), ("--one-by-one", "1")):  # groups first, then two fit processes
+        r = cli(*common, mode, "--jobs", jobs, "--out", tmp_path / mode.strip("-"))
         assert r.returncode == 0, r.stderr
     for model in ("diffusion", "cm-cd"):  # the students after their teachers, each with its own
         fits = [json.loads(p.read_text()) for p in sorted((tmp_path / "side-by-side" / "fits").glob(f"{model}__*.json"))]
