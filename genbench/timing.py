@@ -52,11 +52,12 @@ def block_time(fn: Callable[[], object], number: int, device: str) -> float:
 def time_call(fn: Callable[[], object], *, device: str = "cpu", min_calls: int = MIN_CALLS,
               min_time: float = MIN_TIME_S, max_calls: int = MAX_CALLS, warmup: int = 1,
               block_s: float = BLOCK_S) -> Timing:
-    """Runs ``fn`` ``warmup`` times untimed, and once more to calibrate, then times it in blocks of back-to-back calls with a
-    device synchronize around each block: the calls per block double until a block takes
-    ``block_s`` (``timeit``'s autorange: a synchronize per 0.05 ms call would time the synchronize),
-    then blocks are timed until there are at least ``min_calls`` of them and they took ``min_time``
-    together (at most ``max_calls`` calls). Calls of ``block_s`` or more are timed one per block."""
+    """Runs ``fn`` ``warmup`` times untimed and once more to calibrate, then times it in blocks of
+    back-to-back calls with a device synchronize around each block: the calls per block double
+    until a block takes ``block_s`` (``timeit``'s autorange: a synchronize per 0.05 ms call would
+    time the synchronize), then blocks are timed until there are at least ``min_calls`` of them and
+    they took ``min_time`` together (at most ``max_calls`` calls). Calls of ``block_s`` or more are
+    timed one per block."""
     if min_calls < 1 or max_calls < min_calls or min_time < 0:
         raise ValueError("need 1 <= min_calls <= max_calls and min_time >= 0")
     for _ in range(warmup):
@@ -80,9 +81,10 @@ def time_call(fn: Callable[[], object], *, device: str = "cpu", min_calls: int =
 
 
 PROTOCOL = (
-    "Timing: {n} samples per call, 1 warm-up call, then {calls} timed calls per cell in blocks of {block} "
-    "back-to-back calls with a device synchronize around each block (blocks of at least {block_ms} ms; at "
-    "least {min_calls} blocks and {min_time} s); sample_s is the median over the blocks of the time per call "
+    "Timing: {n} samples per call, 1 warm-up and 1 calibrating call, then {calls} timed calls per cell, "
+    "{block} per block, back to back, with a device synchronize around each block (a call shorter than "
+    "{block_ms} ms is repeated in its block until the block lasts that long; at least {min_calls} blocks and "
+    "{min_time} s); sample_s is the median over the blocks of the time per call "
     "(each row's sample_calls, sample_calls_per_block, and the interquartile range in sample_s_iqr); "
     "CPU threads = {threads} per process, {jobs} fit process(es) at once."
 )
