@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import subprocess
@@ -737,10 +736,12 @@ class Runner:
                  "metrics": self.plan.metrics, "draws": self.plan.floor_draws, "device": self.device,
                  "metric_device": self.metric_device}
         draws = lambda: [ds.sample(len(ref), [seed, 3, i]) for i in range(self.plan.floor_draws)]  # noqa: E731
-        saved = self.store.load_json("floors", name)
-        if self.scorer is None or (isinstance(saved, dict) and saved.get("ident") == json.loads(dumps(ident))):
+        if self.scorer is None:  # computed here (or by another worker process, under the file's lock)
             value = self.store.cached_json("floors", name, ident, lambda: scoring.floors(
                 draws(), ref, ds, self.plan.metrics, seed=seed, device=self.metric_device))
+        else:  # the run's one process: saved by an earlier run, or scored by the scoring processes
+            value = self.store.saved_value("floors", name, ident)
+        if value is not None:
             self._floors[key] = lambda: value
             return self._floors[key]
         results = [self._score_async(d, ref, ds.name, scoring.floor_seed(seed, i)) for i, d in enumerate(draws())]

@@ -356,12 +356,19 @@ class RunDir:
             raise environment_error(lock, e) from None
         with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            saved = self.load_json(kind, name)
-            if isinstance(saved, dict) and saved.get("ident") == json.loads(dumps(ident)):
-                return saved["value"]
+            saved = self.saved_value(kind, name, ident)
+            if saved is not None:
+                return saved
             value = compute()
             self.save_json(kind, name, {"ident": ident, "value": value})
             return value
+
+    def saved_value(self, kind: str, name: str, ident: dict):
+        """What ``cached_json`` saved as kind/name.json, where its saved ident matches; else None."""
+        saved = self.load_json(kind, name)
+        if isinstance(saved, dict) and saved.get("ident") == json.loads(dumps(ident)):
+            return saved["value"]
+        return None
 
 
 def open_existing(path: str | os.PathLike) -> RunDir:
