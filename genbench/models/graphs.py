@@ -16,10 +16,11 @@ from torch.nn import functional as F
 from .nets import TimeMLP
 
 
-def capture_graph(fn, *inputs: torch.Tensor):
+def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
     """``fn`` run once on a side stream (warm-up, as CUDA-graph capture requires), then captured on
     copies of ``inputs``: (graph, the copies, fn's output). Replay after copying new values into
-    the copies; the output tensor is overwritten in place."""
+    the copies; the output tensor is overwritten in place. ``generators``: the torch.Generators
+    ``fn`` draws from, registered with the graph (each replay draws from their state then)."""
     static = [i.clone() for i in inputs]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -27,6 +28,8 @@ def capture_graph(fn, *inputs: torch.Tensor):
         fn(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
     with torch.cuda.graph(graph):
         out = fn(*static)
     return graph, static, out
@@ -61,16 +64,7 @@ class GraphCache:
             return loop(noise(self.gen))
         if entry == "eager":
             fn = build() if build is not None else loop
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up, as capture requires
-                self.gen.manual_seed(seed)
-                fn(noise(self.gen))
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(self.gen)
-            with torch.cuda.graph(graph):
-                out = fn(noise(self.gen))
+            graph, _, out = capture_graph(lambda: fn(noise(self.gen)), generators=(self.gen,))
             entry = self.entries[key] = (graph, out, fn)
         graph, out, _ = entry
         self.gen.manual_seed(seed)
