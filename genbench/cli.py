@@ -23,7 +23,9 @@ console = Console()
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> "typer.Exit":
-    err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -62,6 +64,16 @@ def _steps(value: str | None) -> dict:
     return {"steps": None, "steps_by_model": per}
 
 
+def _pairs(items: list[str], what: str, example: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not (sep and key and value):
+            raise UsageError(f"{what} {item!r}: expected KEY=VALUE, e.g. {example}")
+        out[key] = value
+    return out
+
+
 def _params(items: list[str]) -> dict[str, dict[str, str]]:
     params: dict[str, dict[str, str]] = {}
     for item in items:
@@ -90,6 +102,11 @@ def run(
     side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
+    executor: str = typer.Option("local", help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench[slurm]'). The run's process alone writes the run dir."),
+    address: Optional[str] = typer.Option(None, help="--executor ray: the Ray cluster to join (auto, HOST:PORT or ray://HOST:PORT). Default: start a local Ray instance."),
+    retries: int = typer.Option(2, help="--executor ray / slurm: times a task whose worker, node or job died is run again before its cells become error rows."),
+    task_gpus: float = typer.Option(1.0, help="--executor ray on a GPU device: the share of one GPU each task asks for (0 < x <= 1). Below 1, tasks share a GPU and time each other's calls; the default keeps one task per GPU."),
+    slurm: List[str] = typer.Option([], help="--executor slurm: a job resource KEY=VALUE, repeatable: partition, account, qos, constraint, time (minutes, default 60), gpus (per job; default 1 on cuda), cpus (default --threads), mem (GB), cluster (slurm, local: jobs as local processes, debug)."),
 ):
     """Train each model on each dataset and seed, sample, score and time it; print the table."""
     try:
@@ -103,7 +120,8 @@ def run(
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
                     side_by_side=side_by_side, params=_params(param),
-                    out=str(out) if out else f"results/{budget}-{{device}}")
+                    out=str(out) if out else f"results/{budget}-{{device}}", executor=executor, address=address,
+                    retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
         runner = Runner(plan)  # validates everything before anything is trained or written
         rows = _run(runner)
     except UsageError as e:
@@ -132,7 +150,7 @@ def _run(runner) -> list[dict]:
 def _finish(runner, df) -> None:
     """The run's notes, then its summary; exit 3 when some cells failed or diverged."""
     for note in runner.notes:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+        err.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
     bad = df[df["status"] != "done"]
     if len(bad):
         counts = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().items())
@@ -447,19 +465,22 @@ def main() -> None:
     try:
         app()
     except RunDirError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        fail(str(e), EXIT_ENVIRONMENT)
         sys.exit(EXIT_ENVIRONMENT)
     except OSError as e:
         if os.environ.get("GENBENCH_DEBUG"):
             raise
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        err.print(f"[bold red]error:[/] cannot access{where}: {e.strerror or e}", highlight=False, soft_wrap=True)
+        fail(f"cannot access{where}: {e.strerror or e}", EXIT_ENVIRONMENT)
         sys.exit(EXIT_ENVIRONMENT)
     except Exception as e:  # noqa: BLE001
         if os.environ.get("GENBENCH_DEBUG"):
             raise
-        err.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                  "(set GENBENCH_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[bold red]internal error:[/] {escape(type(e).__name__)}: "
+                  f"{escape(str(e).splitlines()[0]) if str(e) else ''} (set GENBENCH_DEBUG=1 for the traceback)",
+                  highlight=False, soft_wrap=True)
         sys.exit(EXIT_ENVIRONMENT)
 
 

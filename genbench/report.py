@@ -21,7 +21,8 @@ CELL_COLUMNS = [
     *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "sample_s_iqr",
     "sample_calls", "sample_calls_per_block", "budget",
-    "device", "device_name", "threads", "jobs", "torch_version", "cuda_version", "genbench_version", "git_sha",
+    "device", "device_name", "host", "executor", "threads", "jobs", "torch_version", "cuda_version", "genbench_version",
+    "git_sha",
     "status", "error",
 ]
 
@@ -153,7 +154,18 @@ def protocol_line(df: pd.DataFrame) -> str:
     return PROTOCOL.format(n=_distinct(df["n_samples"]), calls=_span(df, "sample_calls", "5 (not recorded)"),
                            block=_span(df, "sample_calls_per_block", "1"), block_ms=BLOCK_S * 1e3,
                            min_calls=MIN_CALLS, min_time=MIN_TIME_S, threads=_distinct(df["threads"]),
-                           jobs=_distinct(df["jobs"]))
+                           concurrency=_concurrency(df))
+
+
+def _concurrency(df: pd.DataFrame) -> str:
+    """How many fits ran at once: local processes, or cluster tasks (as many as its resources allow)."""
+    executors = sorted(df["executor"].dropna().astype(str).unique()) if "executor" in df else []
+    remote = [e for e in executors if e != "local"]
+    if not remote:
+        return f"{_distinct(df['jobs'])} fit process(es) at once"
+    hosts = df["host"].dropna().nunique() if "host" in df else 0
+    return (f"fit units run as {' and '.join(remote)} tasks on {hosts or 'unknown'} host(s), as many at once as the "
+            "cluster's resources allowed (tasks sharing a device time each other's calls)")
 
 
 NOTES = (

@@ -86,5 +86,5 @@ PROTOCOL = (
     "{block_ms} ms is repeated in its block until the block lasts that long; at least {min_calls} blocks and "
     "{min_time} s); sample_s is the median over the blocks of the time per call "
     "(each row's sample_calls, sample_calls_per_block, and the interquartile range in sample_s_iqr); "
-    "CPU threads = {threads} per process, {jobs} fit process(es) at once."
+    "CPU threads = {threads} per process, {concurrency}."
 )

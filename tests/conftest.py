@@ -9,6 +9,8 @@ import torch
 torch.set_num_threads(1)
 
 PLUGIN = '''
+import os
+import signal
 from dataclasses import dataclass
 import torch
 from genbench.api import FitInfo, Generator
@@ -16,7 +18,8 @@ from genbench.api import FitInfo, Generator
 
 @dataclass
 class GaussConfig:
-    mode: str = "ok"  # ok | fail | nan | hidden (a second network that nfe_module does not name)
+    mode: str = "ok"  # ok | fail | nan | hidden (a second network that nfe_module does not name) | die
+    marker: str = ""  # mode die: the fit kills its own process (SIGKILL) while this file exists, removing it
 
 
 class GaussFit(Generator):
@@ -28,6 +31,9 @@ class GaussFit(Generator):
     def fit(self, data, *, device="cpu", seed=0, teacher=None):
         if self.config.mode == "fail":
             raise RuntimeError("planned failure")
+        if self.config.mode == "die" and os.path.exists(self.config.marker):
+            os.remove(self.config.marker)
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-fit
         x = torch.as_tensor(data, dtype=torch.float64)
         self.lin = torch.nn.Linear(2, 2).double()
         with torch.no_grad():

@@ -45,7 +45,7 @@ def test_plugin_runs_end_to_end_and_report(cli, tmp_path):
     assert ring["c2st"] > ring["c2st_floor"] + 3 * ring["c2st_floor_std"] and ring["metric_errors"] is None
     assert (out / "floors" / "ring8__s0.json").exists()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["configs"]["gauss"] == {"mode": "ok"} and manifest["threads"] == 1
+    assert manifest["configs"]["gauss"] == {"mode": "ok", "marker": ""} and manifest["threads"] == 1
 
     csv = tmp_path / "t.csv"
     assert cli("report", str(out), "--format", "csv", "--out", str(csv)).returncode == 0

@@ -1,0 +1,246 @@
+"""The cluster executors: Ray (a local instance of 2 CPUs) and SLURM through submitit's local
+executor, against the local process pool on the same plan."""
+import json
+import os
+import sys
+
+import pytest
+
+from genbench.runner import executors
+
+# a small plan with real training (the VAE, briefly) and an instant plugin, two seeds: four chains
+PLAN = ["--models", "gauss,vae", "--seeds", "0,1", "--budget", "quick", "--param", "vae.train_steps=60",
+        "--n-samples", "300", "--floor-draws", "2", "--threads", "1", "--device", "cpu"]
+#: what differs between two runs of the same plan besides the figures: identity, provenance, timing
+NOT_COMPARED = {"run_id", "executor", "jobs", "score_jobs", "host", "train_s", "teacher_train_s", "sample_s",
+                "sample_s_min", "sample_s_iqr", "sample_calls", "sample_calls_per_block", "git_sha", "fit_sha256"}
+
+
+def rows_of(path) -> dict:
+    out = {}
+    for line in (path / "rows.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[(r["model"], r["dataset"], r["seed"], r["steps"])] = r
+    return out
+
+
+def assert_same_rows(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].keys() == b[key].keys(), key
+        mine = {k: v for k, v in a[key].items() if k not in NOT_COMPARED}
+        theirs = {k: v for k, v in b[key].items() if k not in NOT_COMPARED}
+        assert mine == theirs, key
+
+
+@pytest.fixture(scope="module")
+def local_rows(tmp_path_factory, plugin_path):
+    """The plan through the local pool (two processes), run once for the module."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("local") / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "genbench.cli", "run", *PLAN, "--jobs", "2", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return rows_of(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(plugin_path):
+    """A local Ray instance of 2 CPUs for the module; its workers find the test plugin on PYTHONPATH."""
+    ray = pytest.importorskip("ray")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(plugin_path), old or ""])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def test_ray_rows_equal_the_local_pool(ray_cluster, local_rows, cli, tmp_path):
+    r = cli("run", *PLAN, "--executor", "ray", "--out", tmp_path / "ray")
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(tmp_path / "ray")
+    assert_same_rows(rows, local_rows)
+    assert {row["executor"] for row in rows.values()} == {"ray"}
+    assert all(row["host"] for row in rows.values())
+    # the driver alone wrote the run dir: every artefact is there, and no task's scratch dir
+    run = tmp_path / "ray"
+    assert sorted(p.name for p in (run / "fits").glob("*.json")) == sorted(
+        f"{m}__ring8__s{s}.json" for m in ("gauss", "vae") for s in (0, 1))
+    assert len(list((run / "samples").glob("*.npz"))) == 4
+    again = cli("run", *PLAN, "--executor", "ray", "--out", run)
+    assert again.returncode == 0 and "4 of 4 cells were already done" in again.stderr
+
+
+def test_a_killed_ray_worker_is_retried_or_becomes_an_error_row(ray_cluster, cli, tmp_path):
+    marker = tmp_path / "die"
+    plan = [*PLAN, "--param", "gauss.mode=die", "--param", f"gauss.marker={marker}", "--out", tmp_path / "run"]
+    marker.touch()  # the first attempt of one gauss fit kills its worker; Ray runs the task again
+    r = cli("run", *plan, "--executor", "ray")
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+    assert {row["status"] for row in rows_of(tmp_path / "run").values()} == {"done"}
+
+    out = tmp_path / "run0"
+    plan[-1] = out
+    marker.touch()  # no retries: that fit's cell becomes an error row, the others finish
+    r = cli("run", *plan, "--executor", "ray", "--retries", "0")
+    assert r.returncode == 3, r.stderr
+    rows = rows_of(out)
+    failed = [k for k, row in rows.items() if row["status"] != "done"]
+    assert len(failed) == 1 and failed[0][0] == "gauss", rows
+    assert "died 1 time" in rows[failed[0]]["error"]
+    done_before = {k: row["samples_sha256"] for k, row in rows.items() if row["status"] == "done"}
+    lines_before = (out / "rows.jsonl").read_text().count("\n")
+    r = cli("run", *plan, "--executor", "ray")  # resumes: only the failed cell runs again
+    assert r.returncode == 0, r.stderr
+    assert (out / "rows.jsonl").read_text().count("\n") == lines_before + 1
+    after = rows_of(out)
+    assert all(after[k]["samples_sha256"] == sha for k, sha in done_before.items())
+    assert {row["status"] for row in after.values()} == {"done"}
+
+
+def test_slurm_through_submitit_local_gives_the_same_rows(local_rows, cli, tmp_path, plugin_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+    r = cli("run", *PLAN, "--executor", "slurm", "--slurm", "cluster=local", "--slurm", "time=10",
+            "--out", tmp_path / "slurm")
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(tmp_path / "slurm")
+    assert_same_rows(rows, local_rows)
+    assert {row["executor"] for row in rows.values()} == {"slurm"}
+    # every task's scratch dir was collected and removed; the jobs' logs stay
+    assert sorted(p.name for p in (tmp_path / "slurm" / "slurm").iterdir()) == ["logs"]
+
+
+def test_a_rerun_slurm_driver_collects_tasks_that_finished_without_it(cli, tmp_path, plugin_path, monkeypatch):
+    """A driver that went away after submitting: its jobs finished meanwhile; the next driver
+    collects their scratch dirs instead of submitting them again."""
+    pytest.importorskip("submitit")
+    from genbench.runner import Plan, Runner
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(plugin_path))
+    plan = dict(models=["gauss"], seeds=[0, 1], n_samples=300, floor_draws=2, executor="slurm",
+                slurm={"cluster": "local"}, out=str(tmp_path / "run"))
+    runner = Runner(Plan(**plan))
+    ex = runner.executor
+    runner.store.lock()
+    runner._setup_process()
+    runner._write_manifest()
+    tasks = runner.tasks(set())
+    submitter = ex._executor(runner, runner.store.path / "slurm")
+    jobs = [ex._submit(submitter, runner, units, runner.store.path / "slurm" / executors.task_id(runner.plan, units),
+                       set()) for units in tasks]
+    for job in jobs:
+        job.wait()
+    runner.store.unlock()  # the driver is gone; nothing was collected
+    assert not (tmp_path / "run" / "rows.jsonl").exists()
+    logs = set((tmp_path / "run" / "slurm" / "logs").iterdir())
+
+    r = cli("run", "--models", "gauss", "--seeds", "0,1", "--n-samples", "300", "--floor-draws", "2",
+            "--executor", "slurm", "--slurm", "cluster=local", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert set((tmp_path / "run" / "slurm" / "logs").iterdir()) == logs  # no job submitted again
+    assert {row["status"] for row in rows_of(tmp_path / "run").values()} == {"done"}
+    assert len(rows_of(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--executor", "dask"], "--executor 'dask'; valid: local, ray, slurm"),
+    (["--address", "auto"], "--address auto: only --executor ray joins a cluster"),
+    (["--slurm", "partition=gpu"], "--slurm: only --executor slurm submits jobs"),
+    (["--executor", "slurm", "--slurm", "nodes=2"], "--slurm nodes=2: unknown key; valid: partition"),
+    (["--executor", "slurm", "--slurm", "time=soon"], "--slurm time=soon: expected a positive integer (minutes)"),
+    (["--executor", "slurm", "--slurm", "cluster=k8s"], "--slurm cluster=k8s; valid: slurm, local, debug"),
+    (["--executor", "slurm", "--slurm", "partition"], "--slurm 'partition': expected KEY=VALUE"),
+    (["--executor", "slurm"], "--executor slurm: no SLURM here ('srun' is not on PATH)"),
+    (["--executor", "ray", "--task-gpus", "2"], "--task-gpus 2.0: give the share of one GPU a task uses"),
+    (["--executor", "ray", "--retries", "-1"], "--retries -1: must be >= 0"),
+])
+def test_bad_executor_options_are_one_line_exit_2(cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr(executors.shutil, "which", lambda name: None)  # no SLURM on this machine, wherever it runs
+    r = cli("run", "--models", "gauss", "--out", tmp_path / "run", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, extra", [("ray", "genbench[ray]"), ("submitit", "genbench[slurm]")])
+def test_a_missing_cluster_package_names_its_extra(cli, tmp_path, monkeypatch, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    r = cli("run", "--models", "gauss", "--executor", "slurm" if module == "submitit" else "ray",
+            "--out", tmp_path / "run")
+    assert r.returncode == 2 and f"pip install '{extra}'" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_cannot_write_outside_the_run_dirs_artefacts(tmp_path):
+    for bad in ["../rows.jsonl", "rows.jsonl", "manifest.json", "samples/../../x.npz", "fits/.hidden.json",
+                "checkpoints/a.json", "/etc/passwd", "samples/a/b.npz", 3]:
+        with pytest.raises(ValueError):
+            executors.task_file(tmp_path, bad)
+    assert executors.task_file(tmp_path, "samples/vae__ring8__s0.npz") == tmp_path / "samples/vae__ring8__s0.npz"
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_ray_driver_cancels_and_keeps_what_finished(cli_process, tmp_path, plugin_path):
+    """The driver (with a local Ray instance of its own) is interrupted while one task still fits:
+    it exits 130 with one line, and the rows of the tasks that finished stay."""
+    import signal
+    import subprocess
+    import time
+
+    pytest.importorskip("ray")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
+    args = ["run", "--models", "gauss,vae", "--budget", "quick", "--param", "vae.train_steps=200000",
+            "--n-samples", "300", "--floor-draws", "2", "--device", "cpu", "--executor", "ray", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "genbench.cli", *args], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((out / "rows.jsonl").exists() and (out / "rows.jsonl").read_text()):
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "interrupted; finished cells are kept" in err
+    rows = rows_of(out)
+    assert list(rows) == [("gauss", "ring8", 0, None)] and rows[("gauss", "ring8", 0, None)]["status"] == "done"
+
+
+def test_tasks_cover_the_plan_once_grouped_for_side_by_side_fits(tmp_path):
+    from genbench.runner import Plan, Runner
+
+    plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1, 2],
+                steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
+                out=str(tmp_path / "run"))
+    runner = Runner(plan)
+    every = set(runner.cell_keys([(e.name, d, s) for e, d, s in runner.units()]))
+    for spread in (1, 2, 4):
+        tasks = runner.tasks(set(), spread)
+        cells = [k for t in tasks for k in runner.cell_keys(t)]
+        assert sorted(cells, key=str) == sorted(every, key=str)  # each cell in exactly one task
+        for t in tasks:
+            models = [m for m, _, _ in t]
+            assert len({m for m in models}) <= 2 and len(t) <= 2 * -(-6 // spread)
+            if "cm-cd" in models:  # a student's chain travels with its teacher's, teachers first
+                assert models == sorted(models, key=lambda m: m != "diffusion")
+                assert {(d, s) for m, d, s in t if m == "cm-cd"} == {(d, s) for m, d, s in t if m == "diffusion"}
+        sizes = [len(set(runner.cell_keys(t))) for t in tasks]
+        assert sizes == sorted(sizes, reverse=True)  # the largest first
+    assert len(runner.tasks(set(), 2)) == 4
+    done = set(runner.cell_keys([("vae", "ring8", 0)]))
+    assert all(("vae", "ring8", 0) not in t for t in runner.tasks(done, 4))  # finished chains are not sent
+    plan.side_by_side = False
+    assert len(Runner(plan).tasks(set())) == 12  # one chain each
