@@ -162,6 +162,8 @@ def test_a_rerun_slurm_driver_collects_tasks_that_finished_without_it(cli, tmp_p
     (["--executor", "slurm"], "--executor slurm: no SLURM here ('srun' is not on PATH)"),
     (["--executor", "ray", "--task-gpus", "2"], "--task-gpus 2.0: give the share of one GPU a task uses"),
     (["--executor", "ray", "--retries", "-1"], "--retries -1: must be >= 0"),
+    (["--executor", "ray", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing accepts connections there"),
+    (["--executor", "ray", "--address", "headnode"], "--address headnode: expected auto, HOST:PORT or ray://HOST:PORT"),
 ])
 def test_bad_executor_options_are_one_line_exit_2(cli, tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(executors.shutil, "which", lambda name: None)  # no SLURM on this machine, wherever it runs

@@ -221,7 +221,8 @@ class RayExecutor(RemoteExecutor):
     def _connect(self) -> None:
         import ray
 
-        if ray.is_initialized():
+        _check_reachable(self.plan.address)
+        if ray.is_initialized():  # a Ray session this process already holds (a caller's, or the tests')
             return
         try:
             ray.init(address=self.plan.address, include_dashboard=False, logging_level="ERROR",
@@ -279,6 +280,23 @@ class RayExecutor(RemoteExecutor):
             if self.started:
                 ray.shutdown()
                 self.started = False
+
+
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address that accepts no connection within 5 s is refused
+    at once (Ray itself retries for minutes, printing warnings)."""
+    import socket
+
+    if address is None or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise UsageError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: nothing accepts connections there ({e.strerror or e}); start "
+                         "the head with 'ray start --head', or leave out --address for a local instance") from None
 
 
 class SlurmExecutor(RemoteExecutor):
