@@ -234,7 +234,7 @@ class Runner(PlannedRun):
     def fail_cells(self, units, error: BaseException) -> None:
         """Error rows for the cells of ``units`` that a failed task left undone."""
         entries = {e.name: e for e in self.entries}
-        done = self.done_keys()
+        done = {row_key(r) for r in self.store.rows() if r.get("status") == "done"}  # as this run wrote them
         for m, d, s, k in self.cell_keys(units):
             if (m, d, s, k) not in done:
                 row = self._base_row(entries[m], d, s) | {"steps": k,

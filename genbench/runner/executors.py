@@ -198,7 +198,8 @@ class RemoteExecutor(Executor):
     @staticmethod
     def task_done(runner, units, done: set) -> list:
         """The cells of ``units`` already done, as a list (sent with the task)."""
-        return sorted((k for k in done if (k[0], k[1], k[2]) in set(map(tuple, units))), key=str)
+        mine = set(map(tuple, units))
+        return sorted((k for k in done if k[:3] in mine), key=str)
 
 
 class RayExecutor(RemoteExecutor):
