@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates baselines/cpu: the canonical grid on the CPU, one single-threaded fit process per
-# core (--jobs auto). Resumable: re-run to finish.
+# core (--jobs auto). Writes report.md and results.csv beside the rows. Resumable: re-run to finish.
 set -u
 cd "$(dirname "$0")/.."
+out=baselines/cpu
 start=$(date +%s)
 genbench run --models diffusion,cm,vae,flow \
   --datasets ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard --seeds 0,1,2 \
   --steps diffusion=1:2:5:10:20:50:100,cm-cd=1:2:4,cm-ct=1:2:4 --device cpu --threads 1 \
-  --out baselines/cpu > /dev/null
+  --out "$out" > /dev/null
 echo "canonical grid wall time: $(( $(date +%s) - start )) s"
+genbench report "$out" --out "$out/report.md" && genbench report "$out" --format csv --out "$out/results.csv"
