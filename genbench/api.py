@@ -173,7 +173,10 @@ class Generator:
     def evaluate(self, test_data) -> dict[str, float]:
         """Figures of the fitted model on held-out true data (float32 [N, 2], data units), written
         into each of its rows. ``nll`` (exact negative log-likelihood, nats per point) and
-        ``nll_bound`` (an upper bound on it) are shown by the report."""
+        ``nll_bound`` (an upper bound on it) are shown by the report. A run with scoring processes
+        (a GPU run's default) calls it there, on a copy of the model restored on the CPU from
+        ``state_dict`` by ``load_state_dict(state, device="cpu")``, so it must depend on nothing
+        else; without a checkpoint it is called on the fitted model itself."""
         return {}
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import ot
 
 #: POT's default ``numItermax`` (100000) stops the network simplex early at n >= 5000 and returns
 #: a wrong W2 with only a warning; this bound lets it finish for the sizes genbench uses.
@@ -57,6 +56,9 @@ def w2(x: np.ndarray, y: np.ndarray) -> float:
         return float("nan")
     a = np.full(len(x), 1.0 / len(x))
     b = np.full(len(y), 1.0 / len(y))
+    import ot  # here, not at import: POT pulls in scikit-learn and more (seconds), which a GPU run's
+    # fitting process, scoring in other processes, never needs
+
     cost = ot.dist(x, y, metric="sqeuclidean")
     val, log = ot.emd2(a, b, cost, numItermax=EMD_MAX_ITER, log=True)
     if log["warning"] is not None:

@@ -10,7 +10,7 @@ import pandas as pd
 from .api import UsageError
 from .metrics import mean_ci
 from .scoring import METRICS, NO_FLOOR
-from .timing import BLOCK_S, MIN_CALLS, MIN_TIME_S, PROTOCOL
+from .timing import BLOCK_S, LEGACY_MIN_TIME_S, MIN_CALLS, PROTOCOL
 
 ID = ["model", "variant", "dataset", "steps"]
 #: every metric column, in the order the tables show them
@@ -20,7 +20,7 @@ CELL_COLUMNS = [
     "run_id", "model", "variant", "source", "dataset", "dataset_version", "seed", "steps", "nfe", "n_samples",
     *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "sample_s_iqr",
-    "sample_calls", "sample_calls_per_block", "budget",
+    "sample_calls", "sample_calls_per_block", "sample_min_time_s", "budget",
     "device", "device_name", "host", "executor", "threads", "jobs", "torch_version", "cuda_version", "genbench_version",
     "git_sha",
     "status", "error",
@@ -150,10 +150,17 @@ def _span(df: pd.DataFrame, column: str, missing: str) -> str:
     return f"{int(v.min())}" if v.min() == v.max() else f"{int(v.min())}–{int(v.max())}"
 
 
+def _windows(df: pd.DataFrame) -> str:
+    """The minimum timed seconds per cell that the rows record ('0.05', or '0.05, 0.25' for a mix;
+    rows from before the field was recorded used LEGACY_MIN_TIME_S)."""
+    v = df["sample_min_time_s"] if "sample_min_time_s" in df else pd.Series(float("nan"), index=df.index)
+    return ", ".join(f"{x:g}" for x in sorted(v.fillna(LEGACY_MIN_TIME_S).unique()))
+
+
 def protocol_line(df: pd.DataFrame) -> str:
     return PROTOCOL.format(n=_distinct(df["n_samples"]), calls=_span(df, "sample_calls", "5 (not recorded)"),
                            block=_span(df, "sample_calls_per_block", "1"), block_ms=BLOCK_S * 1e3,
-                           min_calls=MIN_CALLS, min_time=MIN_TIME_S, threads=_distinct(df["threads"]),
+                           min_calls=MIN_CALLS, min_time=_windows(df), threads=_distinct(df["threads"]),
                            concurrency=_concurrency(df))
 
 

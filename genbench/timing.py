@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 #: timed calls are repeated until there are at least MIN_CALLS of them and they took MIN_TIME_S
-#: together (at most MAX_CALLS): a 0.05 ms call is timed thousands of times, a 1 s call five times
+#: together (at most MAX_CALLS): a 0.05 ms call is timed a thousand times, a 1 s call five times.
+#: Longer windows were measured no steadier on the H100 (baselines/README.md, "Timing windows"),
+#: and in a grid of 360 cells every 0.1 s of window is 36 s of wall time.
 MIN_CALLS = 5
-MIN_TIME_S = 0.25
+MIN_TIME_S = 0.05
+#: the window of rows written before they recorded theirs (``sample_min_time_s``)
+LEGACY_MIN_TIME_S = 0.25
 MAX_CALLS = 10_000
 #: calls shorter than this are timed in blocks of back-to-back calls that last at least this long
 BLOCK_S = 0.001

@@ -227,21 +227,25 @@ def test_plugins_are_imported_only_when_named(plugin_path, tmp_path, monkeypatch
 
 
 def test_scoring_processes_give_the_rows_of_inline_scoring(cli, tmp_path):
-    """--score-jobs: cells and floor draws scored in worker processes while the fits go on give the
-    same rows as scoring in the fit process."""
+    """--score-jobs: cells and floor draws scored in worker processes while the fits go on, and the
+    VAE's held-out bound evaluated there from its checkpoint, give the same rows as scoring and
+    evaluating in the fit process."""
     rows = {}
     for jobs in (0, 2):
         out = tmp_path / f"s{jobs}"
-        r = cli("run", "--models", "gauss,gauss-paths", "--datasets", "ring8,moons", "--n-samples", "300",
-                "--floor-draws", "3", "--jobs", "1", "--score-jobs", jobs, "--out", out)
+        r = cli("run", "--models", "gauss,gauss-paths,vae", "--datasets", "ring8,moons", "--n-samples", "300",
+                "--budget", "quick", "--param", "vae.train_steps=60", "--floor-draws", "3", "--jobs", "1",
+                "--score-jobs", jobs, "--out", out)
         assert r.returncode == 0, r.stderr
         rows[jobs] = {(x["model"], x["dataset"]): x for x in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
-    assert rows[0].keys() == rows[2].keys() and len(rows[0]) == 4
+    assert rows[0].keys() == rows[2].keys() and len(rows[0]) == 6
     for key, a in rows[0].items():
         b = rows[2][key]
-        assert b["score_jobs"] == 2 and a["score_jobs"] == 0
-        same = [c for c in a if c.startswith(("w2", "energy", "precision", "recall", "c2st", "hq_frac", "modes"))]
+        assert b["score_jobs"] == 2 and a["score_jobs"] == 0 and a["status"] == b["status"] == "done"
+        same = [c for c in a if c.startswith(("w2", "energy", "precision", "recall", "c2st", "hq_frac", "modes",
+                                              "nll", "elbo"))]
         assert len(same) > 10 and {c: a[c] for c in same} == {c: b[c] for c in same}
+        assert key[0] != "vae" or (a["elbo"] < 0 and a["nll_bound"] > 0)  # evaluated, and a bound
 
 
 @pytest.mark.slow

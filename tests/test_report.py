@@ -44,3 +44,11 @@ def test_markdown_marks_only_what_lies_outside_the_floor_band():
     # the band narrows with the seed count: the same 0.1-std offset is marked with many seeds
     assert report.outside_floor([0.3] * 1000, [0.29] * 1000, [0.05] * 1000)
     assert not report.outside_floor([0.3] * 3, [0.29] * 3, [0.05] * 3)
+
+
+def test_protocol_line_names_the_timing_window_the_rows_record():
+    rows = _rows([0.30, 0.31], 0.95)
+    rows[0]["sample_min_time_s"] = 0.05
+    assert "at least 5 blocks and 0.05, 0.25 s" in report.protocol_line(report.tidy(rows))  # the second: a legacy row
+    rows[1]["sample_min_time_s"] = 0.05
+    assert "at least 5 blocks and 0.05 s" in report.protocol_line(report.tidy(rows))

@@ -161,10 +161,10 @@ class _Consistency(Generator):
     def sample(self, n, *, steps=None, seed=None):
         c = self.config
         steps = steps or c.default_steps
-        scales, levels = self.levels(steps)
         noise = lambda g: torch.randn(steps, n, 2, generator=g, device=self.device)  # noqa: E731
 
         def loop(noise):
+            scales, levels = self.levels(steps)
             f = self.ema.model
             times = torch.tensor(levels, device=self.device).reshape(-1, 1, 1)
             x = f(scales[0] * noise[0], times[0])
@@ -173,7 +173,10 @@ class _Consistency(Generator):
             return self.std.back(x)
 
         if c.cuda_graph and self.device.startswith("cuda") and graphs_available():
-            return self.graphs.run((n, steps, tuple(levels)), noise, loop, seed, build=lambda: self._fused(scales, levels))
+            # the levels are computed only to build the loop (a replayed call costs its kernels):
+            # the key holds what they depend on
+            key = (n, steps, c.sigma_min, c.sigma_max, c.tau_max)
+            return self.graphs.run(key, noise, loop, seed, build=lambda: self._fused(*self.levels(steps)))
         return loop(noise(generator(seed, self.device)))
 
     def levels(self, steps: int) -> tuple[list[float], list[float]]:

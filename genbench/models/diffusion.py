@@ -237,15 +237,26 @@ class Diffusion(Generator):
     def sample(self, n, *, steps=None, seed=None, trajectory: bool = False):
         cfg = self.config
         steps = steps or cfg.default_steps
-        grid, sampler = self.grid(steps), cfg.sampler
-        grid_dev = grid.to(self.device)
+        sampler = cfg.sampler
         traj = [] if trajectory else None
-        loop = lambda x: self.std.back(pf_ode(self.ema.model, x, grid, sampler, traj, grid_dev))  # noqa: E731
+
+        def loop(x):
+            grid = self.grid(steps)
+            return self.std.back(pf_ode(self.ema.model, x, grid, sampler, traj, grid.to(self.device)))
+
         if cfg.cuda_graph and self.device.startswith("cuda") and not trajectory and graphs_available():
-            # Euler and Heun steps fold into FusedSteps; the multistep samplers' loop is captured as it is
-            build = (lambda: self._fused(grid, sampler)) if sampler in ("euler", "heun") else None  # noqa: E731
+            # Euler and Heun steps fold into FusedSteps; the multistep samplers' loop is captured as it
+            # is. The grid is computed only to build the loop (a replayed call costs its kernels).
+            def build():
+                grid = self.grid(steps)
+                if sampler in ("euler", "heun"):
+                    return self._fused(grid, sampler)
+                grid_dev = grid.to(self.device)  # before the capture, which cannot copy from the host
+                return lambda x: self.std.back(pf_ode(self.ema.model, x, grid, sampler, None, grid_dev))
+
             prior = lambda g: cfg.sigma_max * torch.randn(n, 2, generator=g, device=self.device)  # noqa: E731
-            return self.graphs.run((n, steps, sampler, cfg.grid), prior, loop, seed, build=build)
+            key = (n, steps, sampler, cfg.grid, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+            return self.graphs.run(key, prior, loop, seed, build=build)
         x = self.prior(n, seed)
         if traj is not None:
             traj.append(x)

@@ -73,7 +73,7 @@ def measure(model: Generator, ds, seed: int, k, ref, row: dict, *, n: int, devic
     t = time_call(lambda: model.sample(n, steps=k, seed=sample_seed), device=device, min_calls=min_calls,
                   min_time=min_time)
     row |= {"sample_s": t.median, "sample_s_min": t.min, "sample_s_iqr": t.iqr, "sample_calls": t.calls,
-            "sample_calls_per_block": t.per_block}
+            "sample_calls_per_block": t.per_block, "sample_min_time_s": min_time}
     if not np.isfinite(x).all():
         values, errors = scoring.score(x, ref, ds, metrics, seed=seed, device="cpu")
         row |= values | {"metric_errors": errors or None}

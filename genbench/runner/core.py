@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import platform
 import time
@@ -24,7 +25,7 @@ from ..models.nets import Diverged
 from ..registry import Entry, resolve
 from ..store import RunDir, atomic_write, cell_name, check_out_dir, row_key
 from .cell import measure
-from .executors import _score_task, _score_worker_init, task_file, worker_pool
+from .executors import _evaluate_task, _score_task, _score_worker_init, task_file, worker_pool
 from .plan import MAX_SIDE_BY_SIDE, N_TEST, N_TRAIN, Plan, PlannedRun, device_name, git_sha, json_norm, make_model
 
 
@@ -405,39 +406,61 @@ class Runner(PlannedRun):
         try:
             record = self._fit_or_load(entry.name, model, dataset, seed, train)
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: evaluating")
-            extras = model.evaluate(test)
+            evaluation = self._evaluate(entry, model, record, test)
         except RunDirError:
             raise  # the run dir cannot be written: the run stops (nothing to record a row in)
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
             for k in steps:
                 self._write(base | {"steps": k, "variant": _safe_variant(model)}, e)
             return
-        if model.no_likelihood:
-            extras = {"nll_note": model.no_likelihood, **extras}
+        note = {"nll_note": model.no_likelihood} if model.no_likelihood else {}
         self.progress.update(f"{dataset} seed {seed}: noise floors")
         floors = self._floors_for(ds, seed, ref)
+        late = lambda: evaluation() | floors()  # noqa: E731 - what a row gets once it has arrived
         for k in steps:
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: sampling" + (f" {k} steps" if k else ""))
             row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
                           "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
-                          "fit_sha256": record.get("fit_sha256"), **extras}
+                          "fit_sha256": record.get("fit_sha256"), **note}
             try:
                 x = self._sample_cell(model, ds, seed, k, ref, row)
                 if self.scorer is not None:  # scored beside the next fits; the row is written then
-                    self.pending.append((row, self._score_async(x, ref, ds.name, seed), floors))
+                    self.pending.append((row, self._score_async(x, ref, ds.name, seed), late))
                     self._drain()
                     continue
                 values, errors = scoring.score(x, ref, ds, self.plan.metrics, seed=seed, device=self.metric_device)
-                row |= values | {"metric_errors": errors or None} | floors()
+                row |= values | {"metric_errors": errors or None} | late()
             except RunDirError:
                 raise
             except Exception as e:  # noqa: BLE001 - the row is still written whole, floors included
                 with contextlib.suppress(Exception):
                     row |= floors()
+                with contextlib.suppress(Exception):
+                    row |= evaluation()
                 self._write(row, e)
             else:
                 self._write(row, None)
+
+    def _evaluate(self, entry: Entry, model: Generator, record: dict, test):
+        """``model.evaluate(test)`` (held-out likelihood and the like), as a function that gives its
+        result. With scoring processes and a checkpoint, it runs in one of them, on the CPU, on the
+        model loaded from the checkpoint, while this process samples and fits on (a diffusion
+        model's PF-ODE likelihood is an adaptive ODE solve, launch-bound on a GPU); else here."""
+        if self.scorer is None or not record.get("checkpoint_sha256") or type(model).evaluate is Generator.evaluate:
+            here = model.evaluate(test)
+            return lambda: here
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        result = self.scorer.apply_async(_evaluate_task, (entry, self.plan, buf.getvalue(), test))
+        memo: dict = {}
+
+        def value() -> dict:
+            if "value" not in memo:
+                memo["value"] = result.get()
+            return memo["value"]
+
+        return value
 
     def _base_row(self, entry: Entry, dataset: str, seed: int) -> dict:
         """A row's identity and provenance."""

@@ -482,6 +482,20 @@ def _score_task(x, ref, ds_name: str, metrics: list[str], seed: int):
     return scoring.score(x, ref, ds_mod.get(ds_name), metrics, seed=seed, device="cpu")
 
 
+def _evaluate_task(entry, plan, state: bytes, test) -> dict:
+    """A fitted model's ``evaluate(test)`` in a scoring process: the model rebuilt on the CPU from its
+    checkpoint (tensors and plain containers only: data, never code)."""
+    import io
+
+    import torch
+
+    from .plan import make_model
+
+    model = make_model(entry, plan)
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True), device="cpu")
+    return model.evaluate(test)
+
+
 def _ignoring_sigint(start):
     """``start()`` with SIGINT ignored, so that the processes it spawns inherit that (Python keeps an
     inherited SIG_IGN); the caller's handler is restored afterwards."""
