@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import platform
@@ -452,15 +453,7 @@ class Runner(PlannedRun):
             return lambda: here
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
-        result = self.scorer.apply_async(_evaluate_task, (entry, self.plan, buf.getvalue(), test))
-        memo: dict = {}
-
-        def value() -> dict:
-            if "value" not in memo:
-                memo["value"] = result.get()
-            return memo["value"]
-
-        return value
+        return functools.cache(self.scorer.apply_async(_evaluate_task, (entry, self.plan, buf.getvalue(), test)).get)
 
     def _base_row(self, entry: Entry, dataset: str, seed: int) -> dict:
         """A row's identity and provenance."""
