@@ -162,19 +162,18 @@ class Runner(PlannedRun):
 
     def run_units(self, units, done: set | None = None) -> None:
         done = self.done_keys() if done is None else done
+        steps = {(e.name, d, s): self.steps_for(make_model(e, self.plan)) for e, d, s in units}
+        todo = {unit: [k for k in ks if (*unit, k) not in done] for unit, ks in steps.items()}
         if self.scorer is not None:  # the floor draws go to the scoring processes before the first fit
-            pending = [(e, d, s) for e, d, s in units
-                       if any((e.name, d, s, k) not in done for k in self.steps_for(make_model(e, self.plan)))]
-            for dataset, seed in dict.fromkeys((d, s) for _, d, s in pending):
+            for dataset, seed in dict.fromkeys((d, s) for (_, d, s), ks in todo.items() if ks):
                 ds, _, ref, _ = self._data(dataset, seed)
                 self._floors_for(ds, seed, ref)
         self._fit_side_by_side(units, done)
         for entry, dataset, seed in units:
-            model = make_model(entry, self.plan)  # one at a time: a fitted model holds its captured graphs
-            todo = [k for k in self.steps_for(model) if (entry.name, dataset, seed, k) not in done]
-            self.progress.advance(len(self.steps_for(model)) - len(todo))
-            if todo:
-                self._run_unit(entry, model, dataset, seed, todo)
+            unit = (entry.name, dataset, seed)
+            self.progress.advance(len(steps[unit]) - len(todo[unit]))
+            if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
+                self._run_unit(entry, make_model(entry, self.plan), dataset, seed, todo[unit])
         self._drain(block=True)
 
     # -- what a cluster executor asks of the run ------------------------------------------------
