@@ -11,7 +11,7 @@ of the same size; each has a noise floor, the same metric between independent tr
   cost |x - y|^2 / 2 and blur eps^(1/2) (Feydy et al. 2019): an estimate of the population W2
   with a far smaller bias than exact empirical W2 (its floor is smaller), at a higher cost.
 - ``energy``: the energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (Székely & Rizzo; the MMD of the
-  distance kernel), V-statistic from GeomLoss; 0 exactly for identical samples, a metric between
+  distance kernel), V-statistic, the pairwise distances by ``torch.cdist`` in float64; 0 exactly for identical samples, a metric between
   distributions, no bandwidth to tune.
 - ``prdc``: precision, recall, density and coverage of Naeem et al. (2020) with k-NN balls.
 - ``c2st``: held-out accuracy of a k-nearest-neighbour classifier telling ``x`` from ``ref``
@@ -87,13 +87,23 @@ def sinkhorn(x: np.ndarray, y: np.ndarray, *, blur: float = 0.01, scaling: float
     return float(math.sqrt(max(2.0 * float(loss(*_tensors(x, y, device))), 0.0)))
 
 
-def energy(x: np.ndarray, y: np.ndarray, *, device: str = "cpu") -> float:
+def energy(x: np.ndarray, y: np.ndarray, *, device: str = "cpu", block: int = 1024) -> float:
     """Energy distance ``2 E|X-Y| - E|X-X'| - E|Y-Y'|`` of the two empirical measures
-    (V-statistic; GeomLoss' ``energy`` loss is half of it)."""
-    from geomloss import SamplesLoss
+    (V-statistic), in float64: each mean of pairwise distances summed over blocks of ``block``
+    rows (``torch.cdist``, each distance computed directly, not through a matrix product), so the
+    memory is ``block`` x n, not n x n (GeomLoss' tensorized ``energy`` loss, used before, builds
+    n x n float32 matrices and was measured slower: baselines/README.md, "Scoring cost")."""
+    import torch
 
     x, y = check_points(x), check_points(y, what="reference points")
-    return float(2.0 * SamplesLoss("energy", backend="tensorized")(*_tensors(x, y, device)))
+    x, y = (torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device) for v in (x, y))
+
+    def mean_distance(a, b) -> float:
+        total = sum(float(torch.cdist(a[i:i + block], b, compute_mode="donot_use_mm_for_euclid_dist").sum())
+                    for i in range(0, len(a), block))
+        return total / (len(a) * len(b))
+
+    return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
 
 
 def _kth_radius(points: np.ndarray, k: int) -> np.ndarray:

@@ -27,7 +27,8 @@ class Metric:
     about: str
     mixtures_only: bool = False
     #: peak memory of one call, in bytes per n^2 (n samples against n reference points): the dense
-    #: n x n matrices of GeomLoss' tensorized backend, the k-NN radius counts of PRDC; measured
+    #: n x n matrices of GeomLoss' tensorized backend, the k-NN radius counts of PRDC, the energy
+    #: distance's blocks of 1024 x n distances (less per n^2 as n grows); measured
     #: (max RSS) at n = 4000 and 8000 and rounded up
     bytes_per_n2: float = 1.0
 
@@ -59,7 +60,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("sinkhorn", ("sinkhorn",), lambda x, ref, ds, *, seed, device: {"sinkhorn": M.sinkhorn(x, ref, device=device)},
            "sqrt(2 x debiased Sinkhorn divergence), blur 0.01 (GeomLoss): W2 with a far smaller bias", bytes_per_n2=26),
     Metric("energy", ("energy",), lambda x, ref, ds, *, seed, device: {"energy": M.energy(x, ref, device=device)},
-           "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (GeomLoss, V-statistic)", bytes_per_n2=22),
+           "energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic, float64 pairwise distances)", bytes_per_n2=4),
     Metric("prdc", ("precision", "recall", "density", "coverage"), lambda x, ref, ds, *, seed, device: M.prdc(ref, x),
            "precision / recall / density / coverage with 5-NN balls (Naeem et al. 2020)", bytes_per_n2=9),
     Metric("c2st", ("c2st",), lambda x, ref, ds, *, seed, device: {"c2st": M.c2st(x, ref, seed=seed)},

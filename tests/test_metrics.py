@@ -72,10 +72,11 @@ def test_energy_known_answers():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 2))
     assert metrics.energy(x, x) == pytest.approx(0.0, abs=1e-5)
-    # two point masses at distance 5: 2 E|X-Y| - 0 - 0 = 10 (GeomLoss smooths |x - y| at 0 by ~1e-4)
-    assert metrics.energy(np.zeros((50, 2)), np.tile([3.0, 4.0], (40, 1))) == pytest.approx(10.0, abs=1e-3)
-    y = rng.normal(size=(200, 2)) + [0.5, 0.0]
-    assert metrics.energy(x, y) == pytest.approx(_brute_energy(x, y), rel=1e-3)
+    # two point masses at distance 5: 2 E|X-Y| - 0 - 0 = 10
+    assert metrics.energy(np.zeros((50, 2)), np.tile([3.0, 4.0], (40, 1))) == pytest.approx(10.0, rel=1e-12)
+    y = rng.normal(size=(2500, 2)) + [0.5, 0.0]  # more rows than a block: the blocks' sums add up
+    assert metrics.energy(x, y) == pytest.approx(_brute_energy(x, y), rel=1e-9)
+    assert metrics.energy(x, y, block=7) == pytest.approx(_brute_energy(x, y), rel=1e-9)
 
 
 def test_sinkhorn_debiased_translation_and_entropic_cost_tends_to_exact_w2():
