@@ -246,3 +246,24 @@ def test_tasks_cover_the_plan_once_grouped_for_side_by_side_fits(tmp_path):
     assert all(("vae", "ring8", 0) not in t for t in runner.tasks(done, 4))  # finished chains are not sent
     plan.side_by_side = False
     assert len(Runner(plan).tasks(set())) == 12  # one chain each
+
+
+def test_side_by_side_each_models_groups_fit_right_before_its_cells(tmp_path, monkeypatch):
+    """Fitting side by side, a model's cells are sampled (and sent to the scoring processes) before
+    the next model trains; one by one, the units keep the plan's order."""
+    from genbench.runner import Plan, Runner, core
+
+    calls = []
+    monkeypatch.setattr(core.Runner, "_fit_group", lambda self, chunk: calls.append(("fit", chunk[0][0].name, len(chunk))))
+    monkeypatch.setattr(core.Runner, "_run_unit", lambda self, e, model, d, s, steps: calls.append(("cells", e.name)))
+    plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
+                steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
+                out=str(tmp_path / "run"))
+    runner = Runner(plan)
+    runner.run_units(list(runner.units()), set())
+    assert calls == [("fit", "diffusion", 4), *[("cells", "diffusion")] * 4, ("fit", "vae", 4), *[("cells", "vae")] * 4,
+                     ("fit", "cm-cd", 4), *[("cells", "cm-cd")] * 4]
+    calls.clear()
+    plan.side_by_side = False
+    Runner(plan).run_units(list(runner.units()), set())
+    assert calls == [("cells", m) for m in ["diffusion"] * 4 + ["vae"] * 4 + ["cm-cd"] * 4]

@@ -168,12 +168,18 @@ class Runner(PlannedRun):
             for dataset, seed in dict.fromkeys((d, s) for (_, d, s), ks in todo.items() if ks):
                 ds, _, ref, _ = self._data(dataset, seed)
                 self._floors_for(ds, seed, ref)
-        self._fit_side_by_side(units, done)
-        for entry, dataset, seed in units:
-            unit = (entry.name, dataset, seed)
-            self.progress.advance(len(steps[unit]) - len(todo[unit]))
-            if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
-                self._run_unit(entry, make_model(entry, self.plan), dataset, seed, todo[unit])
+        # fitting side by side, each model's groups are fitted right before its cells are sampled (the
+        # teachers' models first, as units() orders them), so the scoring processes score one
+        # model's cells while the next model trains
+        models = dict.fromkeys(e.name for e, _, _ in units) if self.side_by_side_on else [None]
+        for name in models:
+            mine = [u for u in units if name in (None, u[0].name)]
+            self._fit_side_by_side(mine, done)
+            for entry, dataset, seed in mine:
+                unit = (entry.name, dataset, seed)
+                self.progress.advance(len(steps[unit]) - len(todo[unit]))
+                if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
+                    self._run_unit(entry, make_model(entry, self.plan), dataset, seed, todo[unit])
         self._drain(block=True)
 
     # -- what a cluster executor asks of the run ------------------------------------------------
