@@ -276,17 +276,20 @@ class ConsistencyDistillation(_Consistency):
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
         return x0, generator(seed + 1, device), pf
 
-    def _batch(self, x0: torch.Tensor, g: torch.Generator):
-        """One step's draws: data points, a pair of adjacent grid levels per point, and noise."""
+    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's random draws: data indices, the lower of a pair of adjacent grid levels per
+        point, and noise."""
         c, device = self.config, x0.device
-        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-        n = torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device)
-        return x, self.grid[n], self.grid[n + 1], torch.randn(x.shape, generator=g, device=device)
+        return (torch.randint(len(x0), (c.batch,), generator=g, device=device),
+                torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device),
+                torch.randn(c.batch, x0.shape[1], generator=g, device=device))
 
-    def _loss(self, f, f_target, D, x, t_n, t_next, z) -> torch.Tensor:
-        """d(f(x_{t'}, t'), f_target(x_hat, t)): x_hat is the teacher D's PF-ODE step from x_{t'} =
-        x + t' z down to t, as its samplers take it; plus the optional boundary term."""
+    def _loss(self, f, f_target, D, x0, i, n, z) -> torch.Tensor:
+        """d(f(x_{t'}, t'), f_target(x_hat, t)) on the data points x = ``x0[i]`` at the grid levels
+        t = t_n, t' = t_{n+1}: x_hat is the teacher D's PF-ODE step from x_{t'} = x + t' z down to t,
+        as its samplers take it; plus the optional boundary term."""
         c = self.config
+        x, t_n, t_next = x0[i], self.grid[n], self.grid[n + 1]
         x_next = x + t_next * z
         with torch.no_grad():
             d = D(x_next, t_next)
@@ -311,7 +314,7 @@ class ConsistencyDistillation(_Consistency):
                 self.target.update(self.model)
 
         return fit_loop(self.model.parameters(),
-                        lambda k, step: self._loss(self.model, f_target, pf.denoise, *self._batch(x0, g)),
+                        lambda k, step: self._loss(self.model, f_target, pf.denoise, x0, *self._draws(x0, g)),
                         steps=c.train_steps, lr=c.lr, after_step=after_step, device=device,
                         cuda_graph=c.cuda_graph, generators=(g,))
 
@@ -329,11 +332,11 @@ class ConsistencyDistillation(_Consistency):
         dens = [pf.denoise for _, _, pf in starts]
         if not all(isinstance(d, torch.nn.Module) and type(d) is type(dens[0]) for d in dens):
             raise TypeError("the teachers' denoisers are not modules of one structure; fit one by one")
-        first = models[0]
+        first, x0s = models[0], torch.stack([x0 for x0, _, _ in starts])
         return fit_stacked([m.model for m in models],
                            lambda run, *batch: first._loss(run, run.target if first.target else run, run.frozen,
                                                            *batch),
-                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g, _) in zip(models, starts)),
+                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g, _) in zip(models, starts))),
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
                            generators=tuple(g for _, g, _ in starts), ema=[m.ema.model for m in models],
                            ema_decay=lambda t: c.ema_decay,
@@ -383,17 +386,21 @@ class ConsistencyTraining(_Consistency):
             cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
         return cache[N]
 
-    def _batch(self, x0: torch.Tensor, g: torch.Generator, k: int):
-        """One step's draws: data points, a pair of adjacent levels per point (by inverse CDF) and noise."""
+    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's random draws: data indices, a uniform per point (its pair of adjacent levels
+        by inverse CDF) and noise."""
         c, device = self.config, x0.device
-        sig, cdf = self.train_levels(self.phase(k), device)
-        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=device)]
-        u = torch.rand(c.batch, 1, generator=g, device=device)
-        i = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
-        return x, sig[i], sig[i + 1], torch.randn(x.shape, generator=g, device=device)
+        return (torch.randint(len(x0), (c.batch,), generator=g, device=device),
+                torch.rand(c.batch, 1, generator=g, device=device),
+                torch.randn(c.batch, x0.shape[1], generator=g, device=device))
 
-    def _loss(self, f, x, s_i, s_next, z) -> torch.Tensor:
-        """iCT's loss: d(f(x + s' z, s'), sg f(x + s z, s)) / (s' - s), the same z for both."""
+    def _loss(self, f, levels, x0, i, u, z) -> torch.Tensor:
+        """iCT's loss: d(f(x + s' z, s'), sg f(x + s z, s)) / (s' - s), the same z for both, on the
+        data points x = ``x0[i]``, with the pair of adjacent ``levels`` (sig, cdf) that u falls in
+        by inverse CDF."""
+        sig, cdf = levels
+        j = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
+        x, s_i, s_next = x0[i], sig[j], sig[j + 1]
         with torch.no_grad():
             target = f(x + s_i * z, s_i)  # stop-gradient of the online net
         return (self._distance(f(x + s_next * z, s_next), target) / (s_next - s_i).squeeze(1)).mean()
@@ -401,7 +408,9 @@ class ConsistencyTraining(_Consistency):
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         c = self.config
         x0, g = self._start(data, device, seed)
-        return fit_loop(self.model.parameters(), lambda k, step: self._loss(self.model, *self._batch(x0, g, k)),
+        levels = lambda k: self.train_levels(self.phase(k), device)  # noqa: E731 - fixed within a phase
+        return fit_loop(self.model.parameters(),
+                        lambda k, step: self._loss(self.model, levels(k), x0, *self._draws(x0, g)),
                         steps=c.train_steps, lr=c.lr, after_step=lambda step: self.ema.update(self.model),
                         device=device, cuda_graph=c.cuda_graph, generators=(g,), phase=self.phase)
 
@@ -411,8 +420,15 @@ class ConsistencyTraining(_Consistency):
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, draws, curriculum and EMA."""
         c, starts = start_members(models, datas, seeds, device)
-        return fit_stacked([m.model for m in models], models[0]._loss,
-                           lambda k, step: stack_draws(m._batch(x0, g, k) for m, (x0, g) in zip(models, starts)),
+        first, x0s = models[0], torch.stack([x0 for x0, _ in starts])
+        phase_levels = {}  # the levels of the step being drawn, shared by the members' losses
+
+        def draw(k, step):
+            phase_levels["now"] = first.train_levels(first.phase(k), device)
+            return x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))
+
+        return fit_stacked([m.model for m in models],
+                           lambda run, x0, *draws: first._loss(run, phase_levels["now"], x0, *draws), draw,
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
                            generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
                            ema_decay=lambda t: c.ema_decay, phase=models[0].phase)

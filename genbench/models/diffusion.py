@@ -188,23 +188,26 @@ class Diffusion(Generator):
         self.std = Standardizer(data, self.config.sigma_data)
         return self.std.to(data), generator(seed + 1, device)
 
-    def _batch(self, x0: torch.Tensor, g: torch.Generator):
-        """One step's draws: data points, noise levels (EDM's lognormal) and noise."""
+    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's random draws: data indices, standard normals for the noise levels, noise."""
         cfg, device = self.config, x0.device
-        x = x0[torch.randint(len(x0), (cfg.batch,), generator=g, device=device)]
-        t = (cfg.p_mean + cfg.p_std * torch.randn(cfg.batch, 1, generator=g, device=device)).exp()
-        return x, t, torch.randn(x.shape, generator=g, device=device)
+        return (torch.randint(len(x0), (cfg.batch,), generator=g, device=device),
+                torch.randn(cfg.batch, 1, generator=g, device=device),
+                torch.randn(cfg.batch, x0.shape[1], generator=g, device=device))
 
-    @staticmethod
-    def _loss(denoise, coefficients, x, t, z) -> torch.Tensor:
-        """Denoising score matching with EDM's weighting: |D(x + t z; t) - x|^2 / c_out(t)^2."""
-        _, c_out, _, _ = coefficients(t)
+    def _loss(self, denoise, x0, i, e, z) -> torch.Tensor:
+        """Denoising score matching with EDM's weighting, |D(x + t z; t) - x|^2 / c_out(t)^2, on the
+        data points ``x0[i]`` at EDM's lognormal levels t = exp(p_mean + p_std e). Elementwise in
+        the draws, so a stacked fit maps it over its members (vmap) in one pass."""
+        cfg = self.config
+        x, t = x0[i], (cfg.p_mean + cfg.p_std * e).exp()
+        _, c_out, _, _ = self.model.coefficients(t)
         return (((denoise(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
 
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         cfg = self.config
         x0, g = self._start(data, device, seed)
-        loss_fn = lambda k, step: self._loss(self.model, self.model.coefficients, *self._batch(x0, g))  # noqa: E731
+        loss_fn = lambda k, step: self._loss(self.model, x0, *self._draws(x0, g))  # noqa: E731
         return fit_loop(self.model.parameters(), loss_fn, steps=cfg.train_steps, lr=cfg.lr,
                         after_step=lambda t: self.ema.update(self.model, at_most((1 + t) / (10 + t), cfg.ema_decay)),
                         device=device, cuda_graph=cfg.cuda_graph, generators=(g,))
@@ -215,9 +218,9 @@ class Diffusion(Generator):
         member from its own seed's weights, data draws and noise, with its own gradient clipping,
         EMA and loss curve: its solo fit's arithmetic, batched."""
         cfg, starts = start_members(models, datas, seeds, device)
-        coefficients = models[0].model.coefficients
-        return fit_stacked([m.model for m in models], lambda run, x, t, z: cls._loss(run, coefficients, x, t, z),
-                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),
+        x0s = torch.stack([x0 for x0, _ in starts])
+        return fit_stacked([m.model for m in models], models[0]._loss,
+                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))),
                            steps=cfg.train_steps, lr=cfg.lr, device=device, cuda_graph=cfg.cuda_graph,
                            generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
                            ema_decay=lambda t: at_most((1 + t) / (10 + t), cfg.ema_decay))

@@ -135,13 +135,14 @@ class RealNVP(Generator):
                 m.initialized = torch.tensor(True)
         return x0, g
 
-    def _batch(self, x0: torch.Tensor, g: torch.Generator):
-        return (x0[torch.randint(len(x0), (self.config.batch,), generator=g, device=x0.device)],)
+    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's random draws: data indices."""
+        return (torch.randint(len(x0), (self.config.batch,), generator=g, device=x0.device),)
 
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         c = self.config
         x0, g = self._start(data, device, seed)
-        return fit_loop(self.flow.parameters(), lambda k, step: -self.flow.log_prob(*self._batch(x0, g)).mean(),
+        return fit_loop(self.flow.parameters(), lambda k, step: -self.flow.log_prob(x0[self._draws(x0, g)[0]]).mean(),
                         steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
 
     @classmethod
@@ -149,8 +150,9 @@ class RealNVP(Generator):
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, ActNorm initialisation and draws."""
         c, starts = start_members(models, datas, seeds, device)
-        return fit_stacked([NegLogProb(m.flow) for m in models], lambda run, x: run(x).mean(),
-                           lambda k, step: stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)),
+        x0s = torch.stack([x0 for x0, _ in starts])
+        return fit_stacked([NegLogProb(m.flow) for m in models], lambda run, x0, i: run(x0[i]).mean(),
+                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))),
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
                            generators=tuple(g for _, g in starts))
 

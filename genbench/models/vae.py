@@ -93,11 +93,16 @@ class VAE(Generator):
         self.std = Standardizer(data, 1.0)
         return self.std.to(data), generator(seed + 1, device)
 
-    def _batch(self, x0: torch.Tensor, g: torch.Generator):
-        """One step's draws: data points and their reparametrisation noise."""
+    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+        """One step's random draws: data indices and the points' reparametrisation noise."""
         c = self.config
-        x = x0[torch.randint(len(x0), (c.batch,), generator=g, device=x0.device)]
-        return x, torch.randn(c.batch, c.latent, generator=g, device=x0.device)
+        return (torch.randint(len(x0), (c.batch,), generator=g, device=x0.device),
+                torch.randn(c.batch, c.latent, generator=g, device=x0.device))
+
+    @staticmethod
+    def _loss(net, x0, i, eps, beta) -> torch.Tensor:
+        """The mean negative ELBO (KL weighted by ``beta``) of the data points ``x0[i]``."""
+        return net(x0[i], eps, beta).mean()
 
     def _beta(self, step):
         """The KL weight at step ``step`` (annealed over the first kl_warmup steps)."""
@@ -107,7 +112,8 @@ class VAE(Generator):
     def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
         c = self.config
         x0, g = self._start(data, device, seed)
-        return fit_loop(self.net.parameters(), lambda k, step: self.net(*self._batch(x0, g), self._beta(step)).mean(),
+        loss = lambda k, step: self._loss(self.net, x0, *self._draws(x0, g), self._beta(step))  # noqa: E731
+        return fit_loop(self.net.parameters(), loss,
                         steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
 
     @classmethod
@@ -115,14 +121,15 @@ class VAE(Generator):
         """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
         member with its solo fit's weights, draws and KL schedule."""
         c, starts = start_members(models, datas, seeds, device)
+        x0s = torch.stack([x0 for x0, _ in starts])
 
-        def draw(k, step):  # each member's batch, and the step's KL weight once per member
+        def draw(k, step):  # each member's draws, and the step's KL weight once per member
             beta = models[0]._beta(step)
             beta = beta.expand(len(models)) if isinstance(beta, torch.Tensor) else torch.full((len(models),), beta,
                                                                                            device=device)
-            return (*stack_draws(m._batch(x0, g) for m, (x0, g) in zip(models, starts)), beta)
+            return (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts)), beta)
 
-        return fit_stacked([m.net for m in models], lambda run, x, eps, beta: run(x, eps, beta).mean(), draw,
+        return fit_stacked([m.net for m in models], cls._loss, draw,
                            steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
                            generators=tuple(g for _, g in starts))
 
