@@ -11,8 +11,8 @@ of the same size; each has a noise floor, the same metric between independent tr
   cost |x - y|^2 / 2 and blur eps^(1/2) (Feydy et al. 2019): an estimate of the population W2
   with a far smaller bias than exact empirical W2 (its floor is smaller), at a higher cost.
 - ``energy``: the energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (Székely & Rizzo; the MMD of the
-  distance kernel), V-statistic, the pairwise distances by ``torch.cdist`` in float64; 0 exactly for identical samples, a metric between
-  distributions, no bandwidth to tune.
+  distance kernel), V-statistic, the pairwise distances by ``torch.cdist`` in float64; 0 exactly
+  for identical samples, a metric between distributions, no bandwidth to tune.
 - ``prdc``: precision, recall, density and coverage of Naeem et al. (2020) with k-NN balls.
 - ``c2st``: held-out accuracy of a k-nearest-neighbour classifier telling ``x`` from ``ref``
   (a classifier two-sample test; 0.5 means indistinguishable).
