@@ -42,6 +42,14 @@ def cell_name(model: str, dataset: str, seed: int, steps: int | None = None) -> 
     return f"{model}__{dataset}__s{seed}" + ("" if steps is None else f"__k{steps}")
 
 
+def load_state(data: bytes, device: str):
+    """A checkpoint's state dict from its bytes, read as data: tensors and plain containers only
+    (``torch.load(weights_only=True)``), never code."""
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -321,15 +329,17 @@ class RunDir:
         torch.save(state, buf)
         return self._write_artefact("checkpoints", name, ".pt", buf.getvalue())
 
-    def load_checkpoint(self, name: str, sha: str | None, device: str):
-        """The state dict of checkpoints/<name>.pt, read as data (``weights_only=True``); raises
-        ValueError when it is missing or does not match ``sha``."""
-        import torch
-
+    def checkpoint_bytes(self, name: str, sha: str | None) -> bytes:
+        """The bytes of checkpoints/<name>.pt; raises ValueError when it is missing or does not
+        match ``sha``."""
         data = self._read_artefact("checkpoints", name, ".pt", sha)
         if data is None:
             raise ValueError("missing, or its sha256 does not match the fit record")
-        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        return data
+
+    def load_checkpoint(self, name: str, sha: str | None, device: str):
+        """The state dict of checkpoints/<name>.pt, read as data (``load_state``)."""
+        return load_state(self.checkpoint_bytes(name, sha), device)
 
     def save_json(self, kind: str, name: str, obj) -> str:
         return self._write_artefact(kind, name, ".json", dumps(obj).encode())

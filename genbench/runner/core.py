@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import os
 import platform
 import time
@@ -171,9 +170,9 @@ class Runner(PlannedRun):
         # fitting side by side, each model's groups are fitted right before its cells are sampled (the
         # teachers' models first, as units() orders them), so the scoring processes score one
         # model's cells while the next model trains
-        models = dict.fromkeys(e.name for e, _, _ in units) if self.side_by_side_on else [None]
-        for name in models:
-            mine = [u for u in units if name in (None, u[0].name)]
+        names = dict.fromkeys(e.name for e, _, _ in units)
+        groups = [[u for u in units if u[0].name == name] for name in names] if self.side_by_side_on else [units]
+        for mine in groups:
             self._fit_side_by_side(mine, done)
             for entry, dataset, seed in mine:
                 unit = (entry.name, dataset, seed)
@@ -418,7 +417,7 @@ class Runner(PlannedRun):
         try:
             record = self._fit_or_load(entry.name, model, dataset, seed, train)
             self.progress.update(f"{entry.name} on {dataset} seed {seed}: evaluating")
-            evaluation = self._evaluate(entry, model, record, test)
+            evaluation = self._evaluate(entry, model, dataset, seed, record, test)
         except RunDirError:
             raise  # the run dir cannot be written: the run stops (nothing to record a row in)
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
@@ -454,17 +453,17 @@ class Runner(PlannedRun):
             else:
                 self._write(row, None)
 
-    def _evaluate(self, entry: Entry, model: Generator, record: dict, test):
+    def _evaluate(self, entry: Entry, model: Generator, dataset: str, seed: int, record: dict, test):
         """``model.evaluate(test)`` (held-out likelihood and the like), as a function that gives its
         result. With scoring processes and a checkpoint, it runs in one of them, on the CPU, on the
         model loaded from the checkpoint, while this process samples and fits on (a diffusion
         model's PF-ODE likelihood is an adaptive ODE solve, launch-bound on a GPU); else here."""
-        if self.scorer is None or not record.get("checkpoint_sha256") or type(model).evaluate is Generator.evaluate:
+        sha = record.get("checkpoint_sha256")
+        if self.scorer is None or not sha or type(model).evaluate is Generator.evaluate:
             here = model.evaluate(test)
             return lambda: here
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        return functools.cache(self.scorer.apply_async(_evaluate_task, (entry, self.plan, buf.getvalue(), test)).get)
+        state = self.store.checkpoint_bytes(cell_name(entry.name, dataset, seed), sha)  # the bytes saved
+        return functools.cache(self.scorer.apply_async(_evaluate_task, (entry, self.plan, state, test)).get)
 
     def _base_row(self, entry: Entry, dataset: str, seed: int) -> dict:
         """A row's identity and provenance."""

@@ -484,15 +484,12 @@ def _score_task(x, ref, ds_name: str, metrics: list[str], seed: int):
 
 def _evaluate_task(entry, plan, state: bytes, test) -> dict:
     """A fitted model's ``evaluate(test)`` in a scoring process: the model rebuilt on the CPU from its
-    checkpoint (tensors and plain containers only: data, never code)."""
-    import io
-
-    import torch
-
+    checkpoint's bytes (``store.load_state``: data, never code)."""
+    from ..store import load_state
     from .plan import make_model
 
     model = make_model(entry, plan)
-    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True), device="cpu")
+    model.load_state_dict(load_state(state, "cpu"), device="cpu")
     return model.evaluate(test)
 
 
