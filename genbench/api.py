@@ -35,6 +35,11 @@ class FitInfo:
     extras: dict[str, float] = field(default_factory=dict)  # e.g. teacher_train_s
 
 
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss (or sampling non-finite samples): the runner records the
+    cell as ``diverged`` rather than ``error``."""
+
+
 @dataclass(frozen=True)
 class PFODEDenoiser:
     """What a model with a probability-flow ODE offers a student (``Generator.pf_ode_denoiser``):

@@ -3,7 +3,8 @@ import torch
 
 from genbench.models.consistency import ct_discretisation
 from genbench.models.graphs import phase_segments
-from genbench.models.nets import EMA, at_most
+from genbench.models.nets import EMA
+from genbench.models.train import at_most
 
 
 def test_phase_segments_cover_the_steps_in_runs_of_one_phase():

@@ -28,11 +28,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
+from ..api import Generator, PFODEDenoiser, UsageError, check_config
 from .diffusion import time_grid
-from .samplers import euler_step, heun_correction
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import EMA, Standardizer, TimeMLP, fit_loop, fit_stacked, generator, seeded, stack_draws, start_members
+from .nets import EMA, Standardizer, TimeMLP, generator, seeded
+from .samplers import euler_step, heun_correction
+from .train import Setup, TorchGenerator
 
 PARAMETRIZATIONS = ("song", "linear")
 DISTANCES = ("l2", "huber")
@@ -124,7 +125,7 @@ class ConsistencyConfig:
                              f"(got {self.grid_points}, {self.s0}, {self.s1})")
 
 
-class _Consistency(Generator):
+class _Consistency(TorchGenerator):
     Config = ConsistencyConfig
     multistep = True
     no_likelihood = ("a consistency model is a learned map from noise to data with no tractable density "
@@ -249,12 +250,12 @@ class ConsistencyDistillation(_Consistency):
     teacher_needs = ("pf-ode denoiser",)
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
 
-    def _start(self, data, device: str, seed: int, teacher: Generator | None):
+    def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
         """Checks the teacher, builds the student (from the teacher's network where it starts from
-        it) with its EMA and target copies, and standardises the data as the teacher did:
-        (standardised data, the generator of the fit's batches, the teacher's PF-ODE denoiser)."""
+        it) with its EMA and target copies, and standardises the data as the teacher did; the
+        teacher's PF-ODE denoiser is the frozen network."""
         c = self.config
-        if teacher is None or type(teacher).pf_ode_denoiser is Generator.pf_ode_denoiser:
+        if teacher is None or "pf-ode denoiser" not in teacher.capabilities():
             raise ValueError("cm-cd needs a fitted teacher that provides pf_ode_denoiser()")
         pf: PFODEDenoiser = teacher.pf_ode_denoiser()
         if (pf.sigma_min, pf.sigma_max, pf.sigma_data) != (c.sigma_min, c.sigma_max, c.sigma_data):
@@ -274,9 +275,11 @@ class ConsistencyDistillation(_Consistency):
         self.std = Standardizer.from_state({"mean": pf.mean, "scale": pf.scale}, device)
         self.grid = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
-        return x0, generator(seed + 1, device), pf
+        return Setup(x0, generator(seed + 1, device), self.model, ema=self.ema.model, ema_decay=c.ema_decay,
+                     target=self.target.model if self.target else None, target_decay=c.target_decay,
+                     frozen=pf.denoise)
 
-    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+    def draws(self, x0: torch.Tensor, g: torch.Generator):
         """One step's random draws: data indices, the lower of a pair of adjacent grid levels per
         point, and noise."""
         c, device = self.config, x0.device
@@ -284,11 +287,13 @@ class ConsistencyDistillation(_Consistency):
                 torch.randint(0, c.grid_points - 1, (c.batch, 1), generator=g, device=device),
                 torch.randn(c.batch, x0.shape[1], generator=g, device=device))
 
-    def _loss(self, f, f_target, D, x0, i, n, z) -> torch.Tensor:
+    def loss(self, f, context, x0, i, n, z) -> torch.Tensor:
         """d(f(x_{t'}, t'), f_target(x_hat, t)) on the data points x = ``x0[i]`` at the grid levels
         t = t_n, t' = t_{n+1}: x_hat is the teacher D's PF-ODE step from x_{t'} = x + t' z down to t,
-        as its samplers take it; plus the optional boundary term."""
+        as its samplers take it; plus the optional boundary term. ``f`` runs the student,
+        ``f.target`` its target copy, ``f.frozen`` the teacher's denoiser D."""
         c = self.config
+        f_target, D = f.target, f.frozen
         x, t_n, t_next = x0[i], self.grid[n], self.grid[n + 1]
         x_next = x + t_next * z
         with torch.no_grad():
@@ -302,46 +307,6 @@ class ConsistencyDistillation(_Consistency):
             eps_t = torch.full_like(t_n, c.sigma_min)
             loss = loss + c.bc_weight * ((f(x + c.sigma_min * z, eps_t) - x) ** 2).sum(-1).mean()
         return loss
-
-    def fit(self, data, *, device="cpu", seed=0, teacher: Generator | None = None) -> FitInfo:
-        c = self.config
-        x0, g, pf = self._start(data, device, seed, teacher)
-        f_target = self.target.model if self.target else self.model
-
-        def after_step(step):
-            self.ema.update(self.model)
-            if self.target:
-                self.target.update(self.model)
-
-        return fit_loop(self.model.parameters(),
-                        lambda k, step: self._loss(self.model, f_target, pf.denoise, x0, *self._draws(x0, g)),
-                        steps=c.train_steps, lr=c.lr, after_step=after_step, device=device,
-                        cuda_graph=c.cuda_graph, generators=(g,))
-
-    @classmethod
-    def fit_side_by_side(cls, models: list["ConsistencyDistillation"], datas: list, *, device: str,
-                         seeds: list[int], teachers: list | None = None) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
-        member distilling its own teacher (their denoisers stacked, frozen) with its solo fit's
-        initialisation, draws, target network and EMA. The teachers' denoisers must be modules of
-        one structure (the built-in diffusion's are)."""
-        c = models[0].config
-        if any(m.config != c for m in models) or teachers is None or len(teachers) != len(models):
-            raise ValueError("fits side by side need models of one config and a teacher each")
-        starts = [m._start(data, device, seed, t) for m, data, seed, t in zip(models, datas, seeds, teachers)]
-        dens = [pf.denoise for _, _, pf in starts]
-        if not all(isinstance(d, torch.nn.Module) and type(d) is type(dens[0]) for d in dens):
-            raise TypeError("the teachers' denoisers are not modules of one structure; fit one by one")
-        first, x0s = models[0], torch.stack([x0 for x0, _, _ in starts])
-        return fit_stacked([m.model for m in models],
-                           lambda run, *batch: first._loss(run, run.target if first.target else run, run.frozen,
-                                                           *batch),
-                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g, _) in zip(models, starts))),
-                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
-                           generators=tuple(g for _, g, _ in starts), ema=[m.ema.model for m in models],
-                           ema_decay=lambda t: c.ema_decay,
-                           target=[m.target.model for m in models] if first.target else None,
-                           target_decay=c.target_decay, frozen=dens)
 
 
 @dataclass
@@ -361,15 +326,15 @@ class ConsistencyTraining(_Consistency):
     Config = CTConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000}}
 
-    def _start(self, data, device: str, seed: int):
-        """Builds the network and its EMA from the seed and standardises the data: (standardised
-        data, the generator of the fit's batches)."""
+    def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
+        """The network and its EMA built from the seed, the data standardised to sigma_data."""
         with seeded(seed, device):
             self._build(device)
         self.ema = EMA(self.model, self.config.ema_decay)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
         self.std = Standardizer(data, self.config.sigma_data)
-        return self.std.to(data), generator(seed + 1, device)
+        return Setup(self.std.to(data), generator(seed + 1, device), self.model, ema=self.ema.model,
+                     ema_decay=self.config.ema_decay)
 
     def phase(self, k: int) -> int:
         """The discretisation N(k) of step k: the loss changes with k through it alone."""
@@ -386,7 +351,11 @@ class ConsistencyTraining(_Consistency):
             cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
         return cache[N]
 
-    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+    def step_context(self, k, t):
+        """The levels of step k's discretisation (``train_levels``): fixed within a phase."""
+        return self.train_levels(self.phase(k), self.device)
+
+    def draws(self, x0: torch.Tensor, g: torch.Generator):
         """One step's random draws: data indices, a uniform per point (its pair of adjacent levels
         by inverse CDF) and noise."""
         c, device = self.config, x0.device
@@ -394,7 +363,7 @@ class ConsistencyTraining(_Consistency):
                 torch.rand(c.batch, 1, generator=g, device=device),
                 torch.randn(c.batch, x0.shape[1], generator=g, device=device))
 
-    def _loss(self, f, levels, x0, i, u, z) -> torch.Tensor:
+    def loss(self, f, levels, x0, i, u, z) -> torch.Tensor:
         """iCT's loss: d(f(x + s' z, s'), sg f(x + s z, s)) / (s' - s), the same z for both, on the
         data points x = ``x0[i]``, with the pair of adjacent ``levels`` (sig, cdf) that u falls in
         by inverse CDF."""
@@ -404,31 +373,3 @@ class ConsistencyTraining(_Consistency):
         with torch.no_grad():
             target = f(x + s_i * z, s_i)  # stop-gradient of the online net
         return (self._distance(f(x + s_next * z, s_next), target) / (s_next - s_i).squeeze(1)).mean()
-
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
-        x0, g = self._start(data, device, seed)
-        levels = lambda k: self.train_levels(self.phase(k), device)  # noqa: E731 - fixed within a phase
-        return fit_loop(self.model.parameters(),
-                        lambda k, step: self._loss(self.model, levels(k), x0, *self._draws(x0, g)),
-                        steps=c.train_steps, lr=c.lr, after_step=lambda step: self.ema.update(self.model),
-                        device=device, cuda_graph=c.cuda_graph, generators=(g,), phase=self.phase)
-
-    @classmethod
-    def fit_side_by_side(cls, models: list["ConsistencyTraining"], datas: list, *, device: str,
-                         seeds: list[int]) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
-        member with its solo fit's weights, draws, curriculum and EMA."""
-        c, starts = start_members(models, datas, seeds, device)
-        first, x0s = models[0], torch.stack([x0 for x0, _ in starts])
-        phase_levels = {}  # the levels of the step being drawn, shared by the members' losses
-
-        def draw(k, step):
-            phase_levels["now"] = first.train_levels(first.phase(k), device)
-            return x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))
-
-        return fit_stacked([m.model for m in models],
-                           lambda run, x0, *draws: first._loss(run, phase_levels["now"], x0, *draws), draw,
-                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
-                           generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
-                           ema_decay=lambda t: c.ema_decay, phase=models[0].phase)

@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import FitInfo, Generator, PFODEDenoiser, UsageError, check_config
+from ..api import PFODEDenoiser, UsageError, check_config
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
-from .nets import (EMA, Standardizer, TimeMLP, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws,
-                   start_members)
+from .nets import EMA, Standardizer, TimeMLP, generator, seeded
+from .train import Setup, TorchGenerator, at_most
 
 
 @dataclass
@@ -160,7 +160,7 @@ def pf_ode_log_prob(denoise, x: torch.Tensor, t_min: float, t_max: float, rtol: 
     return prior + integral, calls
 
 
-class Diffusion(Generator):
+class Diffusion(TorchGenerator):
     """VE diffusion (EDM-preconditioned score network) with PF-ODE samplers: Euler, Heun, LMS, DPM-Solver++(2M)."""
 
     name = "diffusion"
@@ -179,51 +179,30 @@ class Diffusion(Generator):
         self.ema = EMA(self.model, cfg.ema_decay)
         self.graphs = GraphCache(device)
 
-    def _start(self, data, device: str, seed: int):
-        """Builds the network from the seed and standardises the data: (standardised data, the
-        generator of the fit's batches)."""
+    def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
+        """The network and its EMA built from the seed, the data standardised to sigma_data."""
+        cfg = self.config
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
-        self.std = Standardizer(data, self.config.sigma_data)
-        return self.std.to(data), generator(seed + 1, device)
+        self.std = Standardizer(data, cfg.sigma_data)
+        return Setup(self.std.to(data), generator(seed + 1, device), self.model, ema=self.ema.model,
+                     ema_decay=lambda t: at_most((1 + t) / (10 + t), cfg.ema_decay))
 
-    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+    def draws(self, x0: torch.Tensor, g: torch.Generator):
         """One step's random draws: data indices, standard normals for the noise levels, noise."""
         cfg, device = self.config, x0.device
         return (torch.randint(len(x0), (cfg.batch,), generator=g, device=device),
                 torch.randn(cfg.batch, 1, generator=g, device=device),
                 torch.randn(cfg.batch, x0.shape[1], generator=g, device=device))
 
-    def _loss(self, denoise, x0, i, e, z) -> torch.Tensor:
+    def loss(self, denoise, context, x0, i, e, z) -> torch.Tensor:
         """Denoising score matching with EDM's weighting, |D(x + t z; t) - x|^2 / c_out(t)^2, on the
-        data points ``x0[i]`` at EDM's lognormal levels t = exp(p_mean + p_std e). Elementwise in
-        the draws, so a stacked fit maps it over its members (vmap) in one pass."""
+        data points ``x0[i]`` at EDM's lognormal levels t = exp(p_mean + p_std e)."""
         cfg = self.config
         x, t = x0[i], (cfg.p_mean + cfg.p_std * e).exp()
         _, c_out, _, _ = self.model.coefficients(t)
         return (((denoise(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
-
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        cfg = self.config
-        x0, g = self._start(data, device, seed)
-        loss_fn = lambda k, step: self._loss(self.model, x0, *self._draws(x0, g))  # noqa: E731
-        return fit_loop(self.model.parameters(), loss_fn, steps=cfg.train_steps, lr=cfg.lr,
-                        after_step=lambda t: self.ema.update(self.model, at_most((1 + t) / (10 + t), cfg.ema_decay)),
-                        device=device, cuda_graph=cfg.cuda_graph, generators=(g,))
-
-    @classmethod
-    def fit_side_by_side(cls, models: list["Diffusion"], datas: list, *, device: str, seeds: list[int]) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
-        member from its own seed's weights, data draws and noise, with its own gradient clipping,
-        EMA and loss curve: its solo fit's arithmetic, batched."""
-        cfg, starts = start_members(models, datas, seeds, device)
-        x0s = torch.stack([x0 for x0, _ in starts])
-        return fit_stacked([m.model for m in models], models[0]._loss,
-                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))),
-                           steps=cfg.train_steps, lr=cfg.lr, device=device, cuda_graph=cfg.cuda_graph,
-                           generators=tuple(g for _, g in starts), ema=[m.ema.model for m in models],
-                           ema_decay=lambda t: at_most((1 + t) / (10 + t), cfg.ema_decay))
 
     # -- sampling -------------------------------------------------------------------------------
     def default_steps(self) -> int:

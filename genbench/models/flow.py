@@ -25,8 +25,9 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.normalization import ActNorm
 
-from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, fit_loop, fit_stacked, seeded, stack_draws, start_members
+from ..api import check_config
+from .nets import Standardizer, generator, seeded
+from .train import Setup, TorchGenerator
 
 
 class StackableCoupling(AffineCouplingTransform):
@@ -95,7 +96,7 @@ class InversePass(torch.nn.Module):
         return self.flow._transform.inverse(z)[0]
 
 
-class RealNVP(Generator):
+class RealNVP(TorchGenerator):
     """RealNVP on nflows; sampling is one inverse pass through the flow (NFE = 1)."""
 
     name = "flow"
@@ -118,43 +119,29 @@ class RealNVP(Generator):
         self.flow = Flow(CompositeTransform(transforms), StandardNormal([2])).to(device)
         self._inverse = InversePass(self.flow)
 
-    def _start(self, data, device: str, seed: int):
-        """Builds the flow from the seed, standardises the data and initialises ActNorm from a first
-        batch: (standardised data, the generator of the fit's batches)."""
+    def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
+        """The flow built from the seed, the data standardised (zero mean, unit std) and ActNorm
+        initialised from a first batch; what is trained is -log p as a module (``NegLogProb``)."""
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
         self.std = Standardizer(data, 1.0)
         x0 = self.std.to(data)
-        g = torch.Generator(device=device)
-        g.manual_seed(seed + 1)
+        g = generator(seed + 1, device)
         with torch.no_grad():  # ActNorm initialises itself from its first batch
             self.flow.log_prob(x0[torch.randint(len(x0), (4096,), generator=g, device=device)])
         for m in self.flow.modules():  # ActNorm reads its "initialised" flag on every forward: on the host
             if isinstance(m, ActNorm):  # (a read from the GPU would sync, and break graph capture)
                 m.initialized = torch.tensor(True)
-        return x0, g
+        return Setup(x0, g, NegLogProb(self.flow))
 
-    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+    def draws(self, x0: torch.Tensor, g: torch.Generator):
         """One step's random draws: data indices."""
         return (torch.randint(len(x0), (self.config.batch,), generator=g, device=x0.device),)
 
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
-        x0, g = self._start(data, device, seed)
-        return fit_loop(self.flow.parameters(), lambda k, step: -self.flow.log_prob(x0[self._draws(x0, g)[0]]).mean(),
-                        steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
-
-    @classmethod
-    def fit_side_by_side(cls, models: list["RealNVP"], datas: list, *, device: str, seeds: list[int]) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
-        member with its solo fit's weights, ActNorm initialisation and draws."""
-        c, starts = start_members(models, datas, seeds, device)
-        x0s = torch.stack([x0 for x0, _ in starts])
-        return fit_stacked([NegLogProb(m.flow) for m in models], lambda run, x0, i: run(x0[i]).mean(),
-                           lambda k, step: (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts))),
-                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
-                           generators=tuple(g for _, g in starts))
+    def loss(self, neg_log_prob, context, x0, i) -> torch.Tensor:
+        """The mean negative log-likelihood of the data points ``x0[i]``."""
+        return neg_log_prob(x0[i]).mean()
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):

@@ -27,12 +27,20 @@ def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
     with torch.cuda.stream(side):
         fn(*static)
     torch.cuda.current_stream().wait_stream(side)
+    out = []
+    graph = capture_step(lambda: out.append(fn(*static)), generators)
+    return graph, static, out[0]
+
+
+def capture_step(fn, generators: tuple = ()) -> "torch.cuda.CUDAGraph":
+    """``fn()`` captured in a CUDA graph (no warm-up: the caller has run it once already), with the
+    torch.Generators it draws from registered (each replay draws from their state then)."""
     graph = torch.cuda.CUDAGraph()
     for g in generators:
         graph.register_generator_state(g)
     with torch.cuda.graph(graph):
-        out = fn(*static)
-    return graph, static, out
+        fn()
+    return graph
 
 
 class GraphCache:
@@ -159,78 +167,3 @@ def phase_segments(steps: int, phase=None) -> list[tuple[int, int]]:
         else:
             out.append((k, k + 1))
     return out
-
-
-def fit_graphed(params, loss_fn, *, steps: int, lr: float, warmup: int, clip: float, after_step, log_every: int,
-                device: str, generators: tuple = (), phase=None, members: int = 0):
-    """``nets.fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
-
-    The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
-    from the precomputed warm-up + cosine schedule inside the graph), gradient clipping, then
-    ``after_step``. The step counter, the schedule and the loss of every step live on the device;
-    the host reads the losses back once per ``log_every`` steps (the loss curve and the divergence
-    check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
-    they warm up the optimizer state and the kernels that capture needs), then the step is
-    captured once and replayed to the phase's end."""
-    import time
-
-    from ..timing import synchronize
-    from .nets import LossLog, clip_gradients, warmup_cosine
-
-    params = [p for p in params if p.requires_grad]
-    warmup = max(1, min(warmup, steps // 10))
-    sched = torch.tensor([lr * warmup_cosine(k, steps, warmup) for k in range(steps)], device=device)
-    lr_t = sched[0].clone()
-    opt = torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
-    k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
-    k_float = torch.zeros((), device=device)  # ... and as a number for after_step
-    losses = torch.zeros(steps, max(members, 1), device=device)
-
-    def one_step(k: int) -> None:
-        lr_t.copy_(sched.index_select(0, k_long).reshape(()))
-        loss = loss_fn(k, k_float)
-        (loss.sum() if members else loss).backward()
-        if clip:
-            clip_gradients(params, clip, members)
-        opt.step()
-        if after_step is not None:
-            after_step(k_float)
-        losses.index_copy_(0, k_long, loss.detach().reshape(1, -1).float())
-        k_long.add_(1)
-        k_float.add_(1)
-
-    log = LossLog(steps, log_every, members)
-    logged = 0
-
-    def log_upto(k: int) -> None:  # the mean loss of each finished window, read back at its end
-        nonlocal logged
-        if k - logged == log_every or k == steps:
-            log.add(losses[logged:k].mean(0), k - 1)
-            logged = k
-
-    synchronize(device)
-    t0 = time.perf_counter()
-    side = torch.cuda.Stream()
-    for i, (start, end) in enumerate(phase_segments(steps, phase)):
-        eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for k in range(start, start + eager):
-                opt.zero_grad(set_to_none=True)
-                one_step(k)
-                log_upto(k + 1)
-        torch.cuda.current_stream().wait_stream(side)
-        if start + eager == end:
-            continue
-        opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
-        graph = torch.cuda.CUDAGraph()
-        for g in generators:
-            graph.register_generator_state(g)
-        with torch.cuda.graph(graph):
-            one_step(start + eager)
-        for k in range(start + eager, end):
-            graph.replay()
-            log_upto(k + 1)
-        del graph  # the phase's graph and its memory go before the next is captured
-    synchronize(device)
-    return log.result(time.perf_counter() - t0)

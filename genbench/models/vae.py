@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..api import FitInfo, Generator, check_config
-from .nets import Standardizer, at_most, fit_loop, fit_stacked, generator, seeded, stack_draws, start_members
+from ..api import check_config
+from .nets import Standardizer, generator, seeded
+from .train import Setup, TorchGenerator, at_most
 
 
 @dataclass
@@ -67,7 +68,7 @@ class VAENet(nn.Module):
         return self.neg_log_px_z(x, self.dec(z)) + beta * kl
 
 
-class VAE(Generator):
+class VAE(TorchGenerator):
     """Gaussian VAE; one decoder pass per sample batch (NFE = 1)."""
 
     name = "vae"
@@ -84,54 +85,28 @@ class VAE(Generator):
         """The negative ELBO per point, one reparametrisation draw from ``g``."""
         return self.net(x, torch.randn(len(x), self.config.latent, generator=g, device=x.device), beta)
 
-    def _start(self, data, device: str, seed: int):
-        """Builds the networks from the seed and standardises the data: (standardised data, the
-        generator of the fit's batches)."""
+    def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
+        """The networks built from the seed, the data standardised (zero mean, unit std)."""
         with seeded(seed, device):
             self._build(device)
         data = torch.as_tensor(data, dtype=torch.float32, device=device)
         self.std = Standardizer(data, 1.0)
-        return self.std.to(data), generator(seed + 1, device)
+        return Setup(self.std.to(data), generator(seed + 1, device), self.net)
 
-    def _draws(self, x0: torch.Tensor, g: torch.Generator):
+    def draws(self, x0: torch.Tensor, g: torch.Generator):
         """One step's random draws: data indices and the points' reparametrisation noise."""
         c = self.config
         return (torch.randint(len(x0), (c.batch,), generator=g, device=x0.device),
                 torch.randn(c.batch, c.latent, generator=g, device=x0.device))
 
-    @staticmethod
-    def _loss(net, x0, i, eps, beta) -> torch.Tensor:
+    def step_context(self, k, t):
+        """The KL weight at step t, annealed over the first kl_warmup steps."""
+        c = self.config
+        return at_most((t + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
+
+    def loss(self, net, beta, x0, i, eps) -> torch.Tensor:
         """The mean negative ELBO (KL weighted by ``beta``) of the data points ``x0[i]``."""
         return net(x0[i], eps, beta).mean()
-
-    def _beta(self, step):
-        """The KL weight at step ``step`` (annealed over the first kl_warmup steps)."""
-        c = self.config
-        return at_most((step + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
-
-    def fit(self, data, *, device="cpu", seed=0, teacher=None) -> FitInfo:
-        c = self.config
-        x0, g = self._start(data, device, seed)
-        loss = lambda k, step: self._loss(self.net, x0, *self._draws(x0, g), self._beta(step))  # noqa: E731
-        return fit_loop(self.net.parameters(), loss,
-                        steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph, generators=(g,))
-
-    @classmethod
-    def fit_side_by_side(cls, models: list["VAE"], datas: list, *, device: str, seeds: list[int]) -> list:
-        """Fits ``models`` (one config) at once as one stacked network (``nets.fit_stacked``), each
-        member with its solo fit's weights, draws and KL schedule."""
-        c, starts = start_members(models, datas, seeds, device)
-        x0s = torch.stack([x0 for x0, _ in starts])
-
-        def draw(k, step):  # each member's draws, and the step's KL weight once per member
-            beta = models[0]._beta(step)
-            beta = beta.expand(len(models)) if isinstance(beta, torch.Tensor) else torch.full((len(models),), beta,
-                                                                                           device=device)
-            return (x0s, *stack_draws(m._draws(x0, g) for m, (x0, g) in zip(models, starts)), beta)
-
-        return fit_stacked([m.net for m in models], cls._loss, draw,
-                           steps=c.train_steps, lr=c.lr, device=device, cuda_graph=c.cuda_graph,
-                           generators=tuple(g for _, g in starts))
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):

@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from .. import scoring
-from ..api import Generator
-from ..models.nets import Diverged
+from ..api import Diverged, Generator
 from ..timing import time_call
 
 

@@ -20,8 +20,7 @@ import torch
 
 from .. import __version__, scoring
 from .. import datasets as ds_mod
-from ..api import Generator, RunDirError, UsageError
-from ..models.nets import Diverged
+from ..api import Diverged, Generator, RunDirError, UsageError
 from ..registry import Entry, resolve
 from ..store import RunDir, atomic_write, cell_name, check_out_dir, row_key
 from .cell import measure

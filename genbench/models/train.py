@@ -1,0 +1,423 @@
+"""The training base of torch families: ``TorchGenerator`` and the loop under it.
+
+A family (built-in or plugin) subclasses ``TorchGenerator`` and provides three hooks:
+
+- ``setup(data, *, device, seed, teacher)``: builds its networks (seeded), standardises the data
+  and returns a ``Setup``: the standardised data, the torch.Generator its batches draw from, the
+  module whose parameters are trained, and what is kept beside it (an EMA copy, a target copy, a
+  frozen network such as a distillation teacher's denoiser);
+- ``draws(x0, g)``: one step's random numbers (data indices, noise, levels), drawn from ``g`` in a
+  fixed order;
+- ``loss(nets, context, x0, *draws)``: the step's scalar loss, computed from the draws alone
+  (elementwise in them), where ``nets`` runs the networks (``nets(...)`` the trained module,
+  ``nets.target(...)``, ``nets.frozen(...)``) and ``context`` is ``step_context(k, t)``.
+
+and optionally ``phase(k)`` (the loss changes with the step k only through it: one captured graph
+per phase) and ``step_context(k, t)`` (values every member of a step shares, computed from the
+phase or from ``t``, the step as a number or a 0-dim device tensor).
+
+On these hooks the base writes once: ``fit`` (Adam, warm-up + cosine schedule, gradient clipping,
+the divergence check, the loss curve, EMA and target updates), ``fit_side_by_side`` (the members
+stacked into one network and the loss vmapped over them, each member with its solo fit's draws,
+clipping and shadows) and, on CUDA, the training step captured in a CUDA graph and replayed.
+The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), ``clip`` (1.0),
+``warmup`` (200) and ``log_every`` (50) are read where it has them.
+
+Two places are left for what the loop will grow: ``fit_loop``'s ``on_log(k)`` is called at the end
+of every logged window (evaluation during training), and ``TorchGenerator.member_fields`` names
+the config fields that members of one side-by-side fit may differ in (none yet: one learning rate
+per stacked optimiser).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..api import Diverged, FitInfo, Generator
+from ..timing import synchronize
+from . import graphs
+from .nets import ema_update
+
+
+@dataclass
+class Setup:
+    """What ``TorchGenerator.setup`` returns: the fit's data and what it trains and keeps."""
+
+    x0: torch.Tensor  #: the training data, standardised, on the device
+    generator: torch.Generator  #: the generator every draw of the fit comes from
+    trained: nn.Module  #: the module whose parameters the optimiser updates
+    ema: nn.Module | None = None  #: a copy moved towards the trained weights after each step
+    #: the EMA's decay: a number, or a function of t (the step as a number or 0-dim tensor; see ``at_most``)
+    ema_decay: float | Callable[[Any], Any] = 0.999
+    target: nn.Module | None = None  #: a target copy (``nets.target``), moved with ``target_decay``
+    target_decay: float = 0.0
+    frozen: nn.Module | None = None  #: a network that is not trained (``nets.frozen``), e.g. a teacher's
+
+
+class Nets:
+    """A solo fit's networks as the loss sees them (a stacked fit passes a ``Member`` instead)."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+
+    def __call__(self, *args):
+        return self.setup.trained(*args)
+
+    def target(self, *args):
+        return (self.setup.target or self.setup.trained)(*args)
+
+    def frozen(self, *args):
+        return self.setup.frozen(*args)
+
+
+class Member:
+    """One member's networks inside a stacked fit's vmapped loss: the same calls as ``Nets``, each a
+    ``functional_call`` of the shared module structure on the member's slice of the stacked weights."""
+
+    def __init__(self, shell, params, buffers, target_params, frozen_shell, frozen_state):
+        self.shell, self.params, self.buffers = shell, params, buffers
+        self.target_params, self.frozen_shell, self.frozen_state = target_params, frozen_shell, frozen_state
+
+    def __call__(self, *args):
+        return functional_call(self.shell, (self.params, self.buffers), args)
+
+    def target(self, *args):
+        return functional_call(self.shell, (self.target_params or self.params, self.buffers), args)
+
+    def frozen(self, *args):
+        return functional_call(self.frozen_shell, self.frozen_state, args)
+
+
+class TorchGenerator(Generator):
+    """The base of torch families: implement ``setup``, ``draws`` and ``loss`` (module docstring);
+    ``fit`` and ``fit_side_by_side`` (with graph capture on CUDA) come from here."""
+
+    #: config fields in which the members of one side-by-side fit may differ (none yet)
+    member_fields: tuple[str, ...] = ()
+
+    # -- the hooks ------------------------------------------------------------------------------
+    def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
+        raise NotImplementedError
+
+    def draws(self, x0: torch.Tensor, g: torch.Generator) -> tuple:
+        raise NotImplementedError
+
+    def loss(self, nets, context, x0: torch.Tensor, *draws) -> torch.Tensor:
+        raise NotImplementedError
+
+    #: the step's phase: the loss changes with k only through it (None: one phase for the whole fit)
+    phase: Callable[[int], Any] | None = None
+
+    def step_context(self, k: int, t):
+        """Values that every member of step k shares, passed to ``loss`` (default: None). Within a
+        captured graph it is computed once per phase, with the phase's first k, and ``t`` is the
+        step as a 0-dim device tensor: depend on k only through ``phase`` and on t by arithmetic."""
+        return None
+
+    # -- written once on them -------------------------------------------------------------------
+    def _loop_settings(self) -> dict:
+        c = self.config
+        return dict(steps=c.train_steps, lr=c.lr, device=None, cuda_graph=getattr(c, "cuda_graph", True),
+                    clip=getattr(c, "clip", 1.0), warmup=getattr(c, "warmup", 200),
+                    log_every=getattr(c, "log_every", 50), phase=self.phase)
+
+    def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: Generator | None = None) -> FitInfo:
+        s = self.setup(data, device=device, seed=seed, teacher=teacher)
+        nets = Nets(s)
+
+        def loss_fn(k, t):
+            return self.loss(nets, self.step_context(k, t), s.x0, *self.draws(s.x0, s.generator))
+
+        def after_step(t):
+            if s.ema is not None:
+                ema_update(list(s.ema.parameters()), list(s.trained.parameters()), _decay(s.ema_decay, t))
+            if s.target is not None:
+                ema_update(list(s.target.parameters()), list(s.trained.parameters()), s.target_decay)
+
+        return fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
+                        **(self._loop_settings() | {"device": device}))
+
+    @classmethod
+    def fit_side_by_side(cls, models: list["TorchGenerator"], datas: list, *, device: str, seeds: list[int],
+                         teachers: list | None = None) -> list:
+        """Fits ``models`` (one config, but for ``member_fields``) as one stacked network
+        (``fit_stacked``), each member from its own ``setup`` (seeded weights, data, teacher), drawing
+        from its own generator in its solo fit's order, with its own clipping, EMA and target."""
+        first = models[0]
+        differ = {f.name for f in dataclasses.fields(first.config) for m in models
+                  if getattr(m.config, f.name) != getattr(first.config, f.name)}
+        if differ - set(cls.member_fields):
+            raise ValueError(f"fits side by side need models of one config (they differ in {', '.join(sorted(differ))})")
+        teachers = teachers if teachers is not None else [None] * len(models)
+        if len(teachers) != len(models):
+            raise ValueError("fits side by side need a teacher per model, or none")
+        setups = [m.setup(d, device=device, seed=s, teacher=t) for m, d, s, t in zip(models, datas, seeds, teachers)]
+        s0 = setups[0]
+        frozen = None
+        if s0.frozen is not None:
+            frozen = [s.frozen for s in setups]
+            if not all(isinstance(f, nn.Module) and type(f) is type(frozen[0]) for f in frozen):
+                raise TypeError("the members' frozen networks are not modules of one structure; fit one by one")
+        x0s = torch.stack([s.x0 for s in setups])
+
+        def draw(k, t):
+            return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
+
+        settings = first._loop_settings() | {"device": device}
+        return fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
+                           draw, context=first.step_context, generators=tuple(s.generator for s in setups),
+                           ema=[s.ema for s in setups] if s0.ema is not None else None,
+                           ema_decay=lambda t: _decay(s0.ema_decay, t),
+                           target=[s.target for s in setups] if s0.target is not None else None,
+                           target_decay=s0.target_decay, frozen=frozen, **settings)
+
+
+def _decay(decay, t):
+    return decay(t) if callable(decay) else decay
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def at_most(value, bound: float):
+    """``min(value, bound)`` of a number or a 0-dim tensor (a step-dependent value in a captured
+    training step, see ``fit_loop``)."""
+    return value.clamp(max=bound) if isinstance(value, torch.Tensor) else min(value, bound)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
+             after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
+             generators: tuple = (), phase=None, members: int = 0, on_log=None):
+    """The training loop every torch family shares: Adam, warm-up + cosine schedule, gradient
+    clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
+    ``loss_fn(k, t)`` returns the scalar loss of step k; ``after_step(t)`` runs after each update
+    (EMA). ``t`` is the step as a number: k itself in the eager loop. ``on_log(k)``, if given, is
+    called at the end of each logged window (k its last step). Returns a ``FitInfo``.
+
+    ``members`` > 0 trains that many models side by side, their parameters stacked along a first
+    dimension: ``loss_fn`` returns the [members] losses, each member's gradient is clipped by its own
+    norm, and a list of one FitInfo per member is returned (a ``Diverged`` error in place of a
+    member whose loss stopped being finite; the others train on, unaffected).
+
+    On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
+    is captured in a CUDA graph and replayed; the loss is read back once per ``log_every`` steps. A
+    captured step follows three rules: its random numbers come from ``generators`` (the
+    torch.Generators it draws from, registered with the graph); ``loss_fn`` is called once per
+    ``phase(k)`` (default: one phase for the whole fit) with the phase's first step as k, so it may
+    use k only through ``phase(k)``; and ``t`` is a 0-dim float tensor on the device holding the
+    current step, so what depends on it must be arithmetic that works on a number and a tensor
+    alike (``at_most``)."""
+    params = [p for p in params if p.requires_grad]
+    warmup = max(1, min(warmup, steps // 10))
+    log = LossLog(steps, log_every, members, on_log)
+    kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
+              log=log)
+    if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
+        return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
+    return _fit_eager(params, loss_fn, **kw)
+
+
+def clip_gradients(params: list, clip: float, members: int = 0) -> None:
+    """``clip_grad_norm_``: of the whole model, or with ``members`` of each member's slice (the
+    first dimension of every parameter) by its own norm. Makes no host sync (capturable)."""
+    if not members:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        return
+    # each member's parameter norms by one multi-tensor kernel over the members' slices, then the
+    # norm of those, as clip_grad_norm_ computes a solo fit's (a captured step of tiny networks is
+    # bound by its kernel count)
+    norms = torch.stack(torch._foreach_norm([p.grad[i] for i in range(members) for p in params]))
+    coef = (clip / (torch.linalg.vector_norm(norms.reshape(members, -1), dim=1) + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.reshape(-1, *[1] * (p.dim() - 1)))
+
+
+class LossLog:
+    """The loss curve(s) of a fit: the mean of each window of ``log_every`` steps, per member."""
+
+    def __init__(self, steps: int, log_every: int, members: int = 0, on_log=None):
+        self.steps, self.log_every, self.members, self.on_log = steps, log_every, members, on_log
+        self.curves: list[list[float]] = [[] for _ in range(max(members, 1))]
+        self.diverged: list[int | None] = [None] * max(members, 1)
+
+    def add(self, means: torch.Tensor, k: int) -> None:
+        """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
+        for i, v in enumerate(means.reshape(-1).tolist()):
+            self.curves[i].append(v)
+            if not math.isfinite(v) and self.diverged[i] is None:
+                self.diverged[i] = k
+        if not self.members and self.diverged[0] is not None:
+            raise Diverged(f"non-finite loss at step {k}")
+        if self.on_log is not None:
+            self.on_log(k)
+
+    def result(self, train_s: float):
+        infos = [Diverged(f"non-finite loss at step {d}") if d is not None else
+                 FitInfo(steps=self.steps, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
+                         log_every=self.log_every) for c, d in zip(self.curves, self.diverged)]
+        return infos if self.members else infos[0]
+
+
+def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log):
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
+    window = []
+    synchronize(device)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        loss = loss_fn(k, k)
+        opt.zero_grad(set_to_none=True)
+        (loss.sum() if members else loss).backward()
+        if clip:
+            clip_gradients(params, clip, members)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step(k)
+        window.append(loss.detach())
+        if len(window) == log.log_every or k == steps - 1:
+            log.add(torch.stack(window).mean(0), k)
+            window = []
+    synchronize(device)
+    return log.result(time.perf_counter() - t0)
+
+
+def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log,
+                 generators: tuple = (), phase=None):
+    """``fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
+
+    The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
+    from the precomputed warm-up + cosine schedule inside the graph), gradient clipping, then
+    ``after_step``. The step counter, the schedule and the loss of every step live on the device;
+    the host reads the losses back once per ``log_every`` steps (the loss curve and the divergence
+    check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
+    they warm up the optimizer state and the kernels that capture needs), then the step is
+    captured once and replayed to the phase's end."""
+    sched = torch.tensor([lr * warmup_cosine(k, steps, warmup) for k in range(steps)], device=device)
+    lr_t = sched[0].clone()
+    opt = torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
+    k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
+    k_float = torch.zeros((), device=device)  # ... and as a number for after_step
+    losses = torch.zeros(steps, max(members, 1), device=device)
+
+    def one_step(k: int) -> None:
+        lr_t.copy_(sched.index_select(0, k_long).reshape(()))
+        loss = loss_fn(k, k_float)
+        (loss.sum() if members else loss).backward()
+        if clip:
+            clip_gradients(params, clip, members)
+        opt.step()
+        if after_step is not None:
+            after_step(k_float)
+        losses.index_copy_(0, k_long, loss.detach().reshape(1, -1).float())
+        k_long.add_(1)
+        k_float.add_(1)
+
+    logged = 0
+
+    def log_upto(k: int) -> None:  # the mean loss of each finished window, read back at its end
+        nonlocal logged
+        if k - logged == log.log_every or k == steps:
+            log.add(losses[logged:k].mean(0), k - 1)
+            logged = k
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    side = torch.cuda.Stream()
+    for i, (start, end) in enumerate(graphs.phase_segments(steps, phase)):
+        eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for k in range(start, start + eager):
+                opt.zero_grad(set_to_none=True)
+                one_step(k)
+                log_upto(k + 1)
+        torch.cuda.current_stream().wait_stream(side)
+        if start + eager == end:
+            continue
+        opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
+        graph = graphs.capture_step(lambda: one_step(start + eager), generators)
+        for k in range(start + eager, end):
+            graph.replay()
+            log_upto(k + 1)
+        del graph  # the phase's graph and its memory go before the next is captured
+    synchronize(device)
+    return log.result(time.perf_counter() - t0)
+
+
+# -- side by side -----------------------------------------------------------------------------
+def _stack(modules: list[nn.Module]) -> tuple[dict, dict]:
+    """Stacked parameters and floating buffers; flags (ActNorm's "initialised") stay the modules'
+    own: a batched flag cannot steer Python."""
+    params, buffers = stack_module_state(modules)
+    return params, {k: v for k, v in buffers.items() if v.is_floating_point()}
+
+
+def stack_draws(per_member) -> tuple:
+    """Each member's tuple of draws, stacked over the members: ((x_1, t_1), (x_2, t_2)) -> (x, t)."""
+    return tuple(torch.stack(v) for v in zip(*per_member))
+
+
+def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: float, device: str,
+                cuda_graph: bool, generators: tuple, context=None, ema: list[nn.Module] | None = None,
+                ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | None = None,
+                frozen: list[nn.Module] | None = None, phase=None, **loop) -> list:
+    """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
+    parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
+    ``member_loss(member, context(k, t), *batch)`` vmapped over the members, where ``member`` (a
+    ``Member``) runs a member's networks, the context is shared by all members, and ``batch =
+    draw(k, t)`` holds tensors stacked over the members. ``ema``: the members' EMA copies, moved
+    towards the weights with ``ema_decay(t)`` after each step; ``target``: their target copies
+    (``member.target``), moved with ``target_decay``; ``frozen``: a network per member that is not
+    trained (``member.frozen``). The trained (and EMA and target) weights are loaded back into the
+    modules. Returns ``fit_loop``'s per-member results, each FitInfo's ``train_s`` the group's wall
+    time over the members (``extras``: the group's size and wall time)."""
+    params, buffers = _stack(modules)
+    shadows = {}  # name -> (the modules it is written back to, its stacked weights, its decay)
+    if ema is not None:
+        shadows["ema"] = (ema, {k: v.detach().clone() for k, v in params.items()}, ema_decay)
+    if target is not None:
+        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()}, lambda t: target_decay)
+    frozen_state = ({}, {}) if frozen is None else tuple({k: v.detach() for k, v in d.items()} for d in _stack(frozen))
+    shell, frozen_shell = modules[0], frozen[0] if frozen is not None else None
+    target_params = shadows["target"][1] if target is not None else {}
+
+    def loss_fn(k, t):
+        shared = context(k, t) if context is not None else None  # closed over: not batched by vmap
+
+        def one(p, b, tp, fs, *batch):
+            return member_loss(Member(shell, p, b, tp, frozen_shell, fs), shared, *batch)
+
+        return vmap(one)(params, buffers, target_params, frozen_state, *draw(k, t))
+
+    def after_step(t):
+        for _, weights, decay in shadows.values():
+            ema_update(list(weights.values()), list(params.values()), decay(t))
+
+    infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
+                     cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), **loop)
+    with torch.no_grad():
+        for i, m in enumerate(modules):
+            own = {k: v[i] for k, v in buffers.items()}
+            for to, weights in ((m, params), *((mods[i], w) for mods, w, _ in shadows.values())):
+                missing = to.load_state_dict({k: v[i] for k, v in weights.items()} | own, strict=False).missing_keys
+                if set(missing) - set(dict(to.named_buffers())) - set(buffers):
+                    raise RuntimeError(f"stacked fit: weights not written back: {missing}")
+    for info in infos:
+        if isinstance(info, FitInfo):
+            info.extras = {"side_by_side": len(modules), "group_train_s": info.train_s}
+            info.train_s /= len(modules)
+    return infos
