@@ -32,16 +32,16 @@ def main() -> None:
     from genbench import store
     from genbench.cli import main as genbench
     from genbench.registry import resolve
-    from genbench.runner import cell, core
+    from genbench.runner import cell, core, fits, scoring_pool
 
-    R = core.Runner
-    R.run_units = timed(R.run_units, "run_units (everything after setup)")
-    R._fit_side_by_side = timed(R._fit_side_by_side, "fit side by side")
-    R._fit_or_load = timed(R._fit_or_load, "fit or load alone")
-    R._run_unit = timed(R._run_unit, "units (sampling, timing, dispatch)")
-    R._evaluate = timed(R._evaluate, "evaluate (here, or its dispatch)")
-    R._sample_cell = timed(R._sample_cell, "cells (sample, NFE, time, save)")
-    R._drain = timed(R._drain, lambda self, block=False: "drain (final, blocking)" if block else "drain")
+    S, F, P = core.Session, fits.FitStore, scoring_pool.Scorer
+    S.run_units = timed(S.run_units, "run_units (everything after setup)")
+    F.fit_side_by_side = timed(F.fit_side_by_side, "fit side by side")
+    F.fit_or_load = timed(F.fit_or_load, "fit or load alone")
+    S.run_unit = timed(S.run_unit, "units (sampling, timing, dispatch)")
+    P.evaluate = timed(P.evaluate, "evaluate (here, or its dispatch)")
+    S.sample_cell = timed(S.sample_cell, "cells (sample, NFE, time, save)")
+    P.drain = timed(P.drain, lambda self, block=False: "drain (final, blocking)" if block else "drain")
     core.measure = timed(core.measure, "cell.measure")
     cell.time_call = timed(cell.time_call, "time_call")
     store.RunDir.save_samples = timed(store.RunDir.save_samples, "save_samples")

@@ -163,7 +163,7 @@ class Generator:
         caps = [name for name, ok in (
             ("multistep", cls.multistep), ("trajectory", has("trajectory_sample")),
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
-            ("likelihood", cls.no_likelihood is None and has("evaluate")),
+            ("evaluation", has("evaluate")), ("likelihood", cls.no_likelihood is None and has("evaluate")),
             ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side"))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from .api import BUDGETS, RunDirError, UsageError
+from .runner.plan import default as _default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark diffusion, consistency, VAE and flow generators on 2D data.")
@@ -88,30 +89,30 @@ def _params(items: list[str]) -> dict[str, dict[str, str]]:
 @app.command()
 def run(
     models: Optional[str] = typer.Option(None, help="Comma-separated models or aliases (cm = cm-cd,cm-ct). Default: every registered model."),
-    datasets: str = typer.Option("ring8", help="Comma-separated datasets (see 'genbench list')."),
-    seeds: str = typer.Option("0", help="Comma-separated integer seeds; each seeds data, weights and sampling."),
+    datasets: str = typer.Option(",".join(_default("datasets")), help="Comma-separated datasets (see 'genbench list')."),
+    seeds: str = typer.Option(",".join(map(str, _default("seeds"))), help="Comma-separated integer seeds; each seeds data, weights and sampling."),
     steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
-    budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
-    n_samples: int = typer.Option(3000, help="Samples generated, scored and timed per cell (>= 2)."),
+    budget: str = typer.Option(_default("budget"), help=f"Training budget preset: {', '.join(BUDGETS)}."),
+    n_samples: int = typer.Option(_default("n_samples"), help="Samples generated, scored and timed per cell (>= 2)."),
     metrics: str = typer.Option("default", help="Metric set: default (w2, energy, prdc, c2st, support, modes), all, or a comma-separated list (default,sinkhorn adds one)."),
-    floor_draws: int = typer.Option(10, help="Independent true samples scored for each metric's noise floor (>= 2)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    threads: int = typer.Option(1, help="CPU threads for torch (1 gives stable timings on small shared machines)."),
-    jobs: int = typer.Option(0, help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
+    floor_draws: int = typer.Option(_default("floor_draws"), help="Independent true samples scored for each metric's noise floor (>= 2)."),
+    device: str = typer.Option(_default("device"), help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(_default("threads"), help="CPU threads for torch (1 gives stable timings on small shared machines)."),
+    jobs: int = typer.Option(_default("jobs"), help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
     score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
     side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
-    executor: str = typer.Option("local", help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench[slurm]'). The run's process alone writes the run dir."),
+    executor: str = typer.Option(_default("executor"), help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench[slurm]'). The run's process alone writes the run dir."),
     address: Optional[str] = typer.Option(None, help="--executor ray: the Ray cluster to join (auto, HOST:PORT or ray://HOST:PORT). Default: start a local Ray instance."),
-    retries: int = typer.Option(2, help="--executor ray / slurm: times a task whose worker, node or job died is run again before its cells become error rows."),
-    task_gpus: float = typer.Option(1.0, help="--executor ray on a GPU device: the share of one GPU each task asks for (0 < x <= 1). Below 1, tasks share a GPU and time each other's calls; the default keeps one task per GPU."),
+    retries: int = typer.Option(_default("retries"), help="--executor ray / slurm: times a task whose worker, node or job died is run again before its cells become error rows."),
+    task_gpus: float = typer.Option(_default("task_gpus"), help="--executor ray on a GPU device: the share of one GPU each task asks for (0 < x <= 1). Below 1, tasks share a GPU and time each other's calls; the default keeps one task per GPU."),
     slurm: List[str] = typer.Option([], help="--executor slurm: a job resource KEY=VALUE, repeatable: partition, account, qos, constraint, time (minutes, default 60), gpus (per job; default 1 on cuda), cpus (default --threads), mem (GB), cluster (slurm, local: jobs as local processes, debug)."),
 ):
     """Train each model on each dataset and seed, sample, score and time it; print the table."""
     try:
         from . import registry
-        from .runner import Plan, Runner
+        from .runner import Plan, Run
         from .scoring import parse_metrics
 
         model_names = _list(models, "--models") if models is not None else [
@@ -120,16 +121,16 @@ def run(
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
                     side_by_side=side_by_side, params=_params(param),
-                    out=str(out) if out else f"results/{budget}-{{device}}", executor=executor, address=address,
+                    out=str(out) if out else _default("out"), executor=executor, address=address,
                     retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
-        runner = Runner(plan)  # validates everything before anything is trained or written
+        runner = Run(plan)  # validates everything before anything is trained or written
         rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))
     from . import report
 
     df = report.tidy(rows)
-    console.print(report.markdown(df, title=f"genbench run → {plan.out}"), highlight=False, soft_wrap=True)
+    console.print(report.markdown(df, title=f"genbench run → {runner.plan.out}"), highlight=False, soft_wrap=True)
     _finish(runner, df)
 
 
@@ -138,8 +139,8 @@ def _run(runner) -> list[dict]:
     each with one line (finished cells stay written)."""
     try:
         runner.store.lock()  # before the progress bar: a refusal is the only line printed
-        with _RichProgress() as runner.progress:
-            return runner.run()
+        with _RichProgress() as progress:
+            return runner.run(progress)
     except KeyboardInterrupt:
         raise fail(f"interrupted; finished cells are kept in {runner.store.path}, re-run the same command to resume",
                    EXIT_INTERRUPTED) from None
@@ -237,22 +238,22 @@ def reproduce(
     """The source report's headline: ring8, 2000 samples, diffusion (100 Euler steps) against
     cm-cd and cm-ct (1 and 2 steps): NFE, sampling time and ratio, W2 with its floor, modes."""
     try:
-        from .registry import HEADLINE
-        from .runner import Plan, Runner
+        from .reproduce import HEADLINE
+        from .runner import Plan, Run
 
         plan = Plan(models=list(HEADLINE.steps), datasets=[HEADLINE.dataset], seeds=[0],
                     steps_by_model=HEADLINE.steps, budget=budget,
                     n_samples=HEADLINE.n_samples, device=device, threads=threads, jobs=jobs, params=_params(param),
                     score_jobs=0,  # nothing else runs while the headline is timed
                     out=str(out) if out else f"results/reproduce-{budget}-{{device}}")
-        runner = Runner(plan)
+        runner = Run(plan)
         rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))
     from . import report
 
     df = report.tidy(rows)
-    console.print(f"# The source report's headline, reproduced → {plan.out}\n\n" + report.headline(df, HEADLINE),
+    console.print(f"# The source report's headline, reproduced → {runner.plan.out}\n\n" + report.headline(df, HEADLINE),
                   highlight=False, soft_wrap=True)
     _finish(runner, df)
 
@@ -260,7 +261,7 @@ def reproduce(
 @app.command()
 def calibrate(
     datasets: str = typer.Option("all", help="Comma-separated datasets, or all."),
-    n_samples: int = typer.Option(3000, help="Points per sample (as 'run --n-samples')."),
+    n_samples: int = typer.Option(_default("n_samples"), help="Points per sample (as 'run --n-samples')."),
     reps: int = typer.Option(6, help="Replicates (seeds) per dataset used to estimate each shift and spread (>= 3)."),
     defects: str = typer.Option("all", help="all, or NAME[=SIZE],... of: outliers, blur, shift, dilate, missing, reweight."),
     metrics: str = typer.Option("default", help="Metric set: default, all, or a comma-separated list (default,sinkhorn adds one)."),
@@ -383,7 +384,7 @@ def list_cmd():
 def bench_sampler(
     steps: int = typer.Option(100, help="Sampler steps."),
     n: int = typer.Option(2000, help="Batch size (samples per call)."),
-    sampler: str = typer.Option("euler", help="euler or heun."),
+    sampler: str = typer.Option("euler", help="A diffusion sampler (euler, heun, lms, dpmpp_2m)."),
     device: str = typer.Option("cpu", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
     repeats: int = typer.Option(9, help="Alternating timed rounds of the loop and of NFE forward passes (>= 5)."),
@@ -392,9 +393,7 @@ def bench_sampler(
     try:
         if steps < 1 or n < 2 or repeats < 5 or threads < 1:
             raise UsageError("need --steps >= 1, --n >= 2, --repeats >= 5, --threads >= 1")
-        if sampler not in ("euler", "heun"):
-            raise UsageError(f"unknown sampler {sampler!r}; valid: euler, heun")
-        from .bench import sampler_overhead
+        from .models.bench import sampler_overhead
 
         r = sampler_overhead(steps=steps, n=n, device=device, threads=threads, repeats=repeats, sampler=sampler)
     except UsageError as e:
@@ -418,7 +417,7 @@ def bench_graph(
     try:
         if repeats < 5 or n < 2:
             raise UsageError("need --repeats >= 5 and --n >= 2")
-        from .bench import graph_vs_eager
+        from .models.bench import graph_vs_eager
         from .runner import device_name, resolve_device
 
         if not resolve_device(device).startswith("cuda"):

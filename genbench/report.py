@@ -296,7 +296,7 @@ def marked_columns(g: pd.DataFrame) -> list[str]:
 
 
 def headline(df: pd.DataFrame, spec) -> str:
-    """A published comparison (``spec``, a ``registry.Headline``) on this run: NFE, sampling time
+    """A published comparison (``spec``, a ``reproduce.Headline``) on this run: NFE, sampling time
     and its ratio to the reference cell, the quality metrics with their floor marks and which
     metrics tell each model from the data; with the publication's own figures alongside."""
     ok = df[df["status"] == "done"]

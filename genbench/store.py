@@ -27,11 +27,17 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from .api import RunDirError, UsageError
 
 KEY = ("model", "dataset", "seed", "steps")
+#: the artefact folders of a run dir and their files' suffix
+ARTEFACTS = {"samples": ".npz", "fits": ".json", "floors": ".json", "checkpoints": ".pt"}
+#: an artefact's relative path, kind/name.suffix, a plain name in its folder (what a task may hand back)
+_ARTEFACT = re.compile(r"^(samples/[A-Za-z0-9][A-Za-z0-9._+-]*\.npz|(fits|floors)/[A-Za-z0-9][A-Za-z0-9._+-]*\.json"
+                       r"|checkpoints/[A-Za-z0-9][A-Za-z0-9._+-]*\.pt)$")
 
 
 def row_key(row: dict) -> tuple:
@@ -39,7 +45,17 @@ def row_key(row: dict) -> tuple:
 
 
 def cell_name(model: str, dataset: str, seed: int, steps: int | None = None) -> str:
+    """The file name of a fit unit's artefacts (fits/, checkpoints/) or, with ``steps``, a cell's (samples/)."""
     return f"{model}__{dataset}__s{seed}" + ("" if steps is None else f"__k{steps}")
+
+
+def floor_name(dataset: str, seed: int) -> str:
+    """The file name of a (dataset, seed)'s noise floors (floors/)."""
+    return f"{dataset}__s{seed}"
+
+
+def artefact_rel(kind: str, name: str) -> str:
+    return f"{kind}/{name}{ARTEFACTS[kind]}"
 
 
 def load_state(data: bytes, device: str):
@@ -300,6 +316,43 @@ class RunDir:
     def sha(self, kind: str, name: str, suffix: str) -> str | None:
         data = self._read_artefact(kind, name, suffix, None)
         return None if data is None else sha256(data)
+
+    def has(self, kind: str, name: str) -> bool:
+        """Whether kind/<name> exists (whole or not)."""
+        return (self.path / artefact_rel(kind, name)).exists()
+
+    def artefact_bytes(self, rel: str) -> bytes | None:
+        """The bytes of the artefact at relative path ``rel`` (kind/name.suffix), or None when missing."""
+        try:
+            return (self.path / rel).read_bytes() if _ARTEFACT.match(rel) else None
+        except OSError:
+            return None
+
+    def artefact_shas(self) -> dict[str, str]:
+        """Relative path -> sha256 of every artefact file (what a task may hand back)."""
+        out = {}
+        for kind in ARTEFACTS:
+            folder = self.path / kind
+            for p in sorted(folder.glob("*")) if folder.is_dir() else []:
+                rel = f"{kind}/{p.name}"
+                if _ARTEFACT.match(rel) and p.is_file():
+                    out[rel] = sha256(p.read_bytes())
+        return out
+
+    def bundle(self, before: dict, notes: list) -> dict:
+        """What a task hands back from this (scratch) run dir: its rows, the artefacts it wrote or
+        changed since ``before`` (``artefact_shas()`` then; relative path -> bytes), its notes. Read
+        as data: rows through the reader, files as bytes."""
+        files = {rel: self.artefact_bytes(rel) for rel, sha in self.artefact_shas().items() if before.get(rel) != sha}
+        return {"rows": self.rows(), "files": {k: v for k, v in files.items() if v is not None},
+                "notes": [str(n) for n in notes]}
+
+    def artefact_path(self, rel) -> Path:
+        """Where the artefact at relative path ``rel`` goes; a name that is not a run-dir artefact
+        (another folder, a path outside the dir, not a string) is refused with ValueError."""
+        if not isinstance(rel, str) or not _ARTEFACT.match(rel) or ".." in rel:
+            raise ValueError(f"{str(rel)[:80]!r} is not a run-dir artefact (kind/name.suffix)")
+        return self.path / rel
 
     def save_samples(self, name: str, **arrays) -> str:
         """Writes samples/<name>.npz; returns its sha256."""

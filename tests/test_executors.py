@@ -122,24 +122,26 @@ def test_a_rerun_slurm_driver_collects_tasks_that_finished_without_it(cli, tmp_p
     """A driver that went away after submitting: its jobs finished meanwhile; the next driver
     collects their scratch dirs instead of submitting them again."""
     pytest.importorskip("submitit")
-    from genbench.runner import Plan, Runner
+    import functools
+
+    from genbench.runner import Plan, Run, core
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(plugin_path))
     plan = dict(models=["gauss"], seeds=[0, 1], n_samples=300, floor_draws=2, executor="slurm",
                 slurm={"cluster": "local"}, out=str(tmp_path / "run"))
-    runner = Runner(Plan(**plan))
-    ex = runner.executor
-    runner.store.lock()
-    runner._setup_process()
-    runner._write_manifest()
-    tasks = runner.tasks(set())
-    submitter = ex._executor(runner, runner.store.path / "slurm")
-    jobs = [ex._submit(submitter, runner, units, runner.store.path / "slurm" / executors.task_id(runner.plan, units),
-                       set()) for units in tasks]
+    run = Run(Plan(**plan))
+    ex = run.r.executor
+    run.store.lock()
+    run.ledger.open()
+    ex.folder = run.store.path / "slurm"
+    submitter = ex.submitter(run.r.device)
+    fn = functools.partial(core.run_task, run.plan, run.r.device, 0)
+    jobs = [ex.submit(submitter, fn, executors.Task(units, core.task_id(run.plan, units), run.ledger.task_inputs(units)))
+            for units in run.r.tasks(set())]
     for job in jobs:
         job.wait()
-    runner.store.unlock()  # the driver is gone; nothing was collected
+    run.store.unlock()  # the driver is gone; nothing was collected
     assert not (tmp_path / "run" / "rows.jsonl").exists()
     logs = set((tmp_path / "run" / "slurm" / "logs").iterdir())
 
@@ -183,11 +185,14 @@ def test_a_missing_cluster_package_names_its_extra(cli, tmp_path, monkeypatch, m
 
 
 def test_a_task_cannot_write_outside_the_run_dirs_artefacts(tmp_path):
+    from genbench.store import RunDir
+
+    rd = RunDir(tmp_path)
     for bad in ["../rows.jsonl", "rows.jsonl", "manifest.json", "samples/../../x.npz", "fits/.hidden.json",
                 "checkpoints/a.json", "/etc/passwd", "samples/a/b.npz", 3]:
         with pytest.raises(ValueError):
-            executors.task_file(tmp_path, bad)
-    assert executors.task_file(tmp_path, "samples/vae__ring8__s0.npz") == tmp_path / "samples/vae__ring8__s0.npz"
+            rd.artefact_path(bad)
+    assert rd.artefact_path("samples/vae__ring8__s0.npz") == tmp_path / "samples/vae__ring8__s0.npz"
 
 
 @pytest.mark.slow
@@ -222,16 +227,18 @@ def test_ctrl_c_on_the_ray_driver_cancels_and_keeps_what_finished(cli_process, t
 
 
 def test_tasks_cover_the_plan_once_grouped_for_side_by_side_fits(tmp_path):
-    from genbench.runner import Plan, Runner
+    import dataclasses
+
+    from genbench.runner import Plan, check
 
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1, 2],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 out=str(tmp_path / "run"))
-    runner = Runner(plan)
-    every = set(runner.cell_keys([(e.name, d, s) for e, d, s in runner.units()]))
+    runner = check(plan)
+    every = set(runner.cells(runner.units()))
     for spread in (1, 2, 4):
         tasks = runner.tasks(set(), spread)
-        cells = [k for t in tasks for k in runner.cell_keys(t)]
+        cells = [k for t in tasks for k in runner.cells(t)]
         assert sorted(cells, key=str) == sorted(every, key=str)  # each cell in exactly one task
         for t in tasks:
             models = [m for m, _, _ in t]
@@ -239,31 +246,32 @@ def test_tasks_cover_the_plan_once_grouped_for_side_by_side_fits(tmp_path):
             if "cm-cd" in models:  # a student's chain travels with its teacher's, teachers first
                 assert models == sorted(models, key=lambda m: m != "diffusion")
                 assert {(d, s) for m, d, s in t if m == "cm-cd"} == {(d, s) for m, d, s in t if m == "diffusion"}
-        sizes = [len(set(runner.cell_keys(t))) for t in tasks]
+        sizes = [len(set(runner.cells(t))) for t in tasks]
         assert sizes == sorted(sizes, reverse=True)  # the largest first
     assert len(runner.tasks(set(), 2)) == 4
-    done = set(runner.cell_keys([("vae", "ring8", 0)]))
+    done = set(runner.cells([("vae", "ring8", 0)]))
     assert all(("vae", "ring8", 0) not in t for t in runner.tasks(done, 4))  # finished chains are not sent
-    plan.side_by_side = False
-    assert len(Runner(plan).tasks(set())) == 12  # one chain each
+    assert len(check(dataclasses.replace(plan, side_by_side=False)).tasks(set())) == 12  # one chain each
 
 
 def test_side_by_side_each_models_groups_fit_right_before_its_cells(tmp_path, monkeypatch):
     """Fitting side by side, a model's cells are sampled (and sent to the scoring processes) before
     the next model trains; one by one, the units keep the plan's order."""
-    from genbench.runner import Plan, Runner, core
+    import dataclasses
+
+    from genbench.runner import Plan, Session, check, core, fits
 
     calls = []
-    monkeypatch.setattr(core.Runner, "_fit_group", lambda self, chunk: calls.append(("fit", chunk[0][0].name, len(chunk))))
-    monkeypatch.setattr(core.Runner, "_run_unit", lambda self, e, model, d, s, steps: calls.append(("cells", e.name)))
+    monkeypatch.setattr(fits.FitStore, "fit_group", lambda self, chunk: calls.append(("fit", chunk[0][0].model, len(chunk))))
+    monkeypatch.setattr(core.Session, "run_unit", lambda self, unit, model, steps: calls.append(("cells", unit.model)))
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 out=str(tmp_path / "run"))
-    runner = Runner(plan)
-    runner.run_units(list(runner.units()), set())
+    runner = check(plan)
+    Session(runner).run_units(runner.units(), set())
     assert calls == [("fit", "diffusion", 4), *[("cells", "diffusion")] * 4, ("fit", "vae", 4), *[("cells", "vae")] * 4,
                      ("fit", "cm-cd", 4), *[("cells", "cm-cd")] * 4]
     calls.clear()
-    plan.side_by_side = False
-    Runner(plan).run_units(list(runner.units()), set())
+    one_by_one = check(dataclasses.replace(plan, side_by_side=False))
+    Session(one_by_one).run_units(one_by_one.units(), set())
     assert calls == [("cells", m) for m in ["diffusion"] * 4 + ["vae"] * 4 + ["cm-cd"] * 4]

@@ -12,9 +12,8 @@ Two parametrisations:
 
 As for diffusion, data are standardised to sd = 0.5 so that the constants of the papers (eps = 0.002,
 sd = 0.5, the pseudo-Huber c = 0.00054 sqrt(dim), P_mean / P_std) apply as published; every time
-below is in those units. T is 20 rather than 80 (40 data stds; see diffusion.py): measured on ring8
-at the default budget, iCT's one-step W2 went from 0.49 (7/8 modes, hq_frac 0.18) with T = 80 to
-0.28 (8/8, hq_frac 0.67) with T = 20.
+below is in those units. T is 20 rather than 80 (40 data stds; see diffusion.py and
+baselines/README.md, "Measurements behind the defaults").
 
 Sampling: one step ``f(x_T, T)``, ``x_T ~ N(0, T^2 I)`` (1 NFE), or multistep (Algorithm 1 of the
 paper): after the first step, for each tau_n of a decreasing schedule, ``x <- f(x + sqrt(tau_n^2 -
@@ -32,7 +31,7 @@ from ..api import Generator, PFODEDenoiser, UsageError, check_config
 from .diffusion import time_grid
 from .graphs import FusedSteps, GraphCache, graphs_available
 from .nets import EMA, Standardizer, TimeMLP, generator, seeded
-from .samplers import euler_step, heun_correction
+from .samplers import ONE_STEP, euler_step, heun_correction
 from .train import Setup, TorchGenerator
 
 PARAMETRIZATIONS = ("song", "linear")
@@ -116,7 +115,7 @@ class ConsistencyConfig:
                                      "p_std"),
                      nonnegative=("bc_weight",), fraction=("ema_decay", "target_decay"),
                      choices={"parametrization": PARAMETRIZATIONS, "distance": DISTANCES,
-                              "teacher_solver": ("euler", "heun")})
+                              "teacher_solver": ONE_STEP})
         if not self.sigma_min < self.tau_max <= self.sigma_max:
             raise UsageError(f"{type(self).__name__}.tau_max = {self.tau_max}: must lie in (sigma_min, sigma_max] = "
                              f"({self.sigma_min}, {self.sigma_max}]")
@@ -312,8 +311,7 @@ class ConsistencyDistillation(_Consistency):
 @dataclass
 class CTConfig(ConsistencyConfig):
     distance: str = "huber"  # iCT's pseudo-Huber
-    # 10000 steps: 7500 left grid25 at 0/25 modes (2 steps); batch 384 instead of 512 kept 25/25
-    # and brings training under 60 s on 2 CPU cores
+    # the default budget's steps and batch: baselines/README.md, "Measurements behind the defaults"
     batch: int = 384
     train_steps: int = 10000
 

@@ -12,10 +12,8 @@ Scale. The data are standardised to sd = 0.5 (zero mean, one scale for both axes
 constants (sigma_min = 0.002, sd = 0.5, P_mean = -1.2, P_std = 1.2) hold unchanged; all times t in
 this module are in those units, and the mapping is undone on the samples. T = sigma_max is 20, not
 EDM's 80: at T = 20 = 40 data stds, N(0, T^2) is already indistinguishable from the noised data, and
-the rest of the range only costs accuracy. Measured on ring8 (one trained model, PF-ODE sampled
-with each T): Heun at 10 steps reached hq_frac 0.94 with T = 20 against 0.92 with T = 80, at 5
-steps 0.17 against 0.00; for consistency training the one-step W2 fell from 0.49 to 0.28 (the
-shared T is why it is set here too).
+the rest of the range only costs accuracy (the measurement, for diffusion and for consistency
+training, which shares T: baselines/README.md, "Measurements behind the defaults").
 
 Training times: ln t ~ N(P_mean, P_std^2) (EDM's lognormal). Sampling integrates
 ``dx/dt = -t s(x, t) = (x - D(x; t)) / t`` from ``x_T ~ N(0, T^2 I)`` down to ``eps`` with Euler
@@ -48,7 +46,7 @@ class DiffusionConfig:
     emb_dim: int = 64
     lr: float = 2e-3
     batch: int = 512
-    train_steps: int = 4500  # grid25 kept 25/25 modes (hq_frac 0.92) at 4500; 30 s budget on 2 cores
+    train_steps: int = 4500  # the default budget (baselines/README.md, "Measurements behind the defaults")
     ema_decay: float = 0.999
     sampler: str = "euler"  # euler | heun | lms | dpmpp_2m (models/samplers.py)
     grid: str = "karras"  # karras | uniform
@@ -231,7 +229,7 @@ class Diffusion(TorchGenerator):
             # is. The grid is computed only to build the loop (a replayed call costs its kernels).
             def build():
                 grid = self.grid(steps)
-                if sampler in ("euler", "heun"):
+                if sampler in samplers.ONE_STEP:
                     return self._fused(grid, sampler)
                 grid_dev = grid.to(self.device)  # before the capture, which cannot copy from the host
                 return lambda x: self.std.back(pf_ode(self.ema.model, x, grid, sampler, None, grid_dev))

@@ -5,9 +5,8 @@ an nflows ``ActNorm`` before each coupling, over a standard-normal base; the dat
 standardised (zero mean, unit std) first and the log-Jacobian of that map is added to the NLL.
 
 nflows 0.14's ``AffineCouplingTransform`` bounds the scale to ``sigmoid(s + 2) + 1e-3`` in
-(0.001, 1.001): a coupling can shrink but never expand by more than ~1, and a default
-``SimpleRealNVP`` was measured to fit ring8's tight modes badly (test NLL ~1.9 against an optimum
-near -1; ~2% of samples within 3 std). ``UnboundedAffineCoupling`` replaces it with
+(0.001, 1.001): a coupling can shrink but never expand by more than ~1, which fits tight modes
+badly (baselines/README.md, "Measurements behind the defaults"). ``UnboundedAffineCoupling`` replaces it with
 ``scale = exp(s_max tanh(s / s_max))`` (a soft clamp of the log-scale at +-s_max, as in Glow-style
 flows), which can expand as well as shrink while staying numerically safe.
 """

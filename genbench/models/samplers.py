@@ -16,7 +16,7 @@ evaluations per call for K steps.
 - ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in log time on the
   denoiser output, K evaluations. Its last step, down to t_min, is first order (the paper's
   "lower order final"): the grid's last step is the longest in log time, and extrapolating the
-  denoiser over it overshot (ring8, 5 steps: hq_frac 0.00 against Euler's 0.48).
+  denoiser over it overshot (baselines/README.md, "Samplers at low NFE").
 """
 from __future__ import annotations
 
@@ -128,3 +128,6 @@ SAMPLERS: dict[str, tuple[Callable, Callable[[int], int]]] = {
     "lms": (lms, lambda k: k),
     "dpmpp_2m": (dpmpp_2m, lambda k: k),
 }
+#: the samplers whose step reads only the current state (no history): what ``FusedSteps`` folds and
+#: what a distillation teacher's step can be
+ONE_STEP = ("euler", "heun")

@@ -1,21 +1,33 @@
-"""The runner, the one place that ties datasets, models, metrics, timing and the store together, in
-three rooms:
+"""The runner, the one place that ties datasets, models, metrics, timing and the store together.
+Its rooms, each a module (no import runs back up this list):
 
-- ``plan.py``: the plan, every check made of it before anything is created or trained, and the fit
-  units and chains it breaks into;
-- ``cell.py``: the measurement of one cell (a fitted model and its reference sample -> the row's
-  figures: network evaluations counted, sample calls timed);
-- ``executors.py``: where fit units run (this machine's processes, Ray, SLURM);
+- ``plan.py``: the frozen ``Plan`` (what, with what, where), ``check`` -> a ``Resolved`` plan, the
+  fit units (``Unit``), cells (``Cell``), chains and tasks;
+- ``processes.py``: this machine's worker processes;
+- ``executors.py``: where tasks run (local processes, Ray, SLURM): task function + tasks in, bundles out;
+- ``cell.py``: one cell's measurement (a fitted model -> the row's figures);
+- ``ledger.py``: the run dir's manifest, settings, done cells and rows; bundles absorbed;
+- ``fits.py``: the fit store (reuse, fit, save; fits side by side);
+- ``scoring_pool.py``: cells, floors and evaluations scored, beside the fits where it can;
+- ``core.py``: ``Session`` (one process's part of a run) and ``Run`` (the driver), the task functions.
 
-and ``core.py``, the run itself: a checked plan carried out into a run dir (fits or their
-checkpoints, cells measured, scored and written, resume).
+Names are imported lazily, so that ``genbench.runner.plan`` (torch-free) can be read by the CLI
+without importing torch.
 """
-from .cell import NFECounter, measure
-from .core import Progress, Runner, run
-from .executors import EXECUTORS, SLURM_KEYS, make_executor, worker_pool
-from .plan import (MAX_SEED, MAX_SIDE_BY_SIDE, N_SAMPLES, N_TEST, N_TRAIN, Plan, PlannedRun, cpu_cores, device_name,
-                   git_sha, json_norm, make_model, resolve_device)
+import importlib
 
-__all__ = ["EXECUTORS", "MAX_SEED", "MAX_SIDE_BY_SIDE", "N_SAMPLES", "N_TEST", "N_TRAIN", "SLURM_KEYS", "NFECounter",
-           "Plan", "PlannedRun", "Progress", "Runner", "cpu_cores", "device_name", "git_sha", "json_norm",
-           "make_executor", "make_model", "measure", "resolve_device", "run", "worker_pool"]
+_WHERE = {
+    "Plan": "plan", "Resolved": "plan", "Unit": "plan", "Cell": "plan", "check": "plan", "MAX_SEED": "plan",
+    "MAX_SIDE_BY_SIDE": "plan", "N_SAMPLES": "plan", "N_TEST": "plan", "N_TRAIN": "plan", "cpu_cores": "plan",
+    "device_name": "plan", "git_sha": "plan", "json_norm": "plan", "make_model": "plan", "resolve_device": "plan",
+    "NFECounter": "cell", "measure": "cell", "worker_pool": "processes",
+    "EXECUTORS": "executors", "SLURM_KEYS": "executors", "make_executor": "executors",
+    "Progress": "core", "Run": "core", "Session": "core", "run": "core",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'genbench.runner' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

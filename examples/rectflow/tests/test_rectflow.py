@@ -56,3 +56,20 @@ def test_genbench_runs_the_plugin_with_a_step_sweep_and_resumes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "genbench.cli", "plot", str(out)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and (out / "report" / "trajectories.png").exists(), r.stderr
+
+
+def test_side_by_side_fits_are_the_solo_fits_through_the_training_base():
+    """The plugin writes no loop: genbench's training base stacks its members (vmapped loss, each
+    member's own generator) on the CPU here, and captures the step in a CUDA graph on a GPU."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    datas = [RING8.sample(5000, [s, 0]) for s in (0, 1)]
+    for device in devices:
+        group = [RectifiedFlow(params={"train_steps": "200"}) for _ in datas]
+        infos = RectifiedFlow.fit_side_by_side(group, datas, device=device, seeds=[0, 1])
+        assert [i.extras["side_by_side"] for i in infos] == [2, 2]
+        for member, info, data, seed in zip(group, infos, datas, (0, 1)):
+            solo = RectifiedFlow(params={"train_steps": "200"})
+            alone = solo.fit(data, device=device, seed=seed)
+            assert info.final_loss == pytest.approx(alone.final_loss, rel=1e-3), device
+            torch.testing.assert_close(member.sample(500, steps=8, seed=3), solo.sample(500, steps=8, seed=3),
+                                       rtol=1e-3, atol=1e-3)

@@ -1,15 +1,16 @@
-"""Benchmarks (timings, never tests): how much the sampling loop adds to the network itself, and
+"""Benchmarks of the built-in families' samplers (timings, never tests; ``genbench bench-sampler``
+and ``bench-graph``): how much the sampling loop adds to the network itself, and
 eager against CUDA-graph sampling per NFE."""
 from __future__ import annotations
 
 import torch
 
-from . import datasets
-from .models.consistency import ConsistencyDistillation
-from .models.diffusion import Diffusion
-from .models.nets import EMA, Standardizer
-from .runner import device_name, resolve_device
-from .timing import block_time, time_call
+from .. import datasets
+from ..runner.plan import device_name, resolve_device
+from ..timing import block_time, time_call
+from .consistency import ConsistencyDistillation
+from .diffusion import Diffusion
+from .nets import EMA, Standardizer
 
 
 def _untrained(cls, device: str, **params):
@@ -29,6 +30,11 @@ def sampler_overhead(steps: int = 100, n: int = 2000, device: str = "cpu", threa
     median of the per-round ratios, so that a neighbour's load drifting over the run cancels out."""
     import statistics
 
+    from ..api import UsageError
+    from .samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
     device = resolve_device(device)
     torch.set_num_threads(threads)
     m = _untrained(Diffusion, device, sampler=sampler)

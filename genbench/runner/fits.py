@@ -1,0 +1,127 @@
+"""The fit store: a fit unit's trained model, reused from the run dir's checkpoint where its
+record and bytes check out, else fitted (after its teacher) and saved; and the units of one model
+fitted side by side in groups, whose checkpoints the unit-by-unit pass then reuses."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..api import Generator, RunDirError
+from ..store import RunDir, cell_name
+from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
+
+
+class FitStore:
+    def __init__(self, store: RunDir, r: Resolved, progress, notes: list[str]):
+        self.store, self.r, self.progress, self.notes = store, r, progress, notes
+
+    def reuse(self, unit: Unit, model: Generator) -> tuple[dict | None, str | None]:
+        """(the unit's fit record, its checkpoint loaded into ``model``), or (None, why the unit must
+        be fitted: None where it never was)."""
+        name = cell_name(*unit)
+        record = self.store.load_json("fits", name)
+        if isinstance(record, dict) and record.get("checkpoint_sha256"):
+            try:  # tensors and plain containers only: a checkpoint is data, never code
+                state = self.store.load_checkpoint(name, record["checkpoint_sha256"], self.r.device)
+                model.load_state_dict(state, device=self.r.device)
+                # reused: the refit reason of the fit that made it is not this run's
+                return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", name, ".json")}, None
+            except Exception as e:  # noqa: BLE001 - an unreadable, torn or unsafe checkpoint is retrained
+                refit = f"checkpoint not reused ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+                self.progress.update(f"{name}: {refit}; training again")
+                return None, refit
+        if isinstance(record, dict) and "checkpoint_sha256" in record:
+            return None, "the model saves no checkpoint"
+        if self.store.has("fits", name):
+            return None, "fit record unreadable (torn or foreign)"
+        return None, None
+
+    def save(self, unit: Unit, model: Generator, info, extras: dict, refit: str | None) -> dict:
+        """The fit record (and the checkpoint, where the model saves one) of a fitted unit."""
+        name = cell_name(*unit)
+        record = {**dataclasses.asdict(info), **extras, "refit_reason": refit}
+        record.update(record.pop("extras", {}))
+        state = model.state_dict() if "checkpoint" in model.capabilities() else None
+        record["checkpoint_sha256"] = None if state is None else self.store.save_checkpoint(name, state)
+        record["fit_sha256"] = self.store.save_json("fits", name, record)
+        return record
+
+    def fit_or_load(self, unit: Unit, model: Generator, train) -> dict:
+        """Fits the model on ``train`` (after its teacher), or loads it from this run dir's
+        checkpoint; returns its fit record."""
+        record, refit = self.reuse(unit, model)
+        if record is not None:
+            return record
+        teacher, extras = None, {}
+        teacher_entry = self.r.teacher(unit.model)
+        if teacher_entry is not None:
+            teacher = make_model(teacher_entry, self.r.plan)
+            self.progress.update(f"{teacher_entry.name} (teacher of {unit.model}) on {unit.dataset} seed {unit.seed}: "
+                                 "training")
+            extras["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *unit[1:]), teacher, train)["train_s"]
+        self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: training")
+        info = model.fit(train, device=self.r.device, seed=unit.seed, **({"teacher": teacher} if teacher else {}))
+        return self.save(unit, model, info, extras, refit)
+
+    # -- side by side -----------------------------------------------------------------------------
+    def fit_side_by_side(self, units: list[Unit], done: set) -> None:
+        """The units that fit side by side and must be fitted, in groups of one model (a student's
+        group after its teachers', each member given its own teacher), as one stacked network
+        each; their checkpoints and fit records are then what the unit-by-unit pass reuses. A
+        member that diverged, or a group that failed, is left to that pass (fitted alone, its
+        failure recorded as a solo fit's)."""
+        todo: dict[str, list] = {}
+        for unit in units:  # teachers' units come first: their groups are fitted first
+            entry = self.r.entry(unit.model)
+            if "side by side" not in entry.cls.capabilities():
+                continue
+            if all(c in done for c in self.r.cells([unit])):
+                continue
+            record, refit = self.reuse(unit, self.r.model(unit.model))
+            if record is None:
+                todo.setdefault(unit.model, []).append((unit, refit))
+        for group in todo.values():
+            for at in range(0, len(group), MAX_SIDE_BY_SIDE):
+                self.fit_group(group[at:at + MAX_SIDE_BY_SIDE])
+
+    def fit_group(self, chunk: list[tuple[Unit, str | None]]) -> None:
+        """One group fitted side by side; a group the GPU's memory cannot hold is split in halves."""
+        import torch
+
+        if len(chunk) < 2:
+            return
+        name = chunk[0][0].model
+        entry = self.r.entry(name)
+        self.progress.update(f"{name}: {len(chunk)} fits side by side")
+        models = [self.r.model(name) for _ in chunk]
+        datas = [self.r.data(u.dataset, u.seed)[1] for u, _ in chunk]
+        kw, extras = {}, [{} for _ in chunk]
+        infos = None
+        try:
+            teacher_entry = self.r.teacher(name)
+            if teacher_entry is not None:  # each member's teacher, fitted or loaded (its group came first)
+                kw["teachers"] = []
+                for (u, _), data, ex in zip(chunk, datas, extras):
+                    teacher = make_model(teacher_entry, self.r.plan)
+                    ex["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *u[1:]), teacher, data)["train_s"]
+                    kw["teachers"].append(teacher)
+            infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
+                                               **kw)
+        except torch.cuda.OutOfMemoryError:
+            pass  # split below, once the exception (and the memory its frames hold) is gone
+        except RunDirError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the units are fitted one by one instead
+            self.notes.append(f"{name}: fitting {len(chunk)} units side by side failed "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              "they were fitted one by one")
+            return
+        if infos is None:
+            models = datas = None
+            torch.cuda.empty_cache()
+            self.fit_group(chunk[:len(chunk) // 2])
+            self.fit_group(chunk[len(chunk) // 2:])
+            return
+        for (u, refit), model, info, ex in zip(chunk, models, infos, extras):
+            if not isinstance(info, BaseException):
+                self.save(u, model, info, ex, refit)
+
