@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 BUDGETS = ("quick", "default", "full")
+#: the largest whole number a config field may hold: the largest size torch indexes (2^31 - 1)
+MAX_INT = 2**31 - 1
+
+
+def debug_enabled() -> bool:
+    """Whether GENBENCH_DEBUG asks for tracebacks (1, true, yes or on; anything else: no)."""
+    import os
+
+    return os.environ.get("GENBENCH_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class UsageError(ValueError):
@@ -227,6 +236,8 @@ def check_config(cfg: Any, *, positive: tuple[str, ...] = (), nonnegative: tuple
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             bad(f.name, "must be a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT:
+            bad(f.name, f"must be at most {MAX_INT} (2^31 - 1, the largest size torch indexes)")
     for name in positive:
         if not getattr(cfg, name) > 0:
             bad(name, "must be > 0")

@@ -99,6 +99,8 @@ DEFECTS: dict[str, Defect] = {d.name: d for d in [
 
 def parse_defects(spec: str | None) -> list[tuple[Defect, float]]:
     """``all`` (the default sizes) or ``NAME[=SIZE],...``."""
+    if spec is not None and not spec.strip():
+        raise UsageError("--defects '': empty; give all, or NAME[=SIZE],...")
     out = []
     for item in (spec or "all").split(","):
         name, _, size = item.strip().partition("=")

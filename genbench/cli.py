@@ -18,6 +18,20 @@ from .runner.plan import default as _default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark diffusion, consistency, VAE and flow generators on 2D data.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"genbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print genbench's version and exit.")) -> None:
+    """Benchmark diffusion, consistency, VAE and flow generators on 2D data."""
 EXIT_ENVIRONMENT, EXIT_USAGE, EXIT_CELLS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 err = Console(stderr=True)
 console = Console()
@@ -31,28 +45,34 @@ def fail(msg: str, code: int = EXIT_USAGE) -> "typer.Exit":
 
 
 def _list(value: str, what: str) -> list[str]:
+    """A comma-separated list: no empty item, no item twice."""
     items = [v.strip() for v in value.split(",")]
     if not any(items):
         raise UsageError(f"{what}: empty list; give comma-separated values")
     if not all(items):
         raise UsageError(f"{what} {value!r}: an empty item; give comma-separated values, e.g. a,b")
+    twice = next((v for v in items if items.count(v) > 1), None)
+    if twice is not None:
+        raise UsageError(f"{what} {value!r}: {twice} given twice")
     return items
 
 
 def _ints(value: str, what: str, minimum: int) -> list[int]:
+    """Comma-separated whole numbers written with the digits 0-9 (no '1_0', no full-width digits)."""
+    import re
+
     items = _list(value, what)
-    try:
-        vals = [int(v) for v in items]
-    except ValueError:
-        raise UsageError(f"{what} {value!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not all(re.fullmatch(r"-?[0-9]+", v) for v in items):
+        raise UsageError(f"{what} {value!r}: expected comma-separated integers (digits 0-9), e.g. 0,1,2")
+    vals = [int(v) for v in items]
     if any(v < minimum for v in vals):
         raise UsageError(f"{what} {value!r}: every value must be >= {minimum}")
-    return list(dict.fromkeys(vals))
+    return vals
 
 
 def _steps(value: str | None) -> dict:
     """``1,2,5`` (every multistep model) or ``diffusion=100,cm-cd=1:2`` (per model)."""
-    if not value:
+    if value is None:
         return {"steps": None}
     if "=" not in value:
         return {"steps": _ints(value, "--steps", 1)}
@@ -61,6 +81,8 @@ def _steps(value: str | None) -> dict:
         model, sep, counts = item.partition("=")
         if not sep or not model:
             raise UsageError(f"--steps {value!r}: mix of forms; use 1,2,5 or MODEL=1:2,MODEL=5")
+        if model in per:
+            raise UsageError(f"--steps {value!r}: {model} given twice; give its counts once, e.g. {model}=1:2")
         per[model] = _ints(counts.replace(":", ","), f"--steps {model}", 1)
     return {"steps": None, "steps_by_model": per}
 
@@ -73,6 +95,15 @@ def _pairs(items: list[str], what: str, example: str) -> dict[str, str]:
             raise UsageError(f"{what} {item!r}: expected KEY=VALUE, e.g. {example}")
         out[key] = value
     return out
+
+
+def _out(value: str | None) -> Path | None:
+    """An --out value as a path; an empty one is refused (it would mean the current directory)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UsageError("--out '': empty path; give a file or directory name")
+    return Path(value)
 
 
 def _params(items: list[str]) -> dict[str, dict[str, str]]:
@@ -102,15 +133,16 @@ def run(
     score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
     side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
-    executor: str = typer.Option(_default("executor"), help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench[slurm]'). The run's process alone writes the run dir."),
+    out: Optional[str] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
+    executor: str = typer.Option(_default("executor"), help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench\\[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench\\[slurm]'). The run's process alone writes the run dir."),
     address: Optional[str] = typer.Option(None, help="--executor ray: the Ray cluster to join (auto, HOST:PORT or ray://HOST:PORT). Default: start a local Ray instance."),
-    retries: int = typer.Option(_default("retries"), help="--executor ray / slurm: times a task whose worker, node or job died is run again before its cells become error rows."),
+    retries: int = typer.Option(_default("retries"), help="Times a task whose worker process, node or job died is run again before its cells become error rows (--jobs > 1, ray, slurm)."),
     task_gpus: float = typer.Option(_default("task_gpus"), help="--executor ray on a GPU device: the share of one GPU each task asks for (0 < x <= 1). Below 1, tasks share a GPU and time each other's calls; the default keeps one task per GPU."),
     slurm: List[str] = typer.Option([], help="--executor slurm: a job resource KEY=VALUE, repeatable: partition, account, qos, constraint, time (minutes, default 60), gpus (per job; default 1 on cuda), cpus (default --threads), mem (GB), cluster (slurm, local: jobs as local processes, debug)."),
 ):
     """Train each model on each dataset and seed, sample, score and time it; print the table."""
     try:
+        out = _out(out)
         from . import registry
         from .runner import Plan, Run
         from .scoring import parse_metrics
@@ -130,8 +162,31 @@ def run(
     from . import report
 
     df = report.tidy(rows)
-    console.print(report.markdown(df, title=f"genbench run → {runner.plan.out}"), highlight=False, soft_wrap=True)
+    _summary(runner, df)
     _finish(runner, df)
+
+
+def _summary(runner, df) -> None:
+    """The end of a run: its heading (where, budget, device), one compact table per dataset, the
+    notes once each, and the commands that show the rest."""
+    from . import report
+
+    r, out = runner.r, runner.plan.out
+    ok = df[df["status"] == "done"]
+    device = ", ".join(sorted(df["device_name"].dropna().astype(str).unique())) or r.device
+    console.print(f"# genbench run → {out}\n\nbudget {runner.plan.budget}{report.budget_note(df)}; {r.device} "
+                  f"({device}); n = {runner.plan.n_samples}; {runner.plan.threads} thread(s) per process, "
+                  f"{runner.plan.jobs} fit process(es)\n", highlight=False, soft_wrap=True, markup=False)
+    console.print(report.summary(df), highlight=False, soft_wrap=True, markup=False)
+    notes = [f"{report.MARK}: the mean over seeds lies outside the data's floor ± {report.MARK_STD:g} std/sqrt(seeds) "
+             "(the metric tells the model from the data); sample_ms: median time of one sample call."]
+    notes += [line[2:] for line in report.metric_notes(ok if len(ok) else df).splitlines()
+              if line.startswith("- empty because")]
+    console.print("\n".join(notes), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"\nNext: genbench report {out}   (every metric, intervals, the timing protocol)\n"
+                  f"      genbench report {out} --format html --out {out}/report.html   (a page to open in a browser)\n"
+                  f"      genbench plot {out}   (samples, trajectories, frontier, losses)",
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 def _run(runner) -> list[dict]:
@@ -163,14 +218,17 @@ def _finish(runner, df) -> None:
 @app.command(name="report")
 def report_cmd(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'genbench run' (or folders of them)."),
-    format: str = typer.Option("md", "--format", help="md (tables aggregated over seeds, per device) or csv (one row per cell)."),
-    out: Optional[Path] = typer.Option(None, help="Write to this file instead of printing."),
+    format: str = typer.Option("md", "--format", help="md (tables aggregated over seeds, per device), csv (one row per cell) or html (one self-contained page: sortable, filterable tables and every figure)."),
+    out: Optional[str] = typer.Option(None, help="Write to this file instead of printing."),
     compare: Optional[Path] = typer.Option(None, help="A baseline run dir (e.g. baselines/cpu): per-cell deltas, regressions beyond the seed-to-seed spread flagged."),
 ):
     """Tables from run directories: Markdown aggregated over seeds, or CSV with one row per cell."""
     try:
-        if format not in ("md", "csv"):
-            raise UsageError(f"--format {format!r}; valid: md, csv")
+        out = _out(out)
+        if format not in ("md", "csv", "html"):
+            raise UsageError(f"--format {format!r}; valid: md, csv, html")
+        if format == "html" and compare is not None:
+            raise UsageError("--compare writes md or csv; give --format md or csv with it")
         from . import report
 
         if out is not None:
@@ -190,6 +248,8 @@ def report_cmd(
             f"# {', '.join(map(str, run_dirs))} against {compare}\n\n" + cmp.to_markdown(index=False, floatfmt=".4g") + "\n")
         bad = int(cmp["flag"].str.startswith("REGRESSION").sum())
         err.print(f"{len(cmp)} cells compared, {bad} flagged as regressions")
+    elif format == "html":
+        text = _html_page(run_dirs, df)
     else:
         text = df.to_csv(index=False) if format == "csv" else report.markdown(df)
     if out:
@@ -199,6 +259,23 @@ def report_cmd(
         err.print(f"wrote {out}")
     else:
         sys.stdout.write(text)
+
+
+def _html_page(run_dirs, df) -> str:
+    """The results page of ``run_dirs``: their tables, and every figure ``plot`` draws for each."""
+    import tempfile
+
+    from . import plots, report, report_html, store
+
+    figures = []
+    for d in run_dirs:
+        for rd in store.open_many(d):
+            with tempfile.TemporaryDirectory(prefix="genbench-page-") as tmp:
+                sub = report.tidy(rd.rows())
+                for p in plots.plot_run(rd, sub, Path(tmp), notice=lambda m: err.print(m, highlight=False)):
+                    figures.append((str(rd.path), plots.FIGURES[p.name][0], p.read_bytes()))
+    title = "genbench results: " + ", ".join(str(d) for d in run_dirs)
+    return report_html.page(df, figures, title=title)
 
 
 def _check_out_file(out: Path) -> None:
@@ -233,11 +310,12 @@ def reproduce(
     jobs: int = typer.Option(1, help="Fit units trained at once, each in its own process (1: nothing else runs while the headline is timed; 0 = auto)."),
     budget: str = typer.Option("default", help=f"Training budget preset: {', '.join(BUDGETS)}."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>)."),
+    out: Optional[str] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>)."),
 ):
     """The source report's headline: ring8, 2000 samples, diffusion (100 Euler steps) against
     cm-cd and cm-ct (1 and 2 steps): NFE, sampling time and ratio, W2 with its floor, modes."""
     try:
+        out = _out(out)
         from .reproduce import HEADLINE
         from .runner import Plan, Run
 
@@ -268,11 +346,12 @@ def calibrate(
     max_seeds: int = typer.Option(5, help="Seeds beyond which a defect counts as unresolved."),
     jobs: int = typer.Option(0, help="Datasets calibrated at once, one process and thread each; 0 = the cores."),
     device: str = typer.Option("cpu", help="Where the GPU-capable metrics (energy, sinkhorn) run: cpu or cuda."),
-    out: Optional[Path] = typer.Option(None, help="Also write the table here (.md, or .csv with every shift and spread)."),
+    out: Optional[str] = typer.Option(None, help="Also write the table here (.md, or .csv with every shift and spread)."),
 ):
     """The benchmark's resolving power: plant defects of stated sizes in true samples and print,
     per dataset and defect, how many seeds each metric needs to mark them at this n."""
     try:
+        out = _out(out)
         from . import calibrate as cal
         from . import datasets as ds_mod
         from .scoring import parse_metrics
@@ -292,9 +371,10 @@ def calibrate(
             resolve_device("cuda")
         if out is not None and out.suffix not in (".md", ".csv"):
             raise UsageError(f"--out {out}: give a .md or .csv file")
-        from .runner import cpu_cores
+        from .runner.plan import check_memory, cpu_cores
 
         jobs = min(jobs or cpu_cores(), len(names))
+        check_memory(metric_names, n_samples, jobs)
     except UsageError as e:
         raise fail(str(e))
     import time
@@ -323,11 +403,12 @@ def calibrate(
 @app.command()
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory written by 'genbench run'."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs and report.md (default RUN_DIR/report)."),
+    out: Optional[str] = typer.Option(None, help="Folder for the PNGs and report.md (default RUN_DIR/report)."),
 ):
     """PNG figures (samples, PF-ODE paths, one-step maps, NFE-W2 frontier, losses) and a Markdown
     report embedding them. Reads only saved run data; a figure without data is skipped with a notice."""
     try:
+        out = _out(out)
         from . import store
         from .store import check_out_dir
 
@@ -360,8 +441,9 @@ def list_cmd():
 
     t = Table(title="models")
     for c in ("name", "source", "target", "capabilities", "note"):
-        t.add_column(c)
-    for name, e in registry.discover().items():
+        t.add_column(c, overflow="fold")  # folded, never cut: an entry point is read to be found
+    found = registry.discover()
+    for name, e in found.items():
         doc = (e.cls.__doc__ or "").strip().splitlines() if e.cls else []
         note = e.error or (doc[0] if doc else "(no docstring)")
         if e.ignored:
@@ -371,6 +453,15 @@ def list_cmd():
     for alias, names in registry.ALIASES.items():
         t.add_row(alias, "alias", ", ".join(names), "", "")
     console.print(t)
+    b = Table(title="budgets: the config fields the presets set")
+    for c in ("model", *BUDGETS):
+        b.add_column(c, overflow="fold")
+    for name, e in found.items():
+        if e.cls is not None:
+            fields = list(dict.fromkeys(k for x in BUDGETS for k in e.cls.budgets.get(x, {})))
+            configs = [e.cls(budget=x).config for x in BUDGETS]
+            b.add_row(escape(name), *(escape(", ".join(f"{k}={getattr(c, k)}" for k in fields) or "–") for c in configs))
+    console.print(b)
     d = Table(title="datasets")
     for c in ("name", "version", "kind", "description", "on the support (hq_frac)"):
         d.add_column(c)
@@ -432,13 +523,15 @@ def bench_graph(
 
 
 class _RichProgress:
-    """Rich progress bar with ETA, one tick per cell."""
+    """Rich progress bar with ETA, one tick per cell to run (cells already done are not counted)."""
 
     def __enter__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        # the ETA from the mean speed over the run so far (fits and cells alternate: a short window jumps)
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+                          TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False,
+                          speed_estimate_period=3600)
         self.p.__enter__()
         self.task = self.p.add_task("planning", total=None)
         return self
@@ -456,24 +549,54 @@ class _RichProgress:
         self.p.advance(self.task, n)
 
 
-def main() -> None:
-    """The entry point: no traceback reaches the user. File-system failures exit 1 with the path
-    and the cause; anything unexpected exits 1 with one line (GENBENCH_DEBUG=1 shows the traceback)."""
-    import os
+def _click_classes(name: str) -> tuple:
+    """The command-line parser's exception class ``name``: click's, and, where Typer carries its own
+    copy of click (Typer 0.2x), that one's too."""
+    import importlib
 
+    out = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+def main() -> None:
+    """The entry point: no traceback reaches the user. A command-line mistake (an unknown option, a
+    value of the wrong type, a missing argument) is one line and exit 2; file-system failures exit
+    1 with the path and the cause; anything unexpected exits 1 with one line (GENBENCH_DEBUG=1
+    shows the traceback)."""
+    from .api import debug_enabled
+
+    usage, no_args, abort = (_click_classes(n) for n in ("UsageError", "NoArgsIsHelpError", "Abort"))
     try:
-        app()
+        code = app(standalone_mode=False)
+    except no_args as e:  # 'genbench' alone: the help, as --help gives it
+        print(e.ctx.get_help() if getattr(e, "ctx", None) else str(e))
+        sys.exit(0)
+    except usage as e:
+        msg = e.format_message()
+        if "unexpected extra argument" in msg:
+            msg += " (lists are comma-separated, e.g. --datasets ring8,moons)"
+        command = e.ctx.command_path if getattr(e, "ctx", None) else "genbench"
+        fail(f"{msg.rstrip('.')}; see '{command} --help'")
+        sys.exit(EXIT_USAGE)
+    except abort:
+        fail("interrupted", EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
     except RunDirError as e:
         fail(str(e), EXIT_ENVIRONMENT)
         sys.exit(EXIT_ENVIRONMENT)
     except OSError as e:
-        if os.environ.get("GENBENCH_DEBUG"):
+        if debug_enabled():
             raise
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         fail(f"cannot access{where}: {e.strerror or e}", EXIT_ENVIRONMENT)
         sys.exit(EXIT_ENVIRONMENT)
     except Exception as e:  # noqa: BLE001
-        if os.environ.get("GENBENCH_DEBUG"):
+        if debug_enabled():
             raise
         from rich.markup import escape
 
@@ -481,6 +604,7 @@ def main() -> None:
                   f"{escape(str(e).splitlines()[0]) if str(e) else ''} (set GENBENCH_DEBUG=1 for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(EXIT_ENVIRONMENT)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,37 @@ def colour(df: pd.DataFrame, model: str) -> str:
     return _SPARE[sum(map(ord, model)) % len(_SPARE)]
 
 
+def _grid(n: int, max_cols: int = 4, w: float = 3.2, h: float = 3.0):
+    """A figure of ``n`` panels on a grid (at most ``max_cols`` columns: small multiples, never one
+    long row or column); the panels past ``n`` are switched off. Returns (figure, flat axes)."""
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_axis_off()
+    return fig, flat[:n]
+
+
+def _finish(fig, title: str | None = None, legend: list | None = None):
+    """Title and legend kept inside the canvas: the title wrapped to the figure's width, the
+    legend (handles, labels) in a row below the panels; then a tight layout around both."""
+    top, bottom = 1.0, 0.0
+    if title:
+        lines = textwrap.wrap(title, width=int(fig.get_figwidth() * 11))
+        fig.suptitle("\n".join(lines), fontsize=10)
+        top = 1 - (0.15 + 0.17 * len(lines)) / fig.get_figheight()
+    if legend:
+        handles, labels = legend
+        ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.2)))
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, markerscale=3)
+        bottom = (0.12 + 0.17 * -(-len(labels) // ncol)) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    return fig
+
+
 def _label(model: str, steps) -> str:
-    return model if pd.isna(steps) else f"{model} ({int(steps)} steps)"
+    return model if pd.isna(steps) else f"{model} ({int(steps)} step{'' if int(steps) == 1 else 's'})"
 
 
 def _limits(ref: np.ndarray, pad: float = 0.15):
@@ -55,7 +84,9 @@ def _done(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "done"]
 
 
-def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+def samples_grid(rd: RunDir, df: pd.DataFrame):
+    """Samples over the true data: a row per (model, steps) and a column per dataset, or, for one
+    dataset, the (model, steps) panels on a grid."""
     ok = _done(df)
     if ok.empty:
         return "no finished cells"
@@ -63,10 +94,15 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
     ok = ok[ok["seed"] == seed]
     dsets = list(dict.fromkeys(ok["dataset"]))
     rows = list(dict.fromkeys(zip(ok["model"], ok["steps"])))
-    fig, axes = plt.subplots(len(rows), len(dsets), figsize=(2.8 * len(dsets), 2.6 * len(rows)), squeeze=False)
+    if len(dsets) == 1:
+        fig, flat = _grid(len(rows), max_cols=4, w=2.9, h=3.0)
+        places = {(i, 0): ax for i, ax in enumerate(flat)}
+    else:
+        fig, axes = plt.subplots(len(rows), len(dsets), figsize=(2.8 * len(dsets), 2.7 * len(rows)), squeeze=False)
+        places = {(i, j): axes[i, j] for i in range(len(rows)) for j in range(len(dsets))}
     for j, d in enumerate(dsets):
         for i, (m, k) in enumerate(rows):
-            ax = axes[i, j]
+            ax = places[i, j]
             ax.set_xticks([]), ax.set_yticks([])
             # a single-pass model's steps are missing (NA): match NA with NA (a string comparison of
             # NA differs between pandas releases and left those panels blank under pandas 3)
@@ -83,18 +119,15 @@ def samples_grid(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
             ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
             r = cell.iloc[0]
             modes = "" if pd.isna(r["modes_total"]) else f", {int(r['modes_captured'])}/{int(r['modes_total'])} modes"
-            head = f"{d}\n" if i == 0 else ""
             w2 = "" if pd.isna(r["w2"]) else f"W2 {r['w2']:.3f} (floor {r['w2_floor']:.2f})"
-            ax.set_title(f"{head}{w2}{modes}", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(_label(m, k), fontsize=8)
-    # wrapped to the figure's width: one dataset's column is narrower than the title's one line
-    title = textwrap.wrap(f"Samples (colour) over true data (grey), seed {seed}", width=int(fig.get_figwidth() * 12))
-    fig.suptitle("\n".join(title), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.18 * len(title)) / fig.get_figheight()))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+            if len(dsets) == 1:
+                ax.set_title(f"{_label(m, k)}\n{w2}{modes}", fontsize=7)
+            else:
+                ax.set_title(f"{d}\n{w2}{modes}" if i == 0 else f"{w2}{modes}", fontsize=7)
+                if j == 0:
+                    ax.set_ylabel(_label(m, k), fontsize=8)
+    where = f" on {dsets[0]}" if len(dsets) == 1 else ""
+    return _finish(fig, f"Samples (colour) over true data (grey){where}, seed {seed}")
 
 
 def _one_per_dataset(rd: RunDir, df: pd.DataFrame, model: str, key: str):
@@ -118,38 +151,36 @@ def _saved(rd: RunDir, df: pd.DataFrame, key: str) -> list[tuple]:
             for d, (r, arr) in _one_per_dataset(rd, df, m, key).items()]
 
 
-def trajectories(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+def trajectories(rd: RunDir, df: pd.DataFrame):
     found = _saved(rd, df, "trajectory")
     if not found:
         return "no cells with saved trajectories (a model's trajectory_sample)"
-    fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 3.6), squeeze=False)
-    for ax, (m, d, r, arr) in zip(axes[0], found):
+    fig, flat = _grid(len(found), max_cols=3, w=3.6, h=3.6)
+    for ax, (m, d, r, arr) in zip(flat, found):
         traj, ref = arr["trajectory"], arr["ref"]
         (x0, x1), (y0, y1) = _limits(ref, pad=0.6)
         inside = (np.abs(traj - [(x0 + x1) / 2, (y0 + y1) / 2]) < (x1 - x0) / 2).all(-1)  # [k+1, n]
         ax.scatter(ref[:, 0], ref[:, 1], s=1, c="tab:blue", alpha=0.3, lw=0, label="data")
         for p in range(traj.shape[1]):
             first = int(np.argmax(inside[:, p]))  # x_T lies far outside the view: start where the path enters it
-            ax.plot(traj[first:, p, 0], traj[first:, p, 1], c="0.3", lw=0.6, alpha=0.7)
+            ax.plot(traj[first:, p, 0], traj[first:, p, 1], c="0.3", lw=0.6, alpha=0.7,
+                    label="sampling path" if p == 0 else None)
             ax.scatter(*traj[first, p], c="red", s=8, zorder=3, label="start (x_T, or where the path enters the view)" if p == 0 else None)
             ax.scatter(*traj[-1, p], c="green", s=8, zorder=3, label="end point" if p == 0 else None)
         ax.set_xlim(x0, x1), ax.set_ylim(y0, y1), ax.set_aspect("equal")
         steps = "" if pd.isna(r["steps"]) else f", {int(r['steps'])} steps"
-        ax.set_title(f"{m} on {d}: sampling paths, {r['variant']}{steps}", fontsize=8)
+        ax.set_title(f"{m} on {d}\n{r['variant']}{steps}", fontsize=8)
         ax.set_xlabel("x1"), ax.set_ylabel("x2")
-    axes[0, 0].legend(fontsize=6, loc="lower left", markerscale=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    handles, labels = flat[0].get_legend_handles_labels()
+    return _finish(fig, "Sampling paths from noise to samples", legend=(handles, labels))
 
 
-def one_step_maps(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+def one_step_maps(rd: RunDir, df: pd.DataFrame):
     panels = [(m, d, arr) for m, d, _, arr in _saved(rd, df, "one_step_map")]
     if not panels:
         return "no cells with saved one-step maps (a model's one_step_map)"
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (m, d, arr) in zip(axes[0], panels):
+    fig, flat = _grid(len(panels), max_cols=3, w=3.6, h=3.6)
+    for ax, (m, d, arr) in zip(flat, panels):
         z, fz, ref = arr["one_step_map"][:, 0], arr["one_step_map"][:, 1], arr["ref"]
         ax.scatter(ref[:, 0], ref[:, 1], s=1, c="tab:blue", alpha=0.3, lw=0)
         ax.quiver(z[:, 0], z[:, 1], fz[:, 0] - z[:, 0], fz[:, 1] - z[:, 1], angles="xy", scale_units="xy", scale=1,
@@ -157,12 +188,9 @@ def one_step_maps(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
         ax.scatter(z[:, 0], z[:, 1], c="red", s=6, zorder=3)
         lim = _limits(np.concatenate([ref, z]), pad=0.05)
         ax.set_xlim(*lim[0]), ax.set_ylim(*lim[1]), ax.set_aspect("equal")
-        ax.set_title(f"{m} on {d}: noise z (red) -> its sample in one call", fontsize=8)
+        ax.set_title(f"{m} on {d}", fontsize=8)
         ax.set_xlabel("x1"), ax.set_ylabel("x2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return _finish(fig, "One-step map: unit noise z (red) to its sample in one network call (arrow); data in blue")
 
 
 def _minor_labels(ax) -> FuncFormatter:
@@ -179,69 +207,79 @@ def _minor_labels(ax) -> FuncFormatter:
     return FuncFormatter(fmt)
 
 
-def frontier(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+def frontier(rd: RunDir, df: pd.DataFrame):
+    """W2 against NFE per dataset: a line per model over its step counts (median, min-max over
+    seeds); a model sampled at one step count is one point, and its legend entry says so."""
     ok = _done(df)
     if ok.empty:
         return "no finished cells"
     dsets = list(dict.fromkeys(ok["dataset"]))
-    fig, axes = plt.subplots(1, len(dsets), figsize=(4.2 * len(dsets), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], dsets):
+    fig, flat = _grid(len(dsets), max_cols=3, w=3.8, h=3.4)
+    entries: dict[str, object] = {}
+    for ax, d in zip(flat, dsets):
         sub = ok[ok["dataset"] == d]
         floor, fstd = sub["w2_floor"].mean(), sub["w2_floor_std"].mean()
-        ax.axhspan(floor - fstd, floor + fstd, color="0.85", label="W2 noise floor (± std)")
+        band = ax.axhspan(floor - fstd, floor + fstd, color="0.85")
+        entries.setdefault("W2 noise floor (± std)", band)
         ax.axhline(floor, color="0.5", lw=0.8)
-        # median and min-max over seeds on a log axis: one seed's far outliers (a flow on pinwheel
-        # reached W2 814 against ~0.3 elsewhere) show as a long bar instead of flattening the panel
+        # median and min-max over seeds on a log axis: one seed's far outliers show as a long bar
+        # instead of flattening the panel
         for (m, v), g in sub.groupby(["model", "variant"], sort=False):
             s = g.groupby("nfe")["w2"].agg(["median", "min", "max"]).reset_index().sort_values("nfe")
             yerr = np.vstack([s["median"] - s["min"], s["max"] - s["median"]])
-            ax.errorbar(s["nfe"], s["median"], yerr=yerr, marker="o", ms=3, capsize=2, c=colour(df, m),
-                        label=f"{m} ({v})" if v else m)
+            one = len(s) == 1
+            line = ax.errorbar(s["nfe"], s["median"], yerr=yerr, marker="o", ms=4 if one else 3, capsize=2,
+                               c=colour(df, m), ls="none" if one else "-")
+            name = f"{m} ({v})" if v else m
+            entries.setdefault(name + (f": one point, NFE {int(s['nfe'].iloc[0])}" if one else ""), line)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(_minor_labels(ax))
         ax.tick_params(axis="y", which="minor", labelsize=6)
-        ax.set_xlabel("NFE per sample batch (log)")
-        ax.set_ylabel("W2 (median, min-max over seeds; log)")
+        ax.set_xlabel("NFE per sample batch")
+        ax.set_ylabel("W2 (median, min-max over seeds)", fontsize=8)
         ax.set_title(d, fontsize=9)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return _finish(fig, "Sample quality against network evaluations (both axes log)",
+                   legend=(list(entries.values()), list(entries)))
 
 
-def losses(rd: RunDir, df: pd.DataFrame, path: Path) -> str | None:
+def losses(rd: RunDir, df: pd.DataFrame):
     units = df.drop_duplicates(["model", "dataset"])[["model", "dataset", "seed"]]
     curves = []
     for _, u in units.iterrows():
         seed = df[(df["model"] == u["model"]) & (df["dataset"] == u["dataset"])]["seed"].min()
-        rec = rd.load_json("fits", cell_name(u["model"], u["dataset"], int(seed)))
-        if rec and rec.get("losses"):
+        rec = rd.load_json("fits", cell_name(u["model"], u["dataset"], int(seed)), unchecked_ok=True)
+        y = rec.get("losses") if rec else None
+        if isinstance(y, list) and y and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in y):
             curves.append((u["model"], u["dataset"], rec))
     if not curves:
         return "no saved training curves"
     models = list(dict.fromkeys(m for m, _, _ in curves))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.8 * len(models), 3.2), squeeze=False)
+    fig, flat = _grid(len(models), max_cols=3, w=3.6, h=3.0)
     styles = ["-", "--", ":", "-."]
     dsets = list(dict.fromkeys(d for _, d, _ in curves))
-    for ax, m in zip(axes[0], models):
+    for ax, m in zip(flat, models):
         allpos = True
         for _, d, rec in [c for c in curves if c[0] == m]:
-            y = np.asarray(rec["losses"])
+            y = np.asarray(rec["losses"], dtype=float)
             allpos &= bool((y > 0).all())
-            x = np.arange(1, len(y) + 1) * rec.get("log_every", 1)
-            ax.plot(x, y, styles[dsets.index(d) % 4], c=colour(df, m), lw=1, label=d)
+            every = rec.get("log_every")
+            x = np.arange(1, len(y) + 1) * (every if type(every) is int and every > 0 else 1)
+            ax.plot(x, y, styles[dsets.index(d) % 4], c=colour(df, m), lw=1)
         ax.set_yscale("log" if allpos else "symlog")
-        ax.set_title(m, fontsize=9)
+        if allpos:  # plain numbers on the log axis ("0.7", not "7x10^-1")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(_minor_labels(ax))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+        ax.set_title(m + ("" if allpos else " (symlog: the loss goes negative)"), fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel("training loss" + ("" if allpos else " (symlog: the loss goes negative)"), fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+        ax.set_ylabel("training loss (window mean)", fontsize=8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls=styles[i % 4], c="0.3") for i in range(len(dsets))]
+    return _finish(fig, "Training loss, seed of the first row (line style: dataset)", legend=(handles, dsets))
 
 
 FIGURES: dict[str, tuple[str, Callable]] = {
@@ -253,15 +291,43 @@ FIGURES: dict[str, tuple[str, Callable]] = {
 }
 
 
+def figures(rd: RunDir, df: pd.DataFrame, notice: Callable[[str], None] = print) -> dict:
+    """name -> the matplotlib figure, for every figure the run has data for; a figure without data
+    is skipped with a one-line notice. The caller saves and closes them."""
+    out = {}
+    for name, (title, fn) in FIGURES.items():
+        fig = fn(rd, df)
+        if isinstance(fig, str):
+            notice(f"skipped {name} ({title}): {fig}")
+        else:
+            out[name] = fig
+    return out
+
+
 def plot_run(rd: RunDir, df: pd.DataFrame, out: Path, notice: Callable[[str], None] = print) -> list[Path]:
-    """Writes every figure it has data for into ``out``; a figure without data is skipped with a
-    one-line notice. Returns the files written."""
+    """Writes every figure it has data for into ``out`` (PNG, 110 dpi); returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (title, fn) in FIGURES.items():
-        reason = fn(rd, df, out / name)
-        if reason:
-            notice(f"skipped {name} ({title}): {reason}")
-        else:
-            written.append(out / name)
+    for name, fig in figures(rd, df, notice).items():
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
     return written
+
+
+def text_outside(fig) -> list[str]:
+    """What of ``fig`` is drawn beyond its canvas: each panel's tight bounding box (its title, axis
+    labels and the tick labels it draws, its legend) and the figure's own title and legends, by
+    matplotlib's tight bounding boxes; named by their text."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    bad = []
+    for i, artist in enumerate([*fig.axes, *fig.legends, *fig.texts]):
+        if not artist.get_visible():
+            continue
+        box = artist.get_tightbbox(renderer) if hasattr(artist, "get_tightbbox") else artist.get_window_extent(renderer)
+        if box is not None and (box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1):
+            name = artist.get_title() if hasattr(artist, "get_title") and not hasattr(artist, "get_texts") else ""
+            bad.append(name or getattr(artist, "get_text", lambda: f"{type(artist).__name__} {i}")())
+    return bad

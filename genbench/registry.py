@@ -39,8 +39,10 @@ class Entry:
             cls = self.ep.load()
             check_generator_class(cls, self.target)
             self.cls = cls
-        except Exception as e:  # noqa: BLE001 - any failure of a plugin is reported, not raised
-            self.source, self.error = "broken", f"{type(e).__name__}: {e}".splitlines()[0]
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - any failure of a plugin (a SystemExit too) is reported, not raised
+            self.source, self.error = "broken", (f"{type(e).__name__}: {e}".splitlines() or [type(e).__name__])[0]
         return self
 
 

@@ -192,8 +192,9 @@ def metric_notes(df: pd.DataFrame) -> str:
     lines.append("- nll: test negative log-likelihood in nats per point (data units); '≤ x': an upper bound "
                  "(importance-weighted, the VAE); elbo is in the CSV")
     if "nll_note" in df:
-        for model, note in df.dropna(subset=["nll_note"]).groupby("model")["nll_note"].first().items():
-            lines.append(f"- nll of {model} is empty: {note}")
+        notes = df.dropna(subset=["nll_note"]).groupby("model", sort=False)["nll_note"].first()
+        for note, models in notes.groupby(notes, sort=False).groups.items():  # each note once, its models together
+            lines.append(f"- nll of {', '.join(models)} is empty: {note}")
     errors = df["metric_errors"].dropna() if "metric_errors" in df else []
     reasons = sorted({f"{k}: {v}" for e in errors if isinstance(e, dict) for k, v in e.items()})
     lines += [f"- empty because {r}" for r in reasons[:10]]
@@ -224,6 +225,8 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
     never pooled: each setting gets its own labelled section."""
     parts = [f"# {title}", ""]
     labels = settings_label(df)
+    if labels.nunique() == 1:
+        parts += [f"Settings: {labels.iloc[0]}{budget_note(df)}", ""]
     if labels.nunique() > 1:
         parts += [f"These rows were made with {labels.nunique()} different settings; each is tabulated on its own.", ""]
         for lab, sub in df.groupby(labels, sort=False):
@@ -232,6 +235,56 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
         parts += _device_sections(df, "##")
     parts += [NOTES, "", metric_notes(df), ""]
     return "\n".join(parts)
+
+
+def budget_note(df: pd.DataFrame) -> str:
+    """What a table made at a fixed named budget is (a plugin's own budget names pass unexplained)."""
+    budgets = set(df["budget"].dropna().astype(str))
+    return (" (a fixed, hand-picked training budget, not converged: README, 'Budgets')"
+            if budgets and budgets <= {"quick", "default", "full"} else "")
+
+
+#: the summary's quality columns, each shown against the data's floor
+SUMMARY_METRICS = ("w2", "hq_frac", "modes_captured", "c2st")
+
+
+def summary(df: pd.DataFrame) -> str:
+    """The end of a run: per dataset one compact table (model, steps, NFE, the main quality
+    columns against the data's floor, train and sample time) that fits a 100-column terminal;
+    the full table is ``report``'s."""
+    ok = df[df["status"] == "done"]
+    shown = [c for c in SUMMARY_METRICS if c in ok and ok[c].notna().any()]
+    parts = []
+    for dataset, g in df.groupby("dataset", sort=False):
+        floor = _floor_row(g, dataset, shown)
+        recs = [{"model": "data (floor)", "steps": "", "nfe": "",
+                 **{_name(c): str(floor.get(_name(c), "–")).split(" (")[0] for c in shown}, "train_s": "",
+                 "sample_ms": ""}]
+        for (model, steps), h in g.groupby(["model", "steps"], sort=False, dropna=False):
+            done = h[h["status"] == "done"]
+            failed = sorted(set(h["status"]) - {"done"})
+            rec = {"model": model + (f" [{len(h) - len(done)} {'/'.join(failed)}]" if failed else ""),
+                   "steps": "–" if pd.isna(steps) else int(steps),
+                   "nfe": _fmt(done["nfe"].median(), 4) if len(done) else "–"}
+            for c in shown:
+                v = _numbers(done[c])
+                mark = MARK if len(v) and outside_floor(done[c], done[f"{c}_floor"], done[f"{c}_floor_std"]) else ""
+                if c == "modes_captured":
+                    rec["modes"] = f"{_fmt(v.mean())}/{int(_numbers(done['modes_total']).max())}{mark}" if len(v) else "–"
+                else:
+                    rec[c] = f"{_fmt(v.mean())}{mark}" if len(v) else "–"
+            rec["train_s"] = _fmt(_numbers(done["train_s"]).mean()) if len(done) else "–"
+            rec["sample_ms"] = _fmt(done["sample_s"].median() * 1e3) if len(done) else "–"
+            recs.append(rec)
+        table = pd.DataFrame(recs)
+        empty = [c for c in table.columns[3:] if (table[c].iloc[1:] == "–").all()]  # e.g. modes off a mixture
+        parts += [f"{dataset} (mean over {g['seed'].nunique()} seed(s)):",
+                  table.drop(columns=empty).to_markdown(index=False), ""]
+    return "\n".join(parts)
+
+
+def _name(c: str) -> str:
+    return "modes" if c == "modes_captured" else c
 
 
 def numeric_summary(df: pd.DataFrame) -> pd.DataFrame:

@@ -82,6 +82,8 @@ def memory_bytes(metrics: list[str], n: int) -> float:
 
 def parse_metrics(spec: str | None) -> list[str]:
     """``default``, ``all``, or a comma-separated list of names (``default,sinkhorn`` adds one)."""
+    if spec is not None and not spec.strip():
+        raise UsageError("--metrics '': empty; give default, all, or comma-separated metric names")
     names: list[str] = []
     for item in (spec or "default").split(","):
         item = item.strip()
@@ -93,6 +95,8 @@ def parse_metrics(spec: str | None) -> list[str]:
             names.append(item)
         else:
             raise UsageError(f"--metrics: unknown metric {item!r}; valid: default, all, {', '.join(METRICS)}")
+        if item in METRICS and names.count(item) > 1:
+            raise UsageError(f"--metrics {spec!r}: {item} given twice")
     return list(dict.fromkeys(names))
 
 

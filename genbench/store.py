@@ -20,6 +20,7 @@ with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 
 from .api import RunDirError, UsageError
@@ -87,6 +89,22 @@ def dumps(obj, **kw) -> str:
     return json.dumps(finite_json(obj), allow_nan=False, default=str, **kw)
 
 
+#: the row fields that hold a JSON object (every other field holds a number, text, a boolean or null)
+NESTED_ROW_FIELDS = ("metric_errors",)
+
+
+def _flat(row: dict) -> bool:
+    """Whether every value of ``row`` is a scalar (or, in NESTED_ROW_FIELDS, an object of scalars)."""
+    scalar = (str, int, float, bool, type(None))
+    return all(isinstance(v, scalar) or (k in NESTED_ROW_FIELDS and isinstance(v, dict)
+                                         and all(isinstance(x, scalar) for x in v.values())) for k, v in row.items())
+
+
+def _checksum(obj) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, as ``dumps`` writes it back)."""
+    return sha256(dumps(json.loads(dumps(obj)), sort_keys=True).encode())
+
+
 def environment_error(path: Path, e: OSError) -> RunDirError:
     """A one-line error naming the path and the cause (a full disk, permissions, ...)."""
     cause = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file size limit reached (no space)",
@@ -97,9 +115,40 @@ def environment_error(path: Path, e: OSError) -> RunDirError:
     return RunDirError(f"cannot write {path}: {cause}")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def no_links(path: Path, root: Path) -> None:
+    """Refuses (RunDirError) a ``path`` under ``root`` any of whose components below ``root`` is a
+    symbolic link: genbench writes only inside its run dir, never through a link out of it."""
+    rel = Path(path).relative_to(root)
+    at = Path(root)
+    for part in rel.parts:
+        at = at / part
+        if at.is_symlink():
+            raise RunDirError(f"cannot write {path}: {at} is a symbolic link (to {os.readlink(at)}); genbench "
+                              "writes only regular files inside its run dir: remove the link")
+
+
+def atomic_write(path: Path, data: bytes, root: Path | None = None) -> None:
     """``data`` written to a temporary file, fsynced, then renamed over ``path``: the file is whole or
-    as it was; on failure the temporary file is removed and a RunDirError raised."""
+    as it was; on failure the temporary file is removed and a RunDirError raised (naming the first
+    error, never one of the cleanup). With ``root`` (a run dir), no component of ``path`` below it
+    may be a symbolic link. Without, ``path`` may be a link (its target is written) or a character
+    device or FIFO (written through: ``--out /dev/stdout``); nothing that is not a regular file is
+    ever renamed over."""
+    path = Path(path)
+    if root is not None:
+        no_links(path, root)
+    else:
+        path = Path(os.path.realpath(path)) if path.is_symlink() else path
+        if path.exists() and not path.is_file():
+            mode = path.stat().st_mode
+            if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+                raise RunDirError(f"cannot write {path}: it is not a regular file, a character device or a FIFO")
+            try:
+                with open(path, "wb") as fh:
+                    fh.write(data)
+            except OSError as e:
+                raise environment_error(path, e) from None
+            return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +158,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only dir refuses the cleanup too: the first error is the one
+            tmp.unlink(missing_ok=True)
         raise environment_error(path, e) from None
 
 
@@ -148,9 +198,10 @@ class RunDir:
         if self._lock_fh is not None:
             return
         p = self.path / ".lock"
+        no_links(p, self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fh = open(p, "a+")
+            fh = os.fdopen(os.open(p, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a+")
         except OSError as e:
             raise environment_error(p, e) from None
         try:
@@ -191,7 +242,7 @@ class RunDir:
         return m
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write(self.manifest_path, dumps(manifest, indent=2, sort_keys=True).encode())
+        atomic_write(self.manifest_path, dumps(manifest, indent=2, sort_keys=True).encode(), root=self.path)
 
     # -- rows ---------------------------------------------------------------------------------
     @property
@@ -213,7 +264,9 @@ class RunDir:
                 break
             start = max(0, start - 65536)
         torn = os.pread(fd, size - start, start)
-        with open(self.path / "rows.torn", "ab") as fh:
+        no_links(self.path / "rows.torn", self.path)
+        with os.fdopen(os.open(self.path / "rows.torn", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                               0o644), "ab") as fh:
             fh.write(torn + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -222,9 +275,10 @@ class RunDir:
 
     def _open_rows(self) -> int:
         """rows.jsonl opened for appending and locked exclusively; RunDirError where it cannot be."""
+        no_links(self.rows_path, self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.rows_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise environment_error(self.rows_path, e) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -269,9 +323,9 @@ class RunDir:
             os.close(fd)
 
     def rows(self) -> list[dict]:
-        """The latest row of each cell, in the order cells first appeared. Lines that are not JSON
-        objects with a cell key (a torn line, foreign text) are skipped and counted in
-        ``skipped_lines``."""
+        """The latest row of each cell, in the order cells first appeared. Lines that are not rows
+        (a torn line, foreign text, a JSON object without a cell key or with a value that is not a
+        number, text, true/false or null) are skipped and counted in ``skipped_lines``."""
         self.skipped_lines = 0
         if not self.rows_path.exists():
             return []
@@ -289,7 +343,7 @@ class RunDir:
                 row = None
             if not (isinstance(row, dict) and all(k in row for k in KEY) and isinstance(row["model"], str)
                     and isinstance(row["dataset"], str) and type(row["seed"]) is int
-                    and (row["steps"] is None or type(row["steps"]) is int)):
+                    and (row["steps"] is None or type(row["steps"]) is int) and _flat(row)):
                 self.skipped_lines += 1
                 continue
             try:
@@ -300,7 +354,7 @@ class RunDir:
 
     # -- per-cell files -----------------------------------------------------------------------
     def _write_artefact(self, kind: str, name: str, suffix: str, data: bytes) -> str:
-        atomic_write(self.path / kind / f"{name}{suffix}", data)
+        atomic_write(self.path / kind / f"{name}{suffix}", data, root=self.path)
         return sha256(data)
 
     def _read_artefact(self, kind: str, name: str, suffix: str, expected: str | None) -> bytes | None:
@@ -394,27 +448,40 @@ class RunDir:
         """The state dict of checkpoints/<name>.pt, read as data (``load_state``)."""
         return load_state(self.checkpoint_bytes(name, sha), device)
 
-    def save_json(self, kind: str, name: str, obj) -> str:
-        return self._write_artefact(kind, name, ".json", dumps(obj).encode())
+    def save_json(self, kind: str, name: str, obj: dict) -> str:
+        """Writes kind/<name>.json: the dict ``obj`` with a ``checksum`` of its own content (sha256
+        of its canonical JSON), so that a record altered after it was written is not trusted
+        (``load_json``); returns the file's sha256."""
+        return self._write_artefact(kind, name, ".json", dumps({**obj, "checksum": _checksum(obj)}).encode())
 
-    def load_json(self, kind: str, name: str, sha: str | None = None):
-        """The JSON value of kind/<name>.json, or None when missing, unreadable or not matching."""
+    def load_json(self, kind: str, name: str, sha: str | None = None, unchecked_ok: bool = False):
+        """The dict saved as kind/<name>.json (its ``checksum`` removed), or None when it is missing,
+        unreadable, not matching ``sha``, or altered since it was written (its checksum does not
+        match, or it has none: written before records carried one; ``unchecked_ok`` accepts those,
+        for display only)."""
         data = self._read_artefact(kind, name, ".json", sha)
         if data is None:
             return None
         try:
-            return json.loads(data)
+            obj = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
+        if not isinstance(obj, dict):
+            return None
+        if "checksum" not in obj:
+            return obj if unchecked_ok else None
+        checksum = obj.pop("checksum")
+        return obj if checksum == _checksum(obj) else None
 
     def cached_json(self, kind: str, name: str, ident: dict, compute):
         """``compute()``'s result, saved as kind/name.json beside ``ident`` and reused while the
         saved ident matches; processes sharing the run dir take a lock so one computes, the others
         wait and read it."""
         lock = self.path / kind / f"{name}.lock"
+        no_links(lock, self.path)
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(lock, "w")
+            fh = os.fdopen(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
         except OSError as e:
             raise environment_error(lock, e) from None
         with fh:
@@ -437,6 +504,9 @@ class RunDir:
 def open_existing(path: str | os.PathLike) -> RunDir:
     """A run dir to read (report / plot): it must exist and hold rows."""
     rd = RunDir(path)
+    if rd.path.is_file():
+        raise UsageError(f"{rd.path} is a file, not a run dir; give the directory written by 'genbench run' "
+                         f"({rd.path.parent})")
     if not rd.path.is_dir():
         raise UsageError(f"run dir {rd.path} does not exist; give a directory written by 'genbench run'")
     rd.read_manifest()

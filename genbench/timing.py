@@ -43,38 +43,39 @@ class Timing:
     per_block: int = 1
 
 
-def block_time(fn: Callable[[], object], number: int, device: str) -> float:
+def block_time(fn: Callable[[], object], number: int, device: str,
+               clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds for ``number`` back-to-back calls of ``fn``, with a device synchronize before and after."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(number):
         fn()
     synchronize(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def time_call(fn: Callable[[], object], *, device: str = "cpu", min_calls: int = MIN_CALLS,
               min_time: float = MIN_TIME_S, max_calls: int = MAX_CALLS, warmup: int = 1,
-              block_s: float = BLOCK_S) -> Timing:
+              block_s: float = BLOCK_S, clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Runs ``fn`` ``warmup`` times untimed and once more to calibrate, then times it in blocks of
     back-to-back calls with a device synchronize around each block: the calls per block double
     until a block takes ``block_s`` (``timeit``'s autorange: a synchronize per 0.05 ms call would
     time the synchronize), then blocks are timed until there are at least ``min_calls`` of them and
     they took ``min_time`` together (at most ``max_calls`` calls). Calls of ``block_s`` or more are
-    timed one per block."""
+    timed one per block. ``clock`` reads the time (the tests give a fake one)."""
     if min_calls < 1 or max_calls < min_calls or min_time < 0:
         raise ValueError("need 1 <= min_calls <= max_calls and min_time >= 0")
     for _ in range(warmup):
         fn()
-    last = block_time(fn, 1, device)  # untimed: calibrates (a warm-up call may be slow: a CUDA graph's capture)
+    last = block_time(fn, 1, device, clock)  # untimed: calibrates (a warm-up call may be slow: a CUDA graph's capture)
     number = 1
     while last < block_s and number * 2 * min_calls <= max_calls:
         number *= 2  # the calibrating blocks are untimed warm-up too
-        last = block_time(fn, number, device)
+        last = block_time(fn, number, device, clock)
     times: list[float] = []
     total = 0.0
     while (len(times) + 1) * number <= max_calls and (len(times) < min_calls or total < min_time):
-        t = block_time(fn, number, device)
+        t = block_time(fn, number, device, clock)
         times.append(t / number)
         total += t
     if len(times) > 1:

@@ -185,12 +185,14 @@ def plugin_path(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plugins")
     (root / "toyplug.py").write_text(PLUGIN)
     (root / "brokenplug.py").write_text("import no_such_module_xyz\n")
+    (root / "exitplug.py").write_text("raise SystemExit(7)  # a plugin that ends the process as it is imported\n")
     # what a careless plugin author ships: no docstring, a malformed class, a name another
     # distribution also claims (or a built-in's), and a module with an import-time side effect
     (root / "oddplug.py").write_text(ODD)
     dists = {
         "toyplug": "gauss = toyplug:GaussFit\ngauss-paths = toyplug:GaussPaths\nbroken = brokenplug:Thing\n"
-                   "gauss-teacher = toyplug:GaussTeacher\ncd-gauss = toyplug:GaussCD\ncd-needy = toyplug:NeedyCD\n",
+                   "gauss-teacher = toyplug:GaussTeacher\ncd-gauss = toyplug:GaussCD\ncd-needy = toyplug:NeedyCD\n"
+                   "quitter = exitplug:Thing\n",
         "oddplug": "nodoc = oddplug:NoDoc\nmalformed = oddplug:Malformed\ntwin = oddplug:NoDoc\n"
                    "vae = oddplug:NoDoc\nnoisy = oddplug:NoDoc\n",
         "otherplug": "twin = toyplug:GaussFit\n",

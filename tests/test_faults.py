@@ -112,7 +112,7 @@ def test_torn_artefacts_heal_on_the_next_run(gb, tmp_path):
     r = gb("run", *QUICK, "--out", out)
     assert r.returncode == 0, r.stderr
     latest = {x["dataset"]: x for x in rows_of(out)}
-    assert latest["ring8"]["refit_reason"] == "fit record unreadable (torn or foreign)"
+    assert latest["ring8"]["refit_reason"] == "fit record unreadable, torn or altered (its checksum does not match)"
     assert latest["moons"]["refit_reason"] is None  # its checkpoint was whole: reused
     assert not leftovers(out)
 
@@ -133,9 +133,12 @@ def test_a_planted_pickle_runs_no_code_even_with_a_matching_checksum(gb, tmp_pat
     blob = pickle.dumps(Payload())
     (out / "checkpoints" / "gauss__ring8__s0.pt").write_bytes(blob)
     fit = out / "fits" / "gauss__ring8__s0.json"
+    from genbench.store import _checksum
+
     rec = json.loads(fit.read_text())
+    rec.pop("checksum")
     rec["checkpoint_sha256"] = hashlib.sha256(blob).hexdigest()
-    fit.write_text(json.dumps(rec))
+    fit.write_text(json.dumps(rec | {"checksum": _checksum(rec)}))  # the record's own checksum forged too
     (out / "rows.jsonl").write_text("")
     r = gb("run", *QUICK, "--out", out)
     assert r.returncode == 0, r.stderr
@@ -265,3 +268,127 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(gb, tmp_path):
     assert set(keys) == {(d, s) for d in ("ring8", "moons", "grid25") for s in (0, 1)}
     assert all(c == 1 for c in keys.values()), keys
     assert not leftovers(out)
+
+
+def test_a_killed_local_worker_never_hangs_the_run(gb, tmp_path):
+    """A worker process of '--jobs 2' killed mid-fit (SIGKILL): its task runs again in a fresh pool
+    (the run finishes whole); with '--retries 0' its cells become error rows and the rest finish."""
+    marker = tmp_path / "die"
+    plan = ["--models", "gauss", "--datasets", "ring8,moons", "--seeds", "0,1", "--n-samples", "200",
+            "--floor-draws", "2", "--jobs", "2", "--param", "gauss.mode=die", "--param", f"gauss.marker={marker}"]
+    marker.touch()  # the first gauss fit that sees it kills its own worker
+    r = gb("run", *plan, "--out", tmp_path / "a", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists() and {row["status"] for row in rows_of(tmp_path / "a")} == {"done"}
+    assert len(rows_of(tmp_path / "a")) == 4
+
+    marker.touch()
+    r = gb("run", *plan, "--retries", "0", "--out", tmp_path / "b", timeout=300)
+    assert r.returncode == 3, r.stderr
+    rows = rows_of(tmp_path / "b")
+    failed = [row for row in rows if row["status"] != "done"]
+    assert failed and all("a worker process died 1 time(s)" in row["error"] for row in failed), failed
+    assert {(row["dataset"], row["seed"]) for row in rows} == {(d, s) for d in ("ring8", "moons") for s in (0, 1)}
+
+
+def test_an_altered_fit_record_or_floor_is_not_reused(gb, tmp_path):
+    """Records carry a checksum of their own content: one digit changed in a fit record or a
+    floor, and the cell redone, the record is refitted and the floor recomputed, not trusted."""
+    out = tmp_path / "run"
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    truth = {r["dataset"]: r for r in rows_of(out)}
+    fit = out / "fits" / "gauss__ring8__s0.json"
+    fit.write_text(fit.read_text().replace('"final_loss": 0.0', '"final_loss": 7.0'))
+    floor = out / "floors" / "moons__s0.json"
+    w2 = json.loads(floor.read_text())["value"]["w2_floor"]
+    floor.write_text(floor.read_text().replace(json.dumps(w2), json.dumps(w2 / 2)))
+    for p in (out / "samples").iterdir():
+        p.unlink()
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    redone = {r["dataset"]: r for r in rows_of(out)}
+    assert redone["ring8"]["final_loss"] == 0.0 and "fit record" in redone["ring8"]["refit_reason"]
+    assert redone["moons"]["w2_floor"] == truth["moons"]["w2_floor"] == w2
+
+
+def test_a_line_that_is_not_text_is_skipped_by_a_run_with_workers(gb, tmp_path):
+    out = tmp_path / "run"
+    plan = [*QUICK[:-2], "--seeds", "0,1", "--jobs", "2", "--out", out]
+    assert gb("run", *plan).returncode == 0
+    with open(out / "rows.jsonl", "ab") as fh:
+        fh.write(b"\xff\xfe not utf-8 \xc3\x28\n")
+    r = gb("run", *plan)
+    assert r.returncode == 0 and "1 line(s) of rows.jsonl are not rows" in r.stderr, r.stderr
+
+
+def test_broken_records_and_rows_are_skipped_by_report_and_plot(gb, tmp_path):
+    """A fit record whose losses are text, one that is a JSON list, and a row whose device_name
+    is a list: report and plot skip them with a notice and exit 0."""
+    out = tmp_path / "run"
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    (out / "fits" / "gauss__ring8__s0.json").write_text('{"losses": "x", "log_every": "y"}')
+    (out / "fits" / "gauss__moons__s0.json").write_text("[1, 2]")
+    row = rows_of(out)[0] | {"device_name": ["a", "b"], "dataset": "moons"}
+    with open(out / "rows.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    for args in (["report", out], ["plot", out]):
+        r = gb(*args)
+        assert r.returncode == 0 and "skipped 1 line(s) that are not rows" in r.stderr, (args, r.stderr)
+        assert "internal error" not in r.stderr
+
+
+@pytest.mark.parametrize("entry", ["rows.jsonl", "samples", ".lock", "floors"])
+def test_nothing_is_written_through_a_link_out_of_the_run_dir(gb, tmp_path, entry):
+    out, outside = tmp_path / "run", tmp_path / "outside"
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    outside.mkdir()
+    target = outside / ("dir" if entry in ("samples", "floors") else "file")
+    if entry in ("samples", "floors"):
+        (out / entry).rename(target)
+        for p in target.iterdir() if entry == "samples" else []:
+            p.unlink()  # its cells are redone: their samples are written again
+    else:
+        target.write_bytes((out / entry).read_bytes() if (out / entry).exists() else b"precious")
+        (out / entry).unlink()
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    (out / entry).symlink_to(target)
+    for p in (out / "samples").iterdir() if entry != "samples" else []:
+        p.unlink()  # cells to redo: their samples are written again
+    if entry == "floors":
+        (out / "rows.jsonl").unlink()
+    r = gb("run", *QUICK, "--out", out)
+    one_line_error(r, 1, "is a symbolic link", mid_run=True)
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before  # nothing written outside
+
+
+def test_report_out_never_replaces_a_device_and_writes_through_links(gb, tmp_path):
+    out = tmp_path / "run"
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    r = gb("report", out, "--out", "/dev/null")
+    assert r.returncode == 0, r.stderr
+    assert Path("/dev/null").is_char_device()
+    link = tmp_path / "null-link"
+    link.symlink_to("/dev/null")
+    assert gb("report", out, "--out", link).returncode == 0
+    assert link.is_symlink() and Path("/dev/null").is_char_device()
+    target = tmp_path / "report.md"
+    target.write_text("old")
+    (tmp_path / "md-link").symlink_to(target)
+    assert gb("report", out, "--out", tmp_path / "md-link").returncode == 0
+    assert (tmp_path / "md-link").is_symlink() and "gauss" in target.read_text()  # the link's target written
+
+
+def test_a_read_only_samples_dir_is_one_line_exit_1(gb, tmp_path):
+    """The temporary file's cleanup fails in a read-only dir too; the first error is the one named."""
+    out = tmp_path / "run"
+    assert gb("run", *QUICK, "--out", out).returncode == 0
+    for p in (out / "samples").iterdir():
+        p.unlink()
+    os.chmod(out / "samples", 0o555)
+    try:
+        r = gb("run", *QUICK, "--out", out, preexec=_without_dac_override)
+        if r.returncode == 0:
+            pytest.skip("this process cannot give up its file-permission override")
+        one_line_error(r, 1, "cannot write", "samples", mid_run=True)
+        assert all(row["status"] == "done" for row in rows_of(out))  # no error rows
+    finally:
+        os.chmod(out / "samples", 0o755)

@@ -84,3 +84,52 @@ def test_a_plugin_appears_in_the_figures_its_capabilities_fit(cli, tmp_path):
     assert magenta.sum() > 50, magenta.sum()
     listed = cli("list", timeout=120).stdout
     assert "trajectory" in listed and "multistep, trajectory" in listed  # capabilities column
+
+
+def _figures_of(run_dir):
+    from genbench import plots, report, store
+
+    rd = store.RunDir(run_dir)
+    return plots.figures(rd, report.tidy(rd.rows()), notice=lambda m: None)
+
+
+def _panels(fig) -> int:
+    return sum(ax.get_visible() and ax.axison for ax in fig.axes)
+
+
+def test_figures_are_small_multiples_with_every_text_inside(cli, tmp_path):
+    """One dataset and six (model, steps) cells: the samples figure is a grid, not a strip; every
+    figure keeps its titles, labels and legends on the canvas."""
+    import matplotlib.pyplot as plt
+
+    from genbench import plots
+
+    one = tmp_path / "one"
+    assert cli("run", "--models", "gauss,gauss-paths", "--n-samples", "200", "--floor-draws", "2",
+               "--out", str(one)).returncode == 0
+    two = tmp_path / "two"
+    assert cli("run", "--models", "gauss,gauss-paths", "--datasets", "ring8,moons,circles,pinwheel",
+               "--n-samples", "200", "--floor-draws", "2", "--out", str(two)).returncode == 0
+    for run_dir in (one, two):
+        figs = _figures_of(run_dir)
+        assert {"samples.png", "trajectories.png", "frontier.png"} <= set(figs)
+        for name, fig in figs.items():
+            assert plots.text_outside(fig) == [], (run_dir.name, name, plots.text_outside(fig))
+            w, h = fig.get_size_inches()
+            assert 0.4 <= w / h <= 4, (name, w, h)  # never one long row or column
+            plt.close(fig)
+    figs = _figures_of(two)
+    assert _panels(figs["frontier.png"]) == 4 and figs["frontier.png"].get_size_inches()[0] < 13  # 3 columns, 2 rows
+    legend = [t.get_text() for lg in figs["frontier.png"].legends for t in lg.get_texts()]
+    assert any("one point, NFE 1" in t for t in legend), legend  # a single step count is said, not drawn as a line
+
+
+def test_the_text_check_sees_a_clipped_title():
+    import matplotlib.pyplot as plt
+
+    from genbench import plots
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.set_title("a title far too long for a figure two inches wide, running off both of its edges")
+    assert plots.text_outside(fig)
+    plt.close(fig)

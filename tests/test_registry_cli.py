@@ -93,6 +93,7 @@ def test_calibrate_prints_the_seeds_each_metric_needs(cli, tmp_path):
 BAD = [
     (["run", "--models", "nope"], "unknown model 'nope'"),
     (["run", "--models", "broken"], "model 'broken' is broken"),
+    (["run", "--models", "quitter"], "model 'quitter' is broken (SystemExit: 7)"),
     (["run", "--models", "gauss", "--datasets", "ring9"], "unknown dataset 'ring9'"),
     (["run", "--models", "gauss", "--seeds", "0,x"], "expected comma-separated integers"),
     (["run", "--models", "gauss", "--seeds", "-1"], "must be >= 0"),
@@ -138,7 +139,67 @@ BAD = [
     (["run", "--models", "gauss", "--out", "x" * 300], "is 300 bytes long; file systems allow at most 255"),
     (["report", ".", "--out", "afile/x.md"], "afile is a file"),
     (["plot", "does-not-exist"], "does not exist"),
+    (["plot", "afile"], "afile is a file, not a run dir"),
+    # the second hardening round's bad inputs
+    (["run", "--models", "gauss", "--out", ""], "--out '': empty path"),
+    (["report", ".", "--out", " "], "--out '': empty path"),
+    (["run", "--models", "vae", "--param", "vae.batch=99999999999999999999"], "must be at most 2147483647"),
+    (["run", "--models", "vae", "--param", "vae.hidden=1000000000000"], "VAEConfig.hidden = 1000000000000: must be at most"),
+    (["run", "--models", "vae", "--param", "vae.train_steps=99999999999999999999999"], "must be at most 2147483647"),
+    (["run", "--models", "gauss", "--steps", ""], "--steps: empty list"),
+    (["run", "--models", "gauss", "--metrics", ""], "--metrics '': empty"),
+    (["run", "--models", "gauss", "--metrics", "w2,w2"], "w2 given twice"),
+    (["calibrate", "--defects", ""], "--defects '': empty"),
+    (["calibrate", "--n-samples", "1000000000000"], "scoring needs about"),
+    (["run", "--models", "gauss", "--score-jobs", "100000"], "--score-jobs 100000: this process may use"),
+    (["run", "--models", "gauss", "--jobs", "1", "--score-jobs", "64"], "--score-jobs 64: this process may use"),
+    (["run", "--models", "gauss", "--datasets", "ring8,ring8"], "ring8 given twice"),
+    (["run", "--models", "gauss,gauss"], "gauss given twice"),
+    (["run", "--models", "gauss", "--seeds", "0,0"], "0 given twice"),
+    (["run", "--models", "diffusion", "--steps", "diffusion=1,diffusion=2"], "diffusion given twice"),
+    (["run", "--models", "gauss", "--seeds", "\uff11"], "digits 0-9"),
+    (["run", "--models", "gauss", "--seeds", "1_0"], "digits 0-9"),
+    (["run", "--models", "gauss", "--task-gpus", "0.5"], "--task-gpus 0.5: only --executor ray"),
 ]
+
+#: mistakes the command-line parser itself finds: one line through genbench's entry point too
+PARSER = [
+    (["run", "--n-samples", "1e3"], "Invalid value for '--n-samples'"),
+    (["run", "--threads", "abc"], "Invalid value for '--threads'"),
+    (["run", "--no-such-option"], "No such option: --no-such-option"),
+    (["report"], "Missing argument"),
+    (["run", "--datasets", "ring8", "moons"], "lists are comma-separated"),
+]
+
+
+@pytest.mark.parametrize("args,message", PARSER, ids=[" ".join(a) for a, _ in PARSER])
+def test_parser_mistakes_are_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    from genbench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["genbench", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_genbench_alone_prints_its_help_and_exits_0(monkeypatch, capsys):
+    from genbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["genbench"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0 and "Commands" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("0", False), ("", False), ("no", False)])
+def test_genbench_debug_is_on_only_when_it_says_so(monkeypatch, value, on):
+    from genbench.api import debug_enabled
+
+    monkeypatch.setenv("GENBENCH_DEBUG", value)
+    assert debug_enabled() is on
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -202,6 +263,7 @@ def test_list_names_every_plugin_problem_and_exits_0(cli):
     r = cli("list")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     out = r.stdout
+    assert "quitter" in out and "SystemExit: 7" in out  # a plugin that exits on import is only broken
     assert "nodoc" in out and "(no docstring)" in out
     assert "is multistep but does not define default_steps()" in out
     assert "name clash: 'twin' is claimed by oddplug (oddplug:NoDoc) and otherplug (toyplug:GaussFit)" in out

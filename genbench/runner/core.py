@@ -73,7 +73,6 @@ class Session:
             if r.side_by_side:
                 self.fits.fit_side_by_side(mine, done)
             for unit in mine:
-                self.progress.advance(len(r.steps[unit.model]) - len(todo[unit]))
                 if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
                     self.run_unit(unit, r.model(unit.model), todo[unit])
         self.scorer.drain(block=True)
@@ -148,7 +147,7 @@ class Run:
             keys = set(self.r.cells(self.r.units()))
             done = self.ledger.done_cells()
             self.ledger.note_done(keys, done)
-            s.progress.start(len(keys))
+            s.progress.start(len(keys - done))  # the cells to run now
             self._execute(keys, done)
             return self.ledger.rows(keys)
         finally:
@@ -169,14 +168,12 @@ class Run:
             if r.side_by_side:  # groups fitted side by side here; the workers reuse their checkpoints
                 s.fits.fit_side_by_side(r.units(), done)
             chains = r.chains()
-            s.progress.update(f"{len(chains)} fit chains in {self.plan.jobs} processes")
-            s.progress.advance(len(done & keys))
+            s.progress.update(f"fitting and scoring in {self.plan.jobs} processes")
             fn, tasks, tick = functools.partial(run_chain, self.plan), [Task(c, "") for c in chains], self._row_counter()
         else:  # tasks in scratch run dirs of their own, their bundles absorbed here
             units = r.tasks(done, ex.spread(r.device))
             tasks = [Task(u, task_id(self.plan, u), self.ledger.task_inputs(u),
                           sorted((c for c in done if c[:3] in set(u)), key=str)) for u in units]
-            s.progress.advance(len(done & keys))
             s.progress.update(f"{len(tasks)} task(s) on {self.plan.executor}")
             fn = functools.partial(run_task, self.plan, r.device, ex.task_score_jobs(r.device))
         if tasks:
@@ -185,7 +182,7 @@ class Run:
     def _row_counter(self):
         """A tick that advances the progress bar by the rows the workers appended since it was made."""
         path = self.store.rows_path
-        lines = lambda: path.read_text().count("\n") if path.exists() else 0  # noqa: E731
+        lines = lambda: path.read_bytes().count(b"\n") if path.exists() else 0  # noqa: E731 - bytes: a line may not be text
         start, seen = lines(), [0]
 
         def tick():
@@ -217,7 +214,7 @@ def run_task(plan: Plan, device: str, score_jobs: int, task: Task, scratch: str 
     try:
         run_dir = root / "run"
         for rel, data in task.inputs.items():
-            atomic_write(run_dir / rel, data)
+            atomic_write(run_dir / rel, data, root=run_dir)
         before = RunDir(run_dir).artefact_shas()
         sub = dataclasses.replace(plan, out=str(run_dir), device=device, jobs=1, score_jobs=score_jobs,
                                   executor="local", address=None, slurm={})

@@ -18,12 +18,13 @@ import contextlib
 import json
 import shutil
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..api import UsageError
 from ..store import RunDir, atomic_write
-from .processes import worker_pool
+from .processes import BrokenProcessPool, Pool
 
 EXECUTORS = ("local", "ray", "slurm")
 
@@ -58,6 +59,9 @@ def make_executor(plan) -> "Executor":
         raise UsageError(f"--slurm: only --executor slurm submits jobs (this run's executor: {plan.executor})")
     if plan.retries < 0:
         raise UsageError(f"--retries {plan.retries}: must be >= 0")
+    if plan.task_gpus != 1.0 and plan.executor != "ray":
+        raise UsageError(f"--task-gpus {plan.task_gpus}: only --executor ray shares GPUs between tasks (this run's "
+                         f"executor: {plan.executor})")
     return {"local": LocalExecutor, "ray": RayExecutor, "slurm": SlurmExecutor}[plan.executor](plan)
 
 
@@ -86,7 +90,10 @@ class Executor:
 class LocalExecutor(Executor):
     """This process (``jobs`` 1: ``fn`` may then be any callable), or ``jobs`` worker processes
     (``fn`` picklable). A task's error is raised here: a local task records its cells' failures
-    itself, so what escapes it stops the run. Any interruption terminates the workers at once."""
+    itself, so what escapes it stops the run. A worker that dies (killed, out of memory) breaks
+    the pool: every task it had not finished runs again in a fresh pool, up to ``retries`` times,
+    then fails (``on_failure``); the run never waits on a dead worker. Any interruption terminates
+    the workers at once."""
 
     in_place = True
 
@@ -95,14 +102,37 @@ class LocalExecutor(Executor):
             for task in tasks:
                 on_bundle(task, fn(task, None))
             return
-        with worker_pool(self.jobs) as pool:
-            pending = [(task, pool.apply_async(fn, (task, None))) for task in tasks]
+        pool = Pool(self.jobs)
+        try:
+            pending = {pool.submit(fn, task, None): (task, 1) for task in tasks}
             while pending:
-                time.sleep(0.5)
-                for task, result in [p for p in pending if p[1].ready()]:
-                    on_bundle(task, result.get())  # re-raises what failed in a worker
-                    pending.remove((task, result))
+                finished, _ = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_COMPLETED)
+                broken = []
+                for future in finished:
+                    task, attempts = pending.pop(future)
+                    try:
+                        bundle = future.result()  # re-raises what failed in a worker
+                    except BrokenProcessPool:
+                        broken.append((task, attempts))
+                    else:
+                        on_bundle(task, bundle)
+                if broken:  # the pool is broken: every task it still held fails at once
+                    futures.wait(pending)
+                    broken += [pending[f] for f in pending]
+                    pending = {}
+                    pool = pool.renew()
+                    for task, attempts in broken:
+                        if attempts <= self.retries:
+                            pending[pool.submit(fn, task, None)] = (task, attempts + 1)
+                        else:
+                            on_failure(task, RuntimeError(f"a worker process died {attempts} time(s) running this "
+                                                          "task (killed by a signal or out of memory)"))
                 tick()
+        except BaseException:
+            pool.terminate()
+            raise
+        else:
+            pool.close()
 
 
 class RayExecutor(Executor):

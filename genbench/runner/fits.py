@@ -32,7 +32,7 @@ class FitStore:
         if isinstance(record, dict) and "checkpoint_sha256" in record:
             return None, "the model saves no checkpoint"
         if self.store.has("fits", name):
-            return None, "fit record unreadable (torn or foreign)"
+            return None, "fit record unreadable, torn or altered (its checksum does not match)"
         return None, None
 
     def save(self, unit: Unit, model: Generator, info, extras: dict, refit: str | None) -> dict:

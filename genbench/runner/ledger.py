@@ -3,7 +3,6 @@ it has done, every row written (whole, with its identity and provenance), and a 
 absorbed (its files, then its rows). The one writer of rows."""
 from __future__ import annotations
 
-import os
 import platform
 import time
 import traceback
@@ -11,7 +10,7 @@ import uuid
 
 from .. import __version__
 from .. import datasets as ds_mod
-from ..api import Diverged, UsageError
+from ..api import Diverged, UsageError, debug_enabled
 from ..store import RunDir, atomic_write, cell_name, row_key
 from .plan import Cell, Resolved, device_name, git_sha, json_norm
 
@@ -154,7 +153,7 @@ class Ledger:
             status = "diverged" if isinstance(error, Diverged) else "error"
             msg = f"{type(error).__name__}: {error}".splitlines()[0][:500]
             row |= {"status": status, "error": msg}
-            if os.environ.get("GENBENCH_DEBUG"):
+            if debug_enabled():
                 traceback.print_exception(error)
         self.store.append_row(row)
         if self.progress is not None:
@@ -197,7 +196,7 @@ class Ledger:
             self.fail_cells(units, ValueError(f"a task handed back {e}"))
             return
         for path, data in files:
-            atomic_write(path, data)
+            atomic_write(path, data, root=self.store.path)
         for row in bundle.get("rows", []):
             if isinstance(row, dict) and row_key(row) in mine:
                 self.store.append_row(row)

@@ -239,10 +239,13 @@ def check(plan: Plan) -> Resolved:
     device = resolve_device(plan.device, here=executor.local_device)
     if plan.score_jobs is not None and plan.score_jobs < 0:
         raise UsageError(f"--score-jobs {plan.score_jobs}: must be >= 0 (0: score in the fit process)")
+    if plan.score_jobs is not None and plan.score_jobs > cpu_cores():
+        raise UsageError(f"--score-jobs {plan.score_jobs}: this process may use {cpu_cores()} CPU core(s); give "
+                         f"0..{cpu_cores()} (more scoring processes than cores only slow each other)")
     r = Resolved(plan, device, entries, configs, steps, executor)
     jobs = min(plan.jobs or auto_jobs(r), len(r.chains()))
     score_jobs = plan.score_jobs if plan.score_jobs is not None else auto_score_jobs(device, jobs)
-    _check_memory(plan.metrics, plan.n_samples, jobs + score_jobs)
+    check_memory(plan.metrics, plan.n_samples, jobs + score_jobs)
     out = plan.out.replace("{budget}", plan.budget).replace("{device}", device)
     executor.jobs = jobs  # the local executor's processes: known only now
     return dataclasses.replace(r, plan=dataclasses.replace(plan, jobs=jobs, score_jobs=score_jobs, out=out))
@@ -292,8 +295,9 @@ def _check_steps(plan: Plan, entries) -> dict[str, tuple]:
     return out
 
 
-def _check_memory(metrics, n_samples: int, procs: int) -> None:
-    """Refuses an --n-samples whose scoring would not fit in this machine's memory."""
+def check_memory(metrics, n_samples: int, procs: int) -> None:
+    """Refuses an --n-samples whose scoring, in ``procs`` processes at once, would not fit in this
+    machine's memory (naming the largest n that does)."""
     need = scoring.memory_bytes(list(metrics), n_samples)
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -12,14 +12,14 @@ from .. import scoring
 from ..api import RunDirError
 from ..store import RunDir, cell_name, floor_name
 from .plan import Resolved, Unit, make_model
-from .processes import single_thread_worker_init, worker_pool
+from .processes import BrokenProcessPool, Pool, single_thread_worker_init
 
 
 class Scorer:
     def __init__(self, store: RunDir, r: Resolved, write):
         self.store, self.r, self.plan, self.write = store, r, r.plan, write
         self.pool = None  # the scoring processes, while open
-        self.pending: list[tuple] = []  # (row, its scores to come, the rest of it to come) of cells being scored
+        self.pending: list[tuple] = []  # cells being scored: (row, its scores to come, the rest of it, a resubmit or None)
         self._floors: dict[tuple, object] = {}  # (dataset, seed) -> a function giving its floors
 
     @contextlib.contextmanager
@@ -31,43 +31,66 @@ class Scorer:
             yield
             return
         progress.update(f"starting {self.plan.score_jobs} scoring processes")
-        with worker_pool(self.plan.score_jobs, initializer=single_thread_worker_init) as pool:
-            self.pool = pool
-            try:
-                yield
-            finally:
-                self.pool = None
+        self.pool = Pool(self.plan.score_jobs, initializer=single_thread_worker_init)
+        try:
+            yield
+        except BaseException:
+            self.pool.terminate()
+            raise
+        else:
+            self.pool.close()
+        finally:
+            self.pool = None
+
+    def _submit(self, fn, *args):
+        """``fn(*args)`` in a scoring process; a pool broken by a dead worker is replaced first."""
+        try:
+            return self.pool.submit(fn, *args)
+        except BrokenProcessPool:
+            self.pool = self.pool.renew()
+            return self.pool.submit(fn, *args)
 
     def _score_async(self, x, ref, ds_name: str, seed: int):
-        return self.pool.apply_async(score_task, (x, ref, ds_name, list(self.plan.metrics), seed))
+        return self._submit(score_task, x, ref, ds_name, list(self.plan.metrics), seed)
 
     def submit(self, row: dict, x, ref, ds, seed: int, late) -> None:
         """Scores a cell's samples ``x`` into ``row`` and writes it with ``late()`` (its floors and
         evaluation) added: now, or when the scoring processes have scored it."""
         if self.pool is not None:
-            self.pending.append((row, self._score_async(x, ref, ds.name, seed), late))
+            again = lambda: self._score_async(x, ref, ds.name, seed)  # noqa: E731 - once more, if a worker dies
+            self.pending.append((row, again(), late, again))
             self.drain()
             return
         values, errors = scoring.score(x, ref, ds, list(self.plan.metrics), seed=seed, device=self.r.metric_device)
         self.write(row | values | {"metric_errors": errors or None} | late(), None)
 
     def drain(self, block: bool = False) -> None:
-        """Writes the rows whose scores have arrived (all of them with ``block``)."""
-        waiting = []
-        for row, result, late in self.pending:
-            if not (block or result.ready()):
-                waiting.append((row, result, late))
-                continue
-            try:
-                values, errors = result.get()
-                row |= values | {"metric_errors": errors or None} | late()
-            except RunDirError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a scoring failure is the cell's error
-                self.write(row, e)
-            else:
-                self.write(row, None)
-        self.pending = waiting
+        """Writes the rows whose scores have arrived (all of them with ``block``). A cell whose
+        scoring process died is scored once more (in a fresh pool); a second death is its error."""
+        while True:
+            waiting = []
+            for row, result, late, again in self.pending:
+                if not (block or result.done()):
+                    waiting.append((row, result, late, again))
+                    continue
+                try:
+                    try:
+                        values, errors = result.result()
+                    except BrokenProcessPool:
+                        if again is None:
+                            raise
+                        waiting.append((row, again(), late, None))
+                        continue
+                    row |= values | {"metric_errors": errors or None} | late()
+                except RunDirError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a scoring failure is the cell's error
+                    self.write(row, e)
+                else:
+                    self.write(row, None)
+            self.pending = waiting
+            if not (block and waiting):
+                return
 
     def evaluate(self, unit: Unit, model, record: dict, test):
         """``model.evaluate(test)`` (held-out likelihood and the like), as a function that gives its
@@ -78,8 +101,7 @@ class Scorer:
             here = model.evaluate(test) if "evaluation" in model.capabilities() else {}
             return lambda: here
         state = self.store.checkpoint_bytes(cell_name(*unit), sha)  # the bytes saved
-        return functools.cache(self.pool.apply_async(evaluate_task, (self.r.entry(unit.model), self.plan, state,
-                                                                     test)).get)
+        return functools.cache(self._submit(evaluate_task, self.r.entry(unit.model), self.plan, state, test).result)
 
     def floors_for(self, ds, seed: int, ref):
         """Every metric's noise floor for (dataset, seed): ``floor_draws`` independent true samples
@@ -107,7 +129,7 @@ class Scorer:
 
         @functools.cache
         def floors() -> dict:
-            value = scoring.floor_summary([r.get()[0] for r in results])
+            value = scoring.floor_summary([r.result()[0] for r in results])
             return self.store.cached_json("floors", name, ident, lambda: value)
 
         self._floors[key] = floors
