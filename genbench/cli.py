@@ -147,8 +147,13 @@ def run(
         from .runner import Plan, Run
         from .scoring import parse_metrics
 
-        model_names = _list(models, "--models") if models is not None else [
-            n for n, e in registry.discover().items() if e.cls is not None]
+        plugins = []
+        if models is not None:
+            model_names = _list(models, "--models")
+        else:  # every registered model; installed plugins join, and the run says so
+            found = {n: e for n, e in registry.discover().items() if e.cls is not None}
+            model_names = list(found)
+            plugins = [f"{n} ({e.dist})" for n, e in found.items() if e.source == "plugin"]
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
@@ -156,6 +161,9 @@ def run(
                     out=str(out) if out else _default("out"), executor=executor, address=address,
                     retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
         runner = Run(plan)  # validates everything before anything is trained or written
+        if plugins:
+            err.print(f"note: no --models given: every registered model runs, plugins included: "
+                      f"{', '.join(plugins)}; choose with --models", highlight=False, markup=False, soft_wrap=True)
         rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))

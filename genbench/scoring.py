@@ -85,8 +85,11 @@ def parse_metrics(spec: str | None) -> list[str]:
     if spec is not None and not spec.strip():
         raise UsageError("--metrics '': empty; give default, all, or comma-separated metric names")
     names: list[str] = []
-    for item in (spec or "default").split(","):
-        item = item.strip()
+    items = [i.strip() for i in (spec or "default").split(",")]
+    twice = next((i for i in items if items.count(i) > 1), None)
+    if twice is not None:
+        raise UsageError(f"--metrics {spec!r}: {twice} given twice")
+    for item in items:
         if item == "default":
             names += DEFAULT_METRICS
         elif item == "all":
@@ -95,8 +98,6 @@ def parse_metrics(spec: str | None) -> list[str]:
             names.append(item)
         else:
             raise UsageError(f"--metrics: unknown metric {item!r}; valid: default, all, {', '.join(METRICS)}")
-        if item in METRICS and names.count(item) > 1:
-            raise UsageError(f"--metrics {spec!r}: {item} given twice")
     return list(dict.fromkeys(names))
 
 

@@ -160,6 +160,8 @@ BAD = [
     (["run", "--models", "gauss", "--seeds", "\uff11"], "digits 0-9"),
     (["run", "--models", "gauss", "--seeds", "1_0"], "digits 0-9"),
     (["run", "--models", "gauss", "--task-gpus", "0.5"], "--task-gpus 0.5: only --executor ray"),
+    (["run", "--metrics", "default,default"], "default given twice"),  # no --models: plugins join, the error alone
+    (["run", "--seeds", "0,0"], "0 given twice"),
 ]
 
 #: mistakes the command-line parser itself finds: one line through genbench's entry point too
@@ -337,3 +339,17 @@ def test_a_grid_fitted_side_by_side_matches_the_one_by_one_grid(cli, tmp_path):
         assert b["w2"] == pytest.approx(a["w2"], abs=1e-3) and b["hq_frac"] == pytest.approx(a["hq_frac"], abs=0.01)
     r = cli("report", tmp_path / "side-by-side", "--compare", tmp_path / "one-by-one")
     assert r.returncode == 0 and r.stdout.count("| ok") == 6 and "REGRESSION" not in r.stdout, r.stdout
+
+
+def test_a_plain_run_says_that_installed_plugins_join(cli, tmp_path, monkeypatch):
+    """Without --models every registered model runs; where that takes in a plugin, the run says so
+    (here the registry holds the test plugin's gauss alone)."""
+    from genbench import registry
+
+    full = registry.discover
+    monkeypatch.setattr(registry, "discover", lambda load=True: {"gauss": full()["gauss"]})
+    r = cli("run", "--n-samples", "100", "--floor-draws", "2", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "note: no --models given: every registered model runs, plugins included: gauss (toyplug)" in r.stderr
+    r = cli("run", "--models", "gauss", "--n-samples", "100", "--floor-draws", "2", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0 and "plugins included" not in r.stderr
