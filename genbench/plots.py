@@ -95,7 +95,7 @@ def samples_grid(rd: RunDir, df: pd.DataFrame):
     dsets = list(dict.fromkeys(ok["dataset"]))
     rows = list(dict.fromkeys(zip(ok["model"], ok["steps"])))
     if len(dsets) == 1:
-        fig, flat = _grid(len(rows), max_cols=4, w=2.9, h=3.0)
+        fig, flat = _grid(len(rows), max_cols=4, w=2.9, h=3.3)
         places = {(i, 0): ax for i, ax in enumerate(flat)}
     else:
         fig, axes = plt.subplots(len(rows), len(dsets), figsize=(2.8 * len(dsets), 2.7 * len(rows)), squeeze=False)
