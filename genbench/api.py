@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 BUDGETS = ("quick", "default", "full")
+#: the budget that trains to convergence: a model with the ``stopping`` capability fits up to its
+#: preset's cap and stops on its validation curve; a model without it, or without such a preset,
+#: trains its ``full`` budget (a fixed one, and its rows say so)
+CONVERGED = "converged"
 #: the largest whole number a config field may hold: the largest size torch indexes (2^31 - 1)
 MAX_INT = 2**31 - 1
 
@@ -47,6 +51,31 @@ class FitInfo:
 class Diverged(RuntimeError):
     """Training produced a non-finite loss (or sampling non-finite samples): the runner records the
     cell as ``diverged`` rather than ``error``."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A monitor's answer to one evaluation during training: ``best``, the weights just evaluated
+    are the best so far (keep them); ``stop``, end the fit."""
+
+    best: bool
+    stop: bool
+
+
+class Monitor:
+    """Evaluation during training, given by the runner to ``fit(..., monitor=)`` (and to
+    ``fit_side_by_side(..., monitors=)``, one per member) of a model with the ``stopping``
+    capability. At the end of each logged window the model asks ``due(step)``; where it is due it
+    calls ``evaluate(step, sample)``, ``sample(n, seed)`` drawing n points in data units from its
+    current weights (those sampling uses: EMA where the family keeps one), and acts on the
+    ``Verdict``: keeps a copy of the weights when best, ends the fit when told to stop. When the fit
+    ends it restores the last best weights. The monitor records the curve and the stop reason."""
+
+    def due(self, step: int) -> bool:
+        raise NotImplementedError
+
+    def evaluate(self, step: int, sample) -> Verdict:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -92,14 +121,18 @@ class Generator:
     no_likelihood: ClassVar[str | None] = None
     #: the model's colour in every figure (any matplotlib colour); None: one picked from its name
     colour: ClassVar[str | None] = None
+    #: True where ``fit`` takes ``monitor=`` (evaluation during training, stopping, the best weights
+    #: kept: the ``stopping`` capability, which the ``converged`` budget needs)
+    monitored: ClassVar[bool] = False
 
     def __init__(self, budget: str = "default", params: dict[str, str] | None = None, config: Any = None):
         """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
         from ``--param``, parsed to each field's type), are applied to the defaults."""
-        if budget not in self.budgets:
-            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join(self.budgets)}")
+        if budget not in self.budgets and budget != CONVERGED:
+            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join([*self.budgets, CONVERGED])}")
+        preset = self.budgets.get(budget, self.budgets.get("full", {}))
         if config is None:
-            config = apply_params(dataclasses.replace(self.Config(), **self.budgets[budget]), params or {})
+            config = apply_params(dataclasses.replace(self.Config(), **preset), params or {})
         self.config = config
         self.budget = budget
 
@@ -173,7 +206,8 @@ class Generator:
             ("multistep", cls.multistep), ("trajectory", has("trajectory_sample")),
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
             ("evaluation", has("evaluate")), ("likelihood", cls.no_likelihood is None and has("evaluate")),
-            ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side"))) if ok]
+            ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side")),
+            ("stopping", cls.monitored)) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------

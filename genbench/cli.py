@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .api import BUDGETS, RunDirError, UsageError
+from .api import BUDGETS, CONVERGED, RunDirError, UsageError
 from .runner.plan import default as _default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -123,7 +123,7 @@ def run(
     datasets: str = typer.Option(",".join(_default("datasets")), help="Comma-separated datasets (see 'genbench list')."),
     seeds: str = typer.Option(",".join(map(str, _default("seeds"))), help="Comma-separated integer seeds; each seeds data, weights and sampling."),
     steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
-    budget: str = typer.Option(_default("budget"), help=f"Training budget preset: {', '.join(BUDGETS)}."),
+    budget: str = typer.Option(_default("budget"), help=f"Training budget preset: {', '.join(BUDGETS)}, or {CONVERGED} (each fit stops on its validation curve, up to a cap, and keeps its best weights)."),
     n_samples: int = typer.Option(_default("n_samples"), help="Samples generated, scored and timed per cell (>= 2)."),
     metrics: str = typer.Option("default", help="Metric set: default (w2, energy, prdc, c2st, support, modes), all, or a comma-separated list (default,sinkhorn adds one)."),
     floor_draws: int = typer.Option(_default("floor_draws"), help="Independent true samples scored for each metric's noise floor (>= 2)."),
@@ -462,12 +462,12 @@ def list_cmd():
         t.add_row(alias, "alias", ", ".join(names), "", "")
     console.print(t)
     b = Table(title="budgets: the config fields the presets set")
-    for c in ("model", *BUDGETS):
+    for c in ("model", *BUDGETS, f"{CONVERGED} (cap)"):
         b.add_column(c, overflow="fold")
     for name, e in found.items():
         if e.cls is not None:
-            fields = list(dict.fromkeys(k for x in BUDGETS for k in e.cls.budgets.get(x, {})))
-            configs = [e.cls(budget=x).config for x in BUDGETS]
+            fields = list(dict.fromkeys(k for x in (*BUDGETS, CONVERGED) for k in e.cls.budgets.get(x, {})))
+            configs = [e.cls(budget=x).config for x in (*BUDGETS, CONVERGED)]
             b.add_row(escape(name), *(escape(", ".join(f"{k}={getattr(c, k)}" for k in fields) or "–") for c in configs))
     console.print(b)
     d = Table(title="datasets")

@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -55,7 +55,7 @@ def _finish(fig, title: str | None = None, legend: list | None = None):
     if legend:
         handles, labels = legend
         ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.2)))
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, markerscale=3)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, markerscale=1.5)
         bottom = (0.12 + 0.17 * -(-len(labels) // ncol)) / fig.get_figheight()
     fig.tight_layout(rect=(0, bottom, 1, top))
     return fig
@@ -282,12 +282,64 @@ def losses(rd: RunDir, df: pd.DataFrame):
     return _finish(fig, "Training loss, seed of the first row (line style: dataset)", legend=(handles, dsets))
 
 
+def learning_curves(rd: RunDir, df: pd.DataFrame):
+    """Per dataset, the validation metric of each model's fits against training steps and against
+    training seconds (the converged budget's evaluations): the median over seeds, the min-max band,
+    the data's floor band, and the kept evaluation of each seed marked."""
+    curves = []  # (model, dataset, seed, record)
+    for (m, d, seed), _ in df.groupby(["model", "dataset", "seed"], sort=False):
+        rec = rd.load_json("fits", cell_name(m, d, int(seed)), unchecked_ok=True)
+        points = rec.get("eval_curve") if rec else None
+        if isinstance(points, list) and points and all(isinstance(p, dict) and isinstance(p.get("step"), int)
+                                                       for p in points):
+            curves.append((m, d, rec))
+    if not curves:
+        return "no evaluation curves (a run at --budget converged records them)"
+    dsets = list(dict.fromkeys(d for _, d, _ in curves))
+    fig, axes = plt.subplots(len(dsets), 2, figsize=(9.0, 3.0 * len(dsets)), squeeze=False)
+    entries: dict[str, object] = {}
+    for row, d in zip(axes, dsets):
+        mine = [(m, rec) for m, dd, rec in curves if dd == d]
+        floor = np.mean([rec.get("eval_floor") or np.nan for _, rec in mine])
+        fstd = np.mean([rec.get("eval_floor_std") or np.nan for _, rec in mine])
+        for ax, x_key in zip(row, ("step", "train_s")):
+            if np.isfinite(floor):
+                band = ax.axhspan(max(floor - fstd, 1e-12), floor + 3 * fstd, color="0.88")
+                entries.setdefault("the data's floor band (floor + 3 std)", band)
+            for m in dict.fromkeys(m for m, _ in mine):
+                table = pd.DataFrame([{**p, "seed": i} for i, (mm, rec) in enumerate(mine) if mm == m
+                                      for p in rec["eval_curve"] if isinstance(p.get("energy"), (int, float))])
+                if table.empty:
+                    continue
+                g = table.groupby("step").agg(x=(x_key, "median"), med=("energy", "median"), lo=("energy", "min"),
+                                              hi=("energy", "max")).reset_index()
+                line, = ax.plot(g["x"], g["med"], c=colour(df, m), lw=1.2)
+                ax.fill_between(g["x"], g["lo"], g["hi"], color=colour(df, m), alpha=0.15, lw=0)
+                entries.setdefault(m, line)
+                kept = [(p[x_key], p["energy"]) for mm, rec in mine if mm == m for p in rec["eval_curve"]
+                        if p["step"] == rec.get("kept_step") and isinstance(p.get("energy"), (int, float))]
+                if kept:
+                    mark = ax.scatter(*zip(*kept), marker="*", s=60, c=colour(df, m), edgecolors="k", lw=0.5, zorder=3)
+                    entries.setdefault("the evaluation kept (each seed)", mark)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_xlabel("training step" if x_key == "step" else "training seconds (evaluation excluded)")
+            ax.set_ylabel("validation energy distance", fontsize=8)
+            ax.set_title(d, fontsize=9)
+    return _finish(fig, "Learning curves on the validation sample: median over seeds, min-max band",
+                   legend=(list(entries.values()), list(entries)))
+
+
 FIGURES: dict[str, tuple[str, Callable]] = {
     "samples.png": ("Samples", samples_grid),
     "trajectories.png": ("Sampling trajectories", trajectories),
     "one_step_map.png": ("One-step map", one_step_maps),
     "frontier.png": ("NFE vs W2 frontier", frontier),
     "losses.png": ("Training loss", losses),
+    "learning_curves.png": ("Learning curves", learning_curves),
 }
 
 

@@ -234,7 +234,35 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
     else:
         parts += _device_sections(df, "##")
     parts += [NOTES, "", metric_notes(df), ""]
+    stopping = convergence_table(df)
+    if stopping is not None:
+        parts += ["## Training to convergence", "",
+                  "Each fit evaluated its samples on a validation sample (energy distance) at log-spaced steps, "
+                  "stopped when that had not improved by more than its noise floor's spread for a patience "
+                  "window, and kept the best weights. 'reached the data': seeds whose validation metric entered "
+                  "the data's floor band (floor + 3 std), and the median steps and training seconds to first do so.",
+                  "", stopping.to_markdown(index=False), ""]
     return "\n".join(parts)
+
+
+def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Per model and dataset: how its fits stopped, the step kept, and whether and how fast they
+    reached the data's floor band on the validation metric (None where no row records a stop)."""
+    if "stop_reason" not in df or df["stop_reason"].isna().all():
+        return None
+    recs = []
+    for (model, dataset), g in df.drop_duplicates(["model", "dataset", "seed"]).groupby(["model", "dataset"],
+                                                                                        sort=False):
+        reasons = g["stop_reason"].dropna().astype(str).str.replace(r" at step \d+", "", regex=True)
+        reached = g["target_step"].dropna() if "target_step" in g else pd.Series(dtype=float)
+        recs.append({"model": model, "dataset": dataset,
+                     "stopped": ", ".join(f"{n} {r}" for r, n in reasons.value_counts().items()),
+                     "steps trained": _fmt(_numbers(g["train_steps"]).mean() if len(_numbers(g["train_steps"])) else None),
+                     "step kept": _fmt(_numbers(g.get("kept_step", [])).mean() if len(_numbers(g.get("kept_step", []))) else None),
+                     "reached the data": f"{len(reached)}/{len(g)}",
+                     "steps to reach": _fmt(reached.median()) if len(reached) else "never",
+                     "seconds to reach": _fmt(_numbers(g["target_s"]).mean()) if len(reached) else "–"})
+    return pd.DataFrame(recs)
 
 
 def budget_note(df: pd.DataFrame) -> str:

@@ -247,7 +247,8 @@ class ConsistencyDistillation(_Consistency):
     colour = "#d62728"
     teacher = "diffusion"
     teacher_needs = ("pf-ode denoiser",)
-    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000}}
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000},
+               "converged": {"train_steps": 30000}}
 
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
         """Checks the teacher, builds the student (from the teacher's network where it starts from
@@ -322,7 +323,8 @@ class ConsistencyTraining(_Consistency):
     name = "cm-ct"
     colour = "#ff7f0e"
     Config = CTConfig
-    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000}}
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000},
+               "converged": {"train_steps": 60000}}
 
     def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
         """The network and its EMA built from the seed, the data standardised to sigma_data."""

@@ -164,7 +164,8 @@ class Diffusion(TorchGenerator):
     name = "diffusion"
     colour = "#1f77b4"
     Config = DiffusionConfig
-    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000}}
+    budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000},
+               "converged": {"train_steps": 40000}}  # converged: the cap; the validation curve stops it
     multistep = True
 
     def _build(self, device: str):

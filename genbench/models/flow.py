@@ -101,7 +101,8 @@ class RealNVP(TorchGenerator):
     name = "flow"
     colour = "#9467bd"
     Config = FlowConfig
-    budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8}}
+    budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8},
+               "converged": {"train_steps": 50000, "layers": 8}}
 
     def _build(self, device: str):
         c = self.config

@@ -101,6 +101,8 @@ class TorchGenerator(Generator):
 
     #: config fields in which the members of one side-by-side fit may differ (none yet)
     member_fields: tuple[str, ...] = ()
+    #: fit takes monitor= (evaluation during training, stopping, the best weights kept)
+    monitored = True
 
     # -- the hooks ------------------------------------------------------------------------------
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
@@ -128,8 +130,22 @@ class TorchGenerator(Generator):
                     clip=getattr(c, "clip", 1.0), warmup=getattr(c, "warmup", 200),
                     log_every=getattr(c, "log_every", 50), phase=self.phase)
 
-    def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: Generator | None = None) -> FitInfo:
+    def sample_now(self, n: int, seed: int):
+        """``sample(n, seed=)`` from the weights as they are now, mid-fit: eagerly (a captured
+        sampling loop would hold copies of earlier weights), without gradients."""
+        config = self.config
+        if getattr(config, "cuda_graph", False):
+            self.config = dataclasses.replace(config, cuda_graph=False)
+        try:
+            with torch.no_grad():
+                return self.sample(n, seed=seed)
+        finally:
+            self.config = config
+
+    def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: Generator | None = None,
+            monitor=None) -> FitInfo:
         s = self.setup(data, device=device, seed=seed, teacher=teacher)
+        keeper = Keeper([self], [s], [monitor]) if monitor is not None else None
         nets = Nets(s)
 
         def loss_fn(k, t):
@@ -141,12 +157,15 @@ class TorchGenerator(Generator):
             if s.target is not None:
                 ema_update(list(s.target.parameters()), list(s.trained.parameters()), s.target_decay)
 
-        return fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
-                        **(self._loop_settings() | {"device": device}))
+        info = fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
+                        on_log=keeper.on_log if keeper else None, **(self._loop_settings() | {"device": device}))
+        if keeper:
+            keeper.restore()
+        return info
 
     @classmethod
     def fit_side_by_side(cls, models: list["TorchGenerator"], datas: list, *, device: str, seeds: list[int],
-                         teachers: list | None = None) -> list:
+                         teachers: list | None = None, monitors: list | None = None) -> list:
         """Fits ``models`` (one config, but for ``member_fields``) as one stacked network
         (``fit_stacked``), each member from its own ``setup`` (seeded weights, data, teacher), drawing
         from its own generator in its solo fit's order, with its own clipping, EMA and target."""
@@ -171,12 +190,53 @@ class TorchGenerator(Generator):
             return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
 
         settings = first._loop_settings() | {"device": device}
-        return fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
-                           draw, context=first.step_context, generators=tuple(s.generator for s in setups),
-                           ema=[s.ema for s in setups] if s0.ema is not None else None,
-                           ema_decay=lambda t: _decay(s0.ema_decay, t),
-                           target=[s.target for s in setups] if s0.target is not None else None,
-                           target_decay=s0.target_decay, frozen=frozen, **settings)
+        keeper = Keeper(models, setups, monitors) if monitors is not None else None
+        infos = fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
+                            draw, context=first.step_context, generators=tuple(s.generator for s in setups),
+                            ema=[s.ema for s in setups] if s0.ema is not None else None,
+                            ema_decay=lambda t: _decay(s0.ema_decay, t),
+                            target=[s.target for s in setups] if s0.target is not None else None,
+                            target_decay=s0.target_decay, frozen=frozen, evaluate=keeper, **settings)
+        if keeper:
+            keeper.restore()
+        return infos
+
+
+class Keeper:
+    """Evaluation during training for fits (one, or the members of a stacked fit): at the end of
+    each logged window, each fit whose monitor says an evaluation is due samples from its current
+    weights (``sample_now``) and is evaluated; a best verdict keeps a copy of its sampling weights
+    (the EMA copy, or the trained module), a stop verdict ends it. The loop stops when every fit
+    has stopped; ``restore`` loads each fit's best weights."""
+
+    def __init__(self, models: list, setups: list[Setup], monitors: list):
+        if len(monitors) != len(models):
+            raise ValueError("one monitor per fit")
+        self.models, self.monitors = models, monitors
+        self.modules = [s.ema if s.ema is not None else s.trained for s in setups]
+        self.best: list[dict | None] = [None] * len(models)
+        self.stopped = [m is None for m in monitors]
+
+    def on_log(self, k: int, sync=None) -> bool:
+        """After step ``k`` (0-based); ``sync(i)`` first writes member i's current weights into its
+        modules (a stacked fit). Returns True when every fit has stopped."""
+        step = k + 1
+        for i, (model, monitor) in enumerate(zip(self.models, self.monitors)):
+            if self.stopped[i] or not monitor.due(step):
+                continue
+            if sync is not None:
+                sync(i)
+            verdict = monitor.evaluate(step, model.sample_now)
+            if verdict.best:
+                self.best[i] = {k_: v.detach().clone() for k_, v in self.modules[i].state_dict().items()}
+            self.stopped[i] = verdict.stop
+        return all(self.stopped)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, best in zip(self.modules, self.best):
+                if best is not None:
+                    module.load_state_dict(best)
 
 
 def _decay(decay, t):
@@ -252,6 +312,9 @@ class LossLog:
         self.steps, self.log_every, self.members, self.on_log = steps, log_every, members, on_log
         self.curves: list[list[float]] = [[] for _ in range(max(members, 1))]
         self.diverged: list[int | None] = [None] * max(members, 1)
+        self.trained = 0  # steps made so far (the fit's steps, where on_log stopped it early)
+        self.stop = False  # on_log asked the loop to stop
+        self.paused = 0.0  # seconds spent in on_log (evaluation), left out of the training time
 
     def add(self, means: torch.Tensor, k: int) -> None:
         """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
@@ -261,12 +324,18 @@ class LossLog:
                 self.diverged[i] = k
         if not self.members and self.diverged[0] is not None:
             raise Diverged(f"non-finite loss at step {k}")
+        self.trained = k + 1
         if self.on_log is not None:
-            self.on_log(k)
+            t0 = time.perf_counter()
+            self.stop = bool(self.on_log(k))
+            self.paused += time.perf_counter() - t0
 
     def result(self, train_s: float):
+        """One FitInfo per member (a Diverged in place of a member that diverged); ``train_s`` is the
+        loop's wall time less the time spent evaluating."""
+        train_s = max(0.0, train_s - self.paused)
         infos = [Diverged(f"non-finite loss at step {d}") if d is not None else
-                 FitInfo(steps=self.steps, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
+                 FitInfo(steps=self.trained, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
                          log_every=self.log_every) for c, d in zip(self.curves, self.diverged)]
         return infos if self.members else infos[0]
 
@@ -291,6 +360,8 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
         if len(window) == log.log_every or k == steps - 1:
             log.add(torch.stack(window).mean(0), k)
             window = []
+            if log.stop:
+                break
     synchronize(device)
     return log.result(time.perf_counter() - t0)
 
@@ -328,11 +399,12 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
 
     logged = 0
 
-    def log_upto(k: int) -> None:  # the mean loss of each finished window, read back at its end
+    def log_upto(k: int) -> bool:  # the mean loss of each finished window, read back at its end; True: stop
         nonlocal logged
         if k - logged == log.log_every or k == steps:
             log.add(losses[logged:k].mean(0), k - 1)
             logged = k
+        return log.stop
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -344,16 +416,22 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
             for k in range(start, start + eager):
                 opt.zero_grad(set_to_none=True)
                 one_step(k)
-                log_upto(k + 1)
+                if log_upto(k + 1):
+                    break
         torch.cuda.current_stream().wait_stream(side)
+        if log.stop:
+            break
         if start + eager == end:
             continue
         opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         graph = graphs.capture_step(lambda: one_step(start + eager), generators)
         for k in range(start + eager, end):
             graph.replay()
-            log_upto(k + 1)
+            if log_upto(k + 1):
+                break
         del graph  # the phase's graph and its memory go before the next is captured
+        if log.stop:
+            break
     synchronize(device)
     return log.result(time.perf_counter() - t0)
 
@@ -374,7 +452,7 @@ def stack_draws(per_member) -> tuple:
 def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: float, device: str,
                 cuda_graph: bool, generators: tuple, context=None, ema: list[nn.Module] | None = None,
                 ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | None = None,
-                frozen: list[nn.Module] | None = None, phase=None, **loop) -> list:
+                frozen: list[nn.Module] | None = None, phase=None, evaluate: "Keeper | None" = None, **loop) -> list:
     """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
     parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
     ``member_loss(member, context(k, t), *batch)`` vmapped over the members, where ``member`` (a
@@ -407,15 +485,20 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: 
         for _, weights, decay in shadows.values():
             ema_update(list(weights.values()), list(params.values()), decay(t))
 
-    infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
-                     cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), **loop)
-    with torch.no_grad():
-        for i, m in enumerate(modules):
+    def write_back(i: int) -> None:  # member i's trained (and EMA and target) weights into its modules
+        with torch.no_grad():
             own = {k: v[i] for k, v in buffers.items()}
-            for to, weights in ((m, params), *((mods[i], w) for mods, w, _ in shadows.values())):
+            for to, weights in ((modules[i], params), *((mods[i], w) for mods, w, _ in shadows.values())):
                 missing = to.load_state_dict({k: v[i] for k, v in weights.items()} | own, strict=False).missing_keys
                 if set(missing) - set(dict(to.named_buffers())) - set(buffers):
                     raise RuntimeError(f"stacked fit: weights not written back: {missing}")
+
+    on_log = (lambda k: evaluate.on_log(k, sync=write_back)) if evaluate is not None else None
+    infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
+                     cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), on_log=on_log,
+                     **loop)
+    for i in range(len(modules)):
+        write_back(i)
     for info in infos:
         if isinstance(info, FitInfo):
             info.extras = {"side_by_side": len(modules), "group_train_s": info.train_s}

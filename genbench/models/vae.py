@@ -74,7 +74,8 @@ class VAE(TorchGenerator):
     name = "vae"
     colour = "#2ca02c"
     Config = VAEConfig
-    budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000}}
+    budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000},
+               "converged": {"train_steps": 30000}}
 
     def _build(self, device: str):
         self.device = device

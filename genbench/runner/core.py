@@ -36,6 +36,11 @@ from .plan import Cell, Plan, Resolved, Unit, check
 from .scoring_pool import Scorer
 
 
+#: what a row carries of its fit's stopping (the converged budget): why it stopped, the step whose
+#: weights were kept, and the steps and seconds to first reach the data's floor band
+STOPPING_FIELDS = ("stop_reason", "kept_step", "kept_energy", "target_step", "target_s", "eval_floor")
+
+
 class Progress:
     """What the runner reports to; the CLI passes a Rich-backed one."""
 
@@ -102,7 +107,8 @@ class Session:
             row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
                           "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
-                          "fit_sha256": record.get("fit_sha256"), **note}
+                          "fit_sha256": record.get("fit_sha256"), **note,
+                          **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
             try:
                 x = self.sample_cell(model, ds, unit.seed, k, ref, row)
                 self.scorer.submit(row, x, ref, ds, unit.seed, late)

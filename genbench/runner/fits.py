@@ -13,6 +13,7 @@ from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
 class FitStore:
     def __init__(self, store: RunDir, r: Resolved, progress, notes: list[str]):
         self.store, self.r, self.progress, self.notes = store, r, progress, notes
+        self._validation: dict = {}  # (dataset, seed) -> (validation sample, its metric's floor)
 
     def reuse(self, unit: Unit, model: Generator) -> tuple[dict | None, str | None]:
         """(the unit's fit record, its checkpoint loaded into ``model``), or (None, why the unit must
@@ -34,6 +35,31 @@ class FitStore:
         if self.store.has("fits", name):
             return None, "fit record unreadable, torn or altered (its checksum does not match)"
         return None, None
+
+    def monitor(self, unit: Unit, model: Generator):
+        """The fit's evaluation during training (the converged budget, a model that offers it), or None."""
+        if not (self.r.converged and model.monitored):
+            return None
+        from .monitor import ValidationMonitor, validation_floor, validation_sample
+
+        ds = self.r.data(unit.dataset, unit.seed)[0]
+        key = (unit.dataset, unit.seed)
+        if key not in self._validation:
+            val = validation_sample(ds, unit.seed)
+            self._validation[key] = (val, validation_floor(ds, unit.seed, val))
+        val, floor = self._validation[key]
+        c = model.config
+        return ValidationMonitor(ds, val, floor, cap=c.train_steps, log_every=getattr(c, "log_every", 50),
+                                 seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu")
+
+    def _stopping(self, model: Generator, monitor) -> dict:
+        """The fit record's stopping fields: the monitor's record, or, at the converged budget, the
+        fixed budget a model without evaluation trained."""
+        if monitor is not None:
+            return monitor.record()
+        if self.r.converged:
+            return {"stop_reason": "fixed budget (the model offers no evaluation during training)"}
+        return {}
 
     def save(self, unit: Unit, model: Generator, info, extras: dict, refit: str | None) -> dict:
         """The fit record (and the checkpoint, where the model saves one) of a fitted unit."""
@@ -59,8 +85,10 @@ class FitStore:
                                  "training")
             extras["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *unit[1:]), teacher, train)["train_s"]
         self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: training")
-        info = model.fit(train, device=self.r.device, seed=unit.seed, **({"teacher": teacher} if teacher else {}))
-        return self.save(unit, model, info, extras, refit)
+        monitor = self.monitor(unit, model)
+        info = model.fit(train, device=self.r.device, seed=unit.seed, **({"teacher": teacher} if teacher else {}),
+                         **({"monitor": monitor} if monitor is not None else {}))
+        return self.save(unit, model, info, extras | self._stopping(model, monitor), refit)
 
     # -- side by side -----------------------------------------------------------------------------
     def fit_side_by_side(self, units: list[Unit], done: set) -> None:
@@ -104,6 +132,9 @@ class FitStore:
                     teacher = make_model(teacher_entry, self.r.plan)
                     ex["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *u[1:]), teacher, data)["train_s"]
                     kw["teachers"].append(teacher)
+            monitors = [self.monitor(u, m) for (u, _), m in zip(chunk, models)]
+            if any(m is not None for m in monitors):
+                kw["monitors"] = monitors
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
                                                **kw)
         except torch.cuda.OutOfMemoryError:
@@ -121,7 +152,7 @@ class FitStore:
             self.fit_group(chunk[:len(chunk) // 2])
             self.fit_group(chunk[len(chunk) // 2:])
             return
-        for (u, refit), model, info, ex in zip(chunk, models, infos, extras):
+        for (u, refit), model, info, ex, monitor in zip(chunk, models, infos, extras, monitors):
             if not isinstance(info, BaseException):
-                self.save(u, model, info, ex, refit)
+                self.save(u, model, info, ex | self._stopping(model, monitor), refit)
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from .. import datasets as ds_mod
 from .. import scoring
-from ..api import BUDGETS, Generator, UsageError
+from ..api import BUDGETS, CONVERGED, Generator, UsageError
 from ..registry import Entry, resolve
 from ..store import dumps
 from ..timing import MIN_CALLS, MIN_TIME_S
@@ -178,6 +178,11 @@ class Resolved:
         score on the CPU beside the fits; else the CPU."""
         return self.device if self.device.startswith("cuda") and not self.plan.score_jobs else "cpu"
 
+    @property
+    def converged(self) -> bool:
+        """Fits evaluate on their validation sample and stop (the ``converged`` budget)."""
+        return self.plan.budget == CONVERGED
+
     def data(self, dataset: str, seed: int):
         """(the dataset, its training set, reference sample, held-out sample), each from its own
         stream of the seed (the floor draws are stream 3, the validation sample will be another)."""
@@ -197,8 +202,8 @@ def check(plan: Plan) -> Resolved:
     anything is created or trained. Returns the resolved plan; ``plan`` itself is not changed."""
     from .executors import make_executor
 
-    if plan.budget not in BUDGETS:
-        raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join(BUDGETS)}")
+    if plan.budget not in (*BUDGETS, CONVERGED):
+        raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join((*BUDGETS, CONVERGED))}")
     if plan.threads < 1:
         raise UsageError(f"--threads {plan.threads}: must be >= 1")
     if plan.threads > cpu_cores():

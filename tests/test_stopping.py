@@ -1,0 +1,167 @@
+"""Evaluation during training and stopping (the converged budget): the stopping rule on synthetic
+curves, the kept weights are the validation best, the validation sample is its own, evaluation
+time is not training time, and a plugin without evaluation keeps a fixed budget."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genbench import datasets
+from genbench.api import Monitor, Verdict
+from genbench.runner.monitor import MIN_FRACTION, PATIENCE_EVALS, ValidationMonitor, validation_sample
+
+RING8 = datasets.get("ring8")
+
+
+class Curve(ValidationMonitor):
+    """A monitor whose metric at each step is read off a given curve (the samples are ignored)."""
+
+    def __init__(self, values, cap=10_000, floor=(0.01, 0.002), log_every=50):
+        super().__init__(RING8, np.zeros((4, 2)), floor, cap=cap, log_every=log_every, seed=0)
+        self.values = values
+
+    def score(self, x):
+        return float(self.values(self._step))
+
+    def run(self):
+        """Evaluates every logged window up to the cap, as a fit would; returns the stop step."""
+        for step in range(self.log_every, self.cap + 1, self.log_every):
+            if self.due(step):
+                self._step = step
+                verdict = self.evaluate(step, lambda n, seed: torch.zeros(n, 2))
+                if verdict.stop:
+                    return step
+        return None
+
+
+def test_a_plateau_stops_after_the_patience_window_and_keeps_the_best():
+    m = Curve(lambda s: max(0.5 - s / 4000, 0.1))  # improves until step 1600, flat after
+    stop = m.run()
+    assert stop is not None and m.best_step <= 1700 and stop >= 2 * m.best_step
+    assert sum(p["step"] > m.best_step for p in m.curve) == PATIENCE_EVALS
+    assert m.record()["stop_reason"] == f"converged at step {stop}" and m.record()["kept_step"] == m.best_step
+
+
+def test_slow_steady_improvement_runs_to_the_cap():
+    m = Curve(lambda s: 1.0 - s * 1e-4)  # improves by more than the floor's spread between evaluations
+    assert m.run() is None and m.best_step == m.cap and m.record()["stop_reason"] == "cap reached"
+
+
+def test_noise_within_the_floor_is_no_improvement():
+    rng = np.random.default_rng(0)
+    noise = {}
+    # down to 0.1 by step 500, then wobbles within +-0.0009: two never differ by the floor's std, 0.002
+    m = Curve(lambda s: 0.2 - 0.1 * min(s, 500) / 500 + noise.setdefault(s, rng.uniform(-0.0009, 0.0009)))
+    stop = m.run()
+    assert stop is not None and m.best_step <= 600  # wobbles of less than the floor's std never count
+    assert stop >= MIN_FRACTION * m.cap
+
+
+def test_non_finite_samples_stop_the_fit_as_diverged():
+    m = Curve(lambda s: 0.5)
+    assert m.evaluate(100, lambda n, seed: torch.full((n, 2), float("nan"))).stop
+    assert m.record()["stop_reason"].startswith("diverged")
+
+
+def test_the_time_to_target_is_the_first_evaluation_in_the_floor_band():
+    m = Curve(lambda s: 0.05 - s * 1e-5, floor=(0.01, 0.001))  # enters the band (<= 0.013) at step 3700
+    m.run()
+    first = m.record()["target_step"]
+    before = max(p["step"] for p in m.curve if p["step"] < first)
+    assert first is not None and first >= 3700 > before  # the first evaluation inside the band
+    never = Curve(lambda s: 0.05, floor=(0.01, 0.001))
+    never.run()
+    assert never.record()["target_step"] is None
+
+
+def test_the_validation_sample_is_its_own_stream():
+    for seed in (0, 3):
+        val = validation_sample(RING8, seed)
+        for other in (RING8.sample(50_000, [seed, 0]), RING8.sample(3000, [seed, 1]), RING8.sample(5000, [seed, 2])):
+            assert not (val[:, None, :] == other[None, :2000, :]).all(-1).any()  # no point shared
+
+
+class KeepSecond(Monitor):
+    """Evaluates every window; the second evaluation is the best, the fifth stops the fit."""
+
+    def __init__(self):
+        self.samples = []
+
+    def due(self, step):
+        return True
+
+    def evaluate(self, step, sample):
+        self.samples.append(sample(200, 7).clone())
+        n = len(self.samples)
+        return Verdict(best=n == 2, stop=n == 5)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "vae", "flow"])
+def test_the_kept_weights_are_the_validation_best_and_the_fit_stops_when_told(name):
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    data = RING8.sample(4000, [0, 0])
+    model = cls(budget="quick", params={"train_steps": "400"})
+    monitor = KeepSecond()
+    info = model.fit(data, seed=0, monitor=monitor)
+    assert len(monitor.samples) == 5 and info.steps == 5 * 50  # stopped at the fifth window
+    torch.testing.assert_close(model.sample_now(200, 7), monitor.samples[1])  # the second evaluation's weights
+    assert not torch.equal(monitor.samples[1], monitor.samples[4])
+
+
+def test_members_side_by_side_keep_their_own_best():
+    from genbench.models.vae import VAE
+
+    datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
+    group = [VAE(budget="quick", params={"train_steps": "300"}) for _ in datas]
+    monitors = [KeepSecond(), KeepSecond()]
+    VAE.fit_side_by_side(group, datas, device="cpu", seeds=[0, 1], monitors=monitors)
+    for member, monitor in zip(group, monitors):
+        torch.testing.assert_close(member.sample_now(200, 7), monitor.samples[1])
+
+
+def test_evaluation_time_is_not_training_time(monkeypatch):
+    """On a fake clock: each evaluation costs 100 s, the training steps nothing."""
+    from genbench.models import train
+    from genbench.models.vae import VAE
+
+    now = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+
+    class Slow(KeepSecond):
+        def evaluate(self, step, sample):
+            now[0] += 100.0
+            return super().evaluate(step, sample)
+
+    info = VAE(budget="quick", params={"train_steps": "400"}).fit(RING8.sample(4000, [0, 0]), seed=0, monitor=Slow())
+    assert info.train_s == 0.0
+
+
+def test_a_plugin_without_evaluation_keeps_a_fixed_budget(cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", "--models", "gauss", "--budget", "converged", "--n-samples", "200", "--floor-draws", "2",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((out / "rows.jsonl").read_text().splitlines()[0])
+    assert row["budget"] == "converged" and row["stop_reason"].startswith("fixed budget")
+
+
+def test_a_converged_run_records_its_curve_and_stop(cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("run", "--models", "vae", "--budget", "converged", "--param", "vae.train_steps=1500",
+            "--n-samples", "300", "--floor-draws", "2", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = json.loads((out / "rows.jsonl").read_text().splitlines()[0])
+    assert row["stop_reason"] and row["kept_step"] <= row["train_steps"] <= 1500
+    fit = json.loads((out / "fits" / "vae__ring8__s0.json").read_text())
+    steps = [p["step"] for p in fit["eval_curve"]]
+    assert steps == sorted(steps) and len(steps) >= 5 and fit["kept_step"] in steps
+    from genbench import plots, report, store
+
+    rd = store.RunDir(out)
+    df = report.tidy(rd.rows())
+    figs = plots.figures(rd, df, notice=lambda m: None)
+    assert "learning_curves.png" in figs and plots.text_outside(figs["learning_curves.png"]) == []
+    assert "## Training to convergence" in report.markdown(df)
