@@ -193,3 +193,19 @@ def test_cd_side_by_side_on_the_gpu_matches_its_solo_fits():
         assert info.final_loss == pytest.approx(alone.final_loss, rel=1e-2)
         torch.testing.assert_close(member.sample(1000, steps=2, seed=4), solo.sample(1000, steps=2, seed=4),
                                    rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct"])
+def test_evaluation_during_a_captured_fit_keeps_the_best_weights(name):
+    """The converged budget's evaluations between replays of the captured training step: the
+    kept weights are the best evaluation's, and the fit stops when told."""
+    from test_stopping import KeepSecond
+
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    model = cls(budget="quick", params={"train_steps": "400"})
+    monitor = KeepSecond()
+    info = model.fit(DATA, device="cuda", seed=0, monitor=monitor)
+    assert len(monitor.samples) == 5 and info.steps == 250
+    torch.testing.assert_close(model.sample_now(200, 7), monitor.samples[1])

@@ -106,7 +106,9 @@ class Session:
                                  + (f" {k} steps" if k else ""))
             row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
                           "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
-                          "train_steps": record["steps"], "refit_reason": record.get("refit_reason"),
+                          # a stacked member's own stop, where its group trained on for the others
+                          "train_steps": record.get("stopped_step") or record["steps"],
+                          "refit_reason": record.get("refit_reason"),
                           "fit_sha256": record.get("fit_sha256"), **note,
                           **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
             try:

@@ -114,6 +114,7 @@ class ValidationMonitor(Monitor):
         band = self.floor[0] + BAND * self.floor[1]
         reached = next((p for p in self.curve if p["energy"] is not None and p["energy"] <= band), None)
         return {"eval_metric": "energy", "eval_curve": self.curve, "eval_floor": self.floor[0],
+                "stopped_step": self.curve[-1]["step"] if self.curve else None,
                 "eval_floor_std": self.floor[1], "stop_reason": self.stop_reason or "cap reached",
                 "kept_step": self.best_step, "kept_energy": None if self.best_step is None else self.best_value,
                 "target_step": reached["step"] if reached else None,
