@@ -38,8 +38,8 @@ KEY = ("model", "dataset", "seed", "steps")
 #: the artefact folders of a run dir and their files' suffix
 ARTEFACTS = {"samples": ".npz", "fits": ".json", "floors": ".json", "checkpoints": ".pt"}
 #: an artefact's relative path, kind/name.suffix, a plain name in its folder (what a task may hand back)
-_ARTEFACT = re.compile(r"^(samples/[A-Za-z0-9][A-Za-z0-9._+-]*\.npz|(fits|floors)/[A-Za-z0-9][A-Za-z0-9._+-]*\.json"
-                       r"|checkpoints/[A-Za-z0-9][A-Za-z0-9._+-]*\.pt)$")
+_ARTEFACT = re.compile("^(" + "|".join(f"{kind}/[A-Za-z0-9][A-Za-z0-9._+-]*{re.escape(suffix)}"
+                                       for kind, suffix in ARTEFACTS.items()) + ")$")
 
 
 def row_key(row: dict) -> tuple:

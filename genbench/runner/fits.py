@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
 from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
@@ -42,7 +43,7 @@ class FitStore:
             return None
         from .monitor import ValidationMonitor, validation_floor, validation_sample
 
-        ds = self.r.data(unit.dataset, unit.seed)[0]
+        ds = ds_mod.get(unit.dataset)
         key = (unit.dataset, unit.seed)
         if key not in self._validation:
             val = validation_sample(ds, unit.seed)

@@ -11,7 +11,7 @@ import uuid
 from .. import __version__
 from .. import datasets as ds_mod
 from ..api import Diverged, UsageError, debug_enabled
-from ..store import RunDir, atomic_write, cell_name, row_key
+from ..store import RunDir, artefact_rel, atomic_write, cell_name, floor_name, row_key
 from .plan import Cell, Resolved, device_name, git_sha, json_norm
 
 
@@ -177,8 +177,8 @@ class Ledger:
             teacher = self.r.teacher(m)
             if teacher is not None:
                 names.add(cell_name(teacher.name, d, s))
-        rels = [f"fits/{n}.json" for n in names] + [f"checkpoints/{n}.pt" for n in names]
-        rels += [f"floors/{d}__s{s}.json" for d, s in {(d, s) for _, d, s in units}]
+        rels = [artefact_rel(kind, n) for kind in ("fits", "checkpoints") for n in names]
+        rels += [artefact_rel("floors", floor_name(d, s)) for d, s in {(d, s) for _, d, s in units}]
         files = {"manifest.json": self.store.manifest_path.read_bytes()}
         for rel in rels:
             data = self.store.artefact_bytes(rel)
