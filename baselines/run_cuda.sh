@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Regenerates baselines/cuda-h100: the canonical grid on one GPU in one lone process, its defaults
-# on: fits side by side and captured in CUDA graphs, CUDA-graph sampling, the CPU cores but two
-# scoring cells beside the fits. Writes report.md and results.csv beside the rows. Extra arguments
-# go to 'genbench run' (OUT_DIR=baselines/cuda-h100-full bash baselines/run_cuda.sh --budget full).
-# Resumable: re-run to finish.
+# Regenerates baselines/cuda-h200: the canonical grid on one GPU in one lone process, its defaults
+# on: trained to convergence (the auto budget on a GPU), fits side by side and captured in CUDA
+# graphs, CUDA-graph sampling, the CPU cores but two scoring cells beside the fits. Writes report.md,
+# results.csv and figures/ beside the rows. Extra arguments go to 'genbench run'
+# (OUT_DIR=baselines/cuda-h100-full bash baselines/run_cuda.sh --budget full). Resumable: re-run to finish.
 set -u
 cd "$(dirname "$0")/.."
-out="${OUT_DIR:-baselines/cuda-h100}"
+out="${OUT_DIR:-baselines/cuda-h200}"
 start=$(date +%s)
 genbench run --models diffusion,cm,vae,flow \
   --datasets ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard --seeds 0,1,2 \

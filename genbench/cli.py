@@ -123,7 +123,7 @@ def run(
     datasets: str = typer.Option(",".join(_default("datasets")), help="Comma-separated datasets (see 'genbench list')."),
     seeds: str = typer.Option(",".join(map(str, _default("seeds"))), help="Comma-separated integer seeds; each seeds data, weights and sampling."),
     steps: Optional[str] = typer.Option(None, help="Sampler step counts for multistep models, e.g. 1,2,5,10,100 (train once, one row per count), or per model: diffusion=100,cm-cd=1:2. Default: each model's own."),
-    budget: str = typer.Option(_default("budget"), help=f"Training budget preset: {', '.join(BUDGETS)}, or {CONVERGED} (each fit stops on its validation curve, up to a cap, and keeps its best weights)."),
+    budget: str = typer.Option(_default("budget"), help=f"Training budget preset: {', '.join(BUDGETS)}, or {CONVERGED} (each fit stops on its validation curve, up to a cap, and keeps its best weights), or auto: {CONVERGED} on a GPU, default on the CPU."),
     n_samples: int = typer.Option(_default("n_samples"), help="Samples generated, scored and timed per cell (>= 2)."),
     metrics: str = typer.Option("default", help="Metric set: default (w2, energy, prdc, c2st, support, modes), all, or a comma-separated list (default,sinkhorn adds one)."),
     floor_draws: int = typer.Option(_default("floor_draws"), help="Independent true samples scored for each metric's noise floor (>= 2)."),

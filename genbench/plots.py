@@ -282,11 +282,26 @@ def losses(rd: RunDir, df: pd.DataFrame):
     return _finish(fig, "Training loss, seed of the first row (line style: dataset)", legend=(handles, dsets))
 
 
+#: the learning curves' panels: (curve column, how it is shown, the floor fields of the fit record)
+CURVE_METRICS = (("energy", "validation energy distance", "eval_floor", "eval_floor_std"),
+                 ("off_support", "off-support fraction", "eval_floor_off", "eval_floor_off_std"))
+
+
+def _curve_points(rec: dict) -> list[dict]:
+    """A fit record's evaluations with finite values, the off-support fraction (1 - hq_frac) added."""
+    out = []
+    for p in rec["eval_curve"]:
+        if isinstance(p.get("energy"), (int, float)) and isinstance(p.get("hq_frac"), (int, float)):
+            out.append({**p, "off_support": 1.0 - p["hq_frac"]})
+    return out
+
+
 def learning_curves(rd: RunDir, df: pd.DataFrame):
-    """Per dataset, the validation metric of each model's fits against training steps and against
-    training seconds (the converged budget's evaluations): the median over seeds, the min-max band,
-    the data's floor band, and the kept evaluation of each seed marked."""
-    curves = []  # (model, dataset, seed, record)
+    """Per dataset, the validation metrics of each model's fits (energy distance, off-support
+    fraction) against training steps and against training seconds (the converged budget's
+    evaluations): the median over seeds, the min-max band, the data's floor band, and the kept
+    evaluation of each seed marked."""
+    curves = []  # (model, dataset, record)
     for (m, d, seed), _ in df.groupby(["model", "dataset", "seed"], sort=False):
         rec = rd.load_json("fits", cell_name(m, d, int(seed)), unchecked_ok=True)
         points = rec.get("eval_curve") if rec else None
@@ -296,28 +311,33 @@ def learning_curves(rd: RunDir, df: pd.DataFrame):
     if not curves:
         return "no evaluation curves (a run at --budget converged records them)"
     dsets = list(dict.fromkeys(d for _, d, _ in curves))
-    fig, axes = plt.subplots(len(dsets), 2, figsize=(9.0, 3.0 * len(dsets)), squeeze=False)
+    fig, axes = plt.subplots(len(dsets), 4, figsize=(14.0, 2.8 * len(dsets)), squeeze=False)
     entries: dict[str, object] = {}
+    n_val = 2000  # the validation sample's size: an off-support fraction below 1/n shows as 1/n
     for row, d in zip(axes, dsets):
         mine = [(m, rec) for m, dd, rec in curves if dd == d]
-        floor = np.mean([rec.get("eval_floor") or np.nan for _, rec in mine])
-        fstd = np.mean([rec.get("eval_floor_std") or np.nan for _, rec in mine])
-        for ax, x_key in zip(row, ("step", "train_s")):
-            if np.isfinite(floor):
-                band = ax.axhspan(max(floor - fstd, 1e-12), floor + 3 * fstd, color="0.88")
+        panels = [(metric, label, fields, x_key) for metric, label, *fields in CURVE_METRICS
+                  for x_key in ("step", "train_s")]
+        for ax, (metric, label, (f_mean, f_std), x_key) in zip(row, panels):
+            floor = np.mean([rec.get(f_mean) if isinstance(rec.get(f_mean), (int, float)) else np.nan for _, rec in mine])
+            fstd = np.mean([rec.get(f_std) if isinstance(rec.get(f_std), (int, float)) else np.nan for _, rec in mine])
+            low = 1.0 / n_val if metric == "off_support" else 1e-12
+            if np.isfinite(floor) and np.isfinite(fstd):
+                band = ax.axhspan(max(floor - fstd, low), floor + 3 * fstd, color="0.88")
                 entries.setdefault("the data's floor band (floor + 3 std)", band)
             for m in dict.fromkeys(m for m, _ in mine):
                 table = pd.DataFrame([{**p, "seed": i} for i, (mm, rec) in enumerate(mine) if mm == m
-                                      for p in rec["eval_curve"] if isinstance(p.get("energy"), (int, float))])
+                                      for p in _curve_points(rec)])
                 if table.empty:
                     continue
-                g = table.groupby("step").agg(x=(x_key, "median"), med=("energy", "median"), lo=("energy", "min"),
-                                              hi=("energy", "max")).reset_index()
+                table[metric] = table[metric].clip(lower=low)
+                g = table.groupby("step").agg(x=(x_key, "median"), med=(metric, "median"), lo=(metric, "min"),
+                                              hi=(metric, "max")).reset_index()
                 line, = ax.plot(g["x"], g["med"], c=colour(df, m), lw=1.2)
                 ax.fill_between(g["x"], g["lo"], g["hi"], color=colour(df, m), alpha=0.15, lw=0)
                 entries.setdefault(m, line)
-                kept = [(p[x_key], p["energy"]) for mm, rec in mine if mm == m for p in rec["eval_curve"]
-                        if p["step"] == rec.get("kept_step") and isinstance(p.get("energy"), (int, float))]
+                kept = [(p[x_key], max(p[metric], low)) for mm, rec in mine if mm == m for p in _curve_points(rec)
+                        if p["step"] == rec.get("kept_step")]
                 if kept:
                     mark = ax.scatter(*zip(*kept), marker="*", s=60, c=colour(df, m), edgecolors="k", lw=0.5, zorder=3)
                     entries.setdefault("the evaluation kept (each seed)", mark)
@@ -326,8 +346,8 @@ def learning_curves(rd: RunDir, df: pd.DataFrame):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_xlabel("training step" if x_key == "step" else "training seconds (evaluation excluded)")
-            ax.set_ylabel("validation energy distance", fontsize=8)
+            ax.set_xlabel("training step" if x_key == "step" else "training seconds (evaluation excluded)", fontsize=8)
+            ax.set_ylabel(label, fontsize=8)
             ax.set_title(d, fontsize=9)
     return _finish(fig, "Learning curves on the validation sample: median over seeds, min-max band",
                    legend=(list(entries.values()), list(entries)))

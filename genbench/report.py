@@ -237,11 +237,18 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
     stopping = convergence_table(df)
     if stopping is not None:
         parts += ["## Training to convergence", "",
-                  "Each fit evaluated its samples on a validation sample (energy distance) at log-spaced steps, "
-                  "stopped when that had not improved by more than its noise floor's spread for a patience "
-                  "window, and kept the best weights. 'reached the data': seeds whose validation metric entered "
-                  "the data's floor band (floor + 3 std), and the median steps and training seconds to first do so.",
+                  "Each fit evaluated its samples on a validation sample at log-spaced steps (energy distance and "
+                  "the fraction of samples off the support, each in units of the data's own spread), stopped when "
+                  "their score had not improved by more than its noise for a patience window, and kept the best "
+                  "weights. 'reached the data': seeds whose validation metrics entered the data's floor band "
+                  "(floor + 3 std), both at once and each on its own, and the median training steps and seconds "
+                  "to first do so (both at once).",
                   "", stopping.to_markdown(index=False), ""]
+    matched = matched_quality(df)
+    if matched is not None:
+        ladder = next(c for c in matched.columns if c.endswith(" steps to match")).removesuffix(" steps to match")
+        parts += ["## Matched-quality speedup", "", MATCHED_NOTE.format(ladder=ladder), "",
+                  matched.to_markdown(index=False), ""]
     return "\n".join(parts)
 
 
@@ -255,14 +262,68 @@ def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
                                                                                         sort=False):
         reasons = g["stop_reason"].dropna().astype(str).str.replace(r" at step \d+", "", regex=True)
         reached = g["target_step"].dropna() if "target_step" in g else pd.Series(dtype=float)
+
+        def share(col: str) -> str:
+            return f"{len(_numbers(g[col])) if col in g else 0}/{len(g)}"
+
         recs.append({"model": model, "dataset": dataset,
                      "stopped": ", ".join(f"{n} {r}" for r, n in reasons.value_counts().items()),
                      "steps trained": _fmt(_numbers(g["train_steps"]).mean() if len(_numbers(g["train_steps"])) else None),
                      "step kept": _fmt(_numbers(g.get("kept_step", [])).mean() if len(_numbers(g.get("kept_step", []))) else None),
-                     "reached the data": f"{len(reached)}/{len(g)}",
+                     "reached the data": share("target_step"),
+                     "energy in band": share("target_step_energy"), "support in band": share("target_step_support"),
                      "steps to reach": _fmt(reached.median()) if len(reached) else "never",
-                     "seconds to reach": _fmt(_numbers(g["target_s"]).mean()) if len(reached) else "–"})
+                     "seconds to reach": _fmt(_numbers(g["target_s"]).median()) if len(reached) else "–"})
     return pd.DataFrame(recs)
+
+
+def matched_quality(df: pd.DataFrame, ladder: str | None = None) -> pd.DataFrame | None:
+    """Matched-quality speedup on the validation metrics: for each cell of every other model, the
+    fewest steps of the ``ladder`` model (default: the model with the most step counts; each of its
+    variants, e.g. solvers, in the rows tried, the best taken) whose quality is at least as good on
+    both validation metrics (energy distance to the validation sample: not higher; on-support
+    fraction: not lower; each the mean over the seeds both have), and the ratio of their sampling
+    times (medians over seeds). Per device and dataset. None where the rows hold no ladder."""
+    need = {"val_energy", "hq_frac", "sample_s", "steps"}
+    ok = df[df["status"] == "done"] if "status" in df else df
+    if not need <= set(ok) or ok.empty:
+        return None
+    ok = ok.dropna(subset=["val_energy", "hq_frac"])
+    counts = ok.dropna(subset=["steps"]).groupby("model")["steps"].nunique()
+    if ladder is None:
+        if counts.empty or counts.max() < 3 or (counts == counts.max()).sum() > 1:
+            return None
+        ladder = counts.idxmax()
+    recs = []
+    for (dev, dataset), sub in ok.groupby(["device_name", "dataset"], sort=False):
+        lad = sub[sub["model"] == ladder]
+        if lad.empty:
+            continue
+        rungs = lad.groupby(["variant", "steps"]).agg(val_energy=("val_energy", "mean"), hq_frac=("hq_frac", "mean"),
+                                                      sample_s=("sample_s", "median"), nfe=("nfe", "median"))
+        rungs = rungs.reset_index().sort_values(["steps", "sample_s"])
+        for (model, steps), g in sub[sub["model"] != ladder].groupby(["model", "steps"], sort=False, dropna=False):
+            e, q, t = g["val_energy"].mean(), g["hq_frac"].mean(), g["sample_s"].median()
+            match = rungs[(rungs["val_energy"] <= e) & (rungs["hq_frac"] >= q)]
+            rec = {"device": dev, "dataset": dataset, "model": model,
+                   "steps": "" if pd.isna(steps) else int(steps), "val_energy": _fmt(e, 4), "hq_frac": _fmt(q, 3)}
+            if match.empty:
+                rec |= {f"{ladder} steps to match": f"none of {int(rungs['steps'].max())} or fewer",
+                        "its val_energy, hq_frac": "", "time ratio": "–"}
+            else:
+                best = match.iloc[0]
+                rec |= {f"{ladder} steps to match": f"{int(best['steps'])} ({best['variant']})",
+                        "its val_energy, hq_frac": f"{_fmt(best['val_energy'], 4)}, {_fmt(best['hq_frac'], 3)}",
+                        "time ratio": _fmt(best["sample_s"] / t, 3)}
+            recs.append(rec)
+    return pd.DataFrame(recs) if recs else None
+
+
+MATCHED_NOTE = ("Matched quality: for each model's cell, the fewest steps of {ladder} (of the step counts and "
+                "variants in these rows) whose samples are at least as good on both validation metrics (energy "
+                "distance to the validation sample not higher, on-support fraction not lower; means over seeds), "
+                "and time ratio = its sampling time / the cell's (medians over seeds). Selection reads the "
+                "validation sample, never the reference the tables are scored against.")
 
 
 def budget_note(df: pd.DataFrame) -> str:
@@ -403,4 +464,8 @@ def headline(df: pd.DataFrame, spec) -> str:
                   f"time_ratio = sample_s({ref_model}, {ref_steps} steps) / sample_s(row). The source report measured "
                   f"{spec.source}. {MARK}: outside the data's noise floor "
                   f"± {MARK_STD:g} std; 'told from the data by' lists every metric so marked.", "", protocol_line(sub), ""]
+    matched = matched_quality(ok, ladder=ref_model)
+    if matched is not None:
+        lines += ["## Matched quality", "", MATCHED_NOTE.format(ladder=ref_model), "",
+                  matched.drop(columns=["device"]).to_markdown(index=False), ""]
     return "\n".join(lines)

@@ -46,6 +46,21 @@ def _w2(x, ref, ds, *, seed, device):
     return {"w2": M.w2(x, ref)}
 
 
+#: points in the validation sample of a (dataset, seed)
+N_VALIDATION = 2000
+
+
+def validation_sample(ds: Dataset, seed: int, n: int = N_VALIDATION) -> np.ndarray:
+    """The validation sample of (dataset, seed): stream 4 of the seed (training 0, reference 1,
+    held-out 2, floor draws 3). What selects a model (stopping, the kept checkpoint, matched
+    quality, tuning) reads this, never the reference sample the tables are scored against."""
+    return ds.sample(n, [seed, 4])
+
+
+def _validation(x, ref, ds: Dataset, *, seed, device):
+    return {"val_energy": M.energy(M.check_points(x), validation_sample(ds, seed), device=device)}
+
+
 def _support(x, ref, ds: Dataset, *, seed, device):
     return {"hq_frac": float(ds.on_support(M.check_points(x, minimum=1)).mean())}
 
@@ -65,12 +80,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "precision / recall / density / coverage with 5-NN balls (Naeem et al. 2020)", bytes_per_n2=9),
     Metric("c2st", ("c2st",), lambda x, ref, ds, *, seed, device: {"c2st": M.c2st(x, ref, seed=seed)},
            "held-out accuracy of a k-NN classifier telling samples from data (0.5: indistinguishable)"),
+    Metric("validation", ("val_energy",), _validation,
+           "energy distance to the validation sample (2,000 true points of their own stream): what selection "
+           "reads (matched quality), never the reference", bytes_per_n2=4),
     Metric("support", ("hq_frac",), _support, "fraction of samples on the dataset's noise-free support (its stated tolerance)"),
     Metric("modes", ("modes_captured", "modes_total", "mode_tv"), _modes,
            "mixture modes captured (>= a quarter of the lightest mode's expected count within 3 std); TV of the mode histogram",
            mixtures_only=True),
 ]}
-DEFAULT_METRICS = ("w2", "energy", "prdc", "c2st", "support", "modes")
+DEFAULT_METRICS = ("w2", "energy", "prdc", "c2st", "validation", "support", "modes")
 #: columns with no noise floor (constants of the dataset)
 NO_FLOOR = {"modes_total"}
 

@@ -52,3 +52,27 @@ def test_protocol_line_names_the_timing_window_the_rows_record():
     assert "at least 5 blocks and 0.05, 0.25 s" in report.protocol_line(report.tidy(rows))  # the second: a legacy row
     rows[1]["sample_min_time_s"] = 0.05
     assert "at least 5 blocks and 0.05 s" in report.protocol_line(report.tidy(rows))
+
+
+def _cell(model, steps, val_energy, hq, sample_s, variant=""):
+    return [{"model": model, "variant": variant, "dataset": "ring8", "seed": s, "steps": steps, "nfe": steps,
+             "val_energy": val_energy, "hq_frac": hq, "sample_s": sample_s, "device_name": "gpu-x", "status": "done"}
+            for s in range(2)]
+
+
+def test_matched_quality_finds_the_fewest_ladder_steps_at_least_as_good_on_both_metrics():
+    rows = (_cell("ladder", 5, 0.010, 0.90, 0.005) + _cell("ladder", 10, 0.004, 0.95, 0.010, "a")
+            + _cell("ladder", 10, 0.003, 0.97, 0.012, "b") + _cell("ladder", 20, 0.002, 0.99, 0.020)
+            + _cell("fast", 1, 0.004, 0.96, 0.001)  # energy met at 10 steps, hq_frac only by variant b
+            + _cell("poor", 2, 0.001, 0.995, 0.001))  # better than every rung: no match
+    table = report.matched_quality(report.tidy(rows)).set_index("model")
+    assert table.loc["fast", "ladder steps to match"] == "10 (b)" and table.loc["fast", "time ratio"] == "12"
+    assert table.loc["poor", "ladder steps to match"].startswith("none of 20")
+    assert "ladder" not in table.index
+    md = report.markdown(report.tidy(rows))
+    assert "## Matched-quality speedup" in md
+
+
+def test_matched_quality_needs_a_ladder():
+    rows = _cell("a", 1, 0.01, 0.9, 0.001) + _cell("b", 2, 0.01, 0.9, 0.001)
+    assert report.matched_quality(report.tidy(rows)) is None

@@ -1,7 +1,9 @@
 """Evaluation during training and stopping (the converged budget): the stopping rule on synthetic
 curves, the kept weights are the validation best, the validation sample is its own, evaluation
 time is not training time, and a plugin without evaluation keeps a fixed budget."""
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,20 +11,24 @@ import torch
 
 from genbench import datasets
 from genbench.api import Monitor, Verdict
-from genbench.runner.monitor import MIN_FRACTION, PATIENCE_EVALS, ValidationMonitor, validation_sample
+from genbench.runner.monitor import (MIN_FRACTION, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor,
+                                     validation_sample)
 
 RING8 = datasets.get("ring8")
 
 
 class Curve(ValidationMonitor):
-    """A monitor whose metric at each step is read off a given curve (the samples are ignored)."""
+    """A monitor whose energy at each step is read off a given curve (the samples are ignored; every
+    sample on the support): its score is the energy's excess in units of the floor's std."""
 
     def __init__(self, values, cap=10_000, floor=(0.01, 0.002), log_every=50):
-        super().__init__(RING8, np.zeros((4, 2)), floor, cap=cap, log_every=log_every, seed=0)
+        floors = {"energy": floor, "off_support": (0.0, binomial_sd(0.0, 2000))}
+        super().__init__(RING8, np.zeros((4, 2)), floors, cap=cap, log_every=log_every, seed=0)
         self.values = values
 
-    def score(self, x):
-        return float(self.values(self._step))
+    def measure(self, x):
+        value = float(self.values(self._step))
+        return {"energy": value, "hq_frac": 1.0}, (value - self.floor["energy"][0]) / self.floor["energy"][1], 1.0
 
     def run(self):
         """Evaluates every logged window up to the cap, as a fit would; returns the stop step."""
@@ -73,6 +79,36 @@ def test_the_time_to_target_is_the_first_evaluation_in_the_floor_band():
     never = Curve(lambda s: 0.05, floor=(0.01, 0.001))
     never.run()
     assert never.record()["target_step"] is None
+
+
+def _monitor(ds, seed=0):
+    val = validation_sample(ds, seed)
+    return ValidationMonitor(ds, val, validation_floor(ds, seed, val), cap=10_000, log_every=50, seed=seed)
+
+
+def test_true_samples_score_within_the_noise_and_off_support_samples_far_outside():
+    m = _monitor(RING8)
+    assert set(m.floor) == {"energy", "off_support"} and m.floor["energy"][1] > 0
+    true = RING8.sample(2000, [0, 9])
+    _, score, noise = m.measure(true)
+    assert abs(score) < 4 * math.sqrt(2)  # the sum of two metrics each within a few of their spreads
+    # one point in ten moved off the ring into the middle: the energy distance hardly moves, the score does
+    moved = true.copy()
+    moved[::10] *= 0.5
+    values, worse, _ = m.measure(moved)
+    assert values["hq_frac"] < 0.91 and worse > score + 20 * noise
+
+
+def test_either_metric_improving_beyond_its_noise_is_a_new_best():
+    m = _monitor(RING8)
+    true = RING8.sample(2000, [0, 9])
+    blurred = true + np.random.default_rng(0).normal(0, 0.15, true.shape).astype(np.float32)
+    steps = iter(range(100, 10_000, 100))
+    first = m.evaluate(next(steps), lambda n, seed: torch.as_tensor(blurred))
+    better = m.evaluate(next(steps), lambda n, seed: torch.as_tensor(true))
+    same = m.evaluate(next(steps), lambda n, seed: torch.as_tensor(RING8.sample(2000, [0, 10])))
+    assert first.best and better.best and not same.best  # true points again are no improvement on true points
+    assert m.record()["kept_step"] == 200 and m.record()["target_step"] == 200
 
 
 def test_the_validation_sample_is_its_own_stream():
@@ -165,3 +201,15 @@ def test_a_converged_run_records_its_curve_and_stop(cli, tmp_path):
     figs = plots.figures(rd, df, notice=lambda m: None)
     assert "learning_curves.png" in figs and plots.text_outside(figs["learning_curves.png"]) == []
     assert "## Training to convergence" in report.markdown(df)
+
+
+def test_the_auto_budget_is_converged_on_a_gpu_and_default_on_the_cpu(monkeypatch):
+    from genbench.runner import plan as plan_mod
+
+    assert plan_mod.Plan(models=("vae",)).budget == plan_mod.AUTO
+    cpu = plan_mod.check(plan_mod.Plan(models=("vae",), device="cpu"))
+    assert cpu.plan.budget == "default" and not cpu.converged and cpu.plan.out == "results/default-cpu"
+    monkeypatch.setattr(plan_mod, "resolve_device", lambda *a, **k: "cuda")
+    gpu = plan_mod.check(plan_mod.Plan(models=("vae",), device="cuda"))
+    assert gpu.plan.budget == "converged" and gpu.converged and gpu.plan.out == "results/converged-cuda"
+    assert gpu.configs["vae"] == dataclasses.asdict(plan_mod.make_model(gpu.entries[0], gpu.plan).config)

@@ -38,7 +38,9 @@ from .scoring_pool import Scorer
 
 #: what a row carries of its fit's stopping (the converged budget): why it stopped, the step whose
 #: weights were kept, and the steps and seconds to first reach the data's floor band
-STOPPING_FIELDS = ("stop_reason", "kept_step", "kept_energy", "target_step", "target_s", "eval_floor")
+STOPPING_FIELDS = ("stop_reason", "kept_step", "kept_score", "kept_energy", "kept_hq_frac", "target_step", "target_s",
+                   "target_step_energy", "target_s_energy", "target_step_support", "target_s_support", "eval_floor",
+                   "eval_floor_off", "eval_s")
 
 
 class Progress:

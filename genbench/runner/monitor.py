@@ -3,8 +3,15 @@ budget). A ``ValidationMonitor`` is handed to a model's ``fit(..., monitor=)``; 
 steps it scores the model's current samples against the validation sample (true points from their
 own stream of the seed: never the reference sample the tables use, nor the training set), keeps
 the curve, says which evaluation is the best so far (the model keeps those weights), and ends the
-fit when the validation metric has not improved by more than its noise floor's spread for a
-patience window. Time to target: the first evaluation within the data's floor band."""
+fit when the validation score has not improved by more than its noise for a patience window.
+
+The validation score watches two metrics, each in units of its noise floor's spread: the energy
+distance to the validation sample (global shape, mode weights, dropped modes) and the fraction of
+samples off the data's support (samples between the modes or off the curve, which the energy
+distance of 2,000 points barely sees). The score is the sum of each metric's excess over the
+data's own value, divided by that value's spread over true samples of the same size; an
+evaluation is a new best when its score is below the best's by more than the best's own noise.
+Time to target: the first evaluation within the data's floor band, per metric and for both."""
 from __future__ import annotations
 
 import math
@@ -14,11 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
+from ..scoring import N_VALIDATION, validation_sample  # noqa: F401 - the monitor's validation sample
 from ..api import Monitor, Verdict
 
-#: points sampled at each evaluation, and in the validation sample
-N_VALIDATION = 2000
-#: true samples scored against the validation sample for the stopping metric's noise floor
+#: true samples scored against the validation sample for the metrics' noise floors
 FLOOR_DRAWS = 5
 #: evaluations at log-spaced steps: each at least this factor past the previous one ...
 GROWTH = 1.15
@@ -31,36 +37,50 @@ PATIENCE_FACTOR = 2.0
 MIN_FRACTION = 0.1
 #: the data's floor band: floor mean + BAND x floor std
 BAND = 3.0
+#: the validation metrics: energy distance, and the fraction of samples off the support
+METRICS = ("energy", "off_support")
 
 
-def validation_sample(ds, seed: int, n: int = N_VALIDATION) -> np.ndarray:
-    """The validation sample of (dataset, seed): stream 4 of the seed (training 0, reference 1,
-    held-out 2, floor draws 3)."""
-    return ds.sample(n, [seed, 4])
+def off_support(ds, x: np.ndarray) -> float:
+    """The fraction of the points ``x`` off the data's support (1 - hq_frac)."""
+    return float(1.0 - ds.on_support(x).mean())
 
 
-def validation_floor(ds, seed: int, val: np.ndarray, device: str = "cpu") -> tuple[float, float]:
-    """The stopping metric (energy distance) between the validation sample and FLOOR_DRAWS further
-    true samples of its size (stream 5 of the seed): its mean and std."""
-    values = [metrics.energy(ds.sample(len(val), [seed, 5, i]), val, device=device) for i in range(FLOOR_DRAWS)]
-    return float(np.mean(values)), float(np.std(values, ddof=1))
+def binomial_sd(p: float, n: int) -> float:
+    """The spread of a fraction p of n points (p at least 1/n: a fraction seen as 0 is no certainty)."""
+    p = min(max(p, 1.0 / n), 1.0 - 1.0 / n)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def validation_floor(ds, seed: int, val: np.ndarray, device: str = "cpu") -> dict:
+    """Each validation metric's value for FLOOR_DRAWS further true samples of the validation
+    sample's size (stream 5 of the seed): {metric: (mean, std)}. The energy distance's spread is
+    measured; the off-support fraction's is the binomial spread at its pooled mean (five draws
+    would estimate a fraction near 0 poorly)."""
+    draws = [ds.sample(len(val), [seed, 5, i]) for i in range(FLOOR_DRAWS)]
+    energy = [metrics.energy(x, val, device=device) for x in draws]
+    off = float(np.mean([off_support(ds, x) for x in draws]))
+    return {"energy": (float(np.mean(energy)), float(np.std(energy, ddof=1))),
+            "off_support": (off, binomial_sd(off, len(val)))}
 
 
 @dataclass
 class ValidationMonitor(Monitor):
     """One fit's evaluation during training: ``cap`` is its step budget (the config's train_steps),
-    ``log_every`` its logging window (evaluations fall on window ends)."""
+    ``log_every`` its logging window (evaluations fall on window ends), ``floor`` the validation
+    metrics' floors (``validation_floor``)."""
 
     ds: object
     val: np.ndarray
-    floor: tuple[float, float]
+    floor: dict
     cap: int
     log_every: int
     seed: int
     device: str = "cpu"
-    curve: list = field(default_factory=list)  # one dict per evaluation: step, train_s, energy, hq_frac
+    curve: list = field(default_factory=list)  # per evaluation: step, train_s, energy, hq_frac, score
     best_step: int | None = None
-    best_value: float = math.inf
+    best_score: float = math.inf
+    best_noise: float = 0.0
     stop_reason: str | None = None
     next_step: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -69,14 +89,16 @@ class ValidationMonitor(Monitor):
     def __post_init__(self):
         self.next_step = max(self.log_every, self.cap // FIRST_AT)
 
-    def score(self, x: np.ndarray) -> float:
-        """The stopping metric of samples ``x``: their energy distance to the validation sample."""
-        return metrics.energy(x, self.val, device=self.device)
-
-    @property
-    def delta(self) -> float:
-        """An improvement counts when it exceeds the noise floor's spread."""
-        return self.floor[1]
+    def measure(self, x: np.ndarray) -> tuple[dict, float, float]:
+        """The validation metrics of samples ``x`` (energy, and hq_frac as the tables name the
+        on-support fraction), their score and the score's noise (its spread at these values)."""
+        n = len(self.val)
+        energy, off = metrics.energy(x, self.val, device=self.device), off_support(self.ds, x)
+        (e_mean, e_sd), (o_mean, o_sd) = self.floor["energy"], self.floor["off_support"]
+        e_sd = max(e_sd, 1e-12)
+        score = (energy - e_mean) / e_sd + (off - o_mean) / o_sd
+        noise = math.sqrt(1.0 + (binomial_sd(off, n) / o_sd) ** 2)
+        return {"energy": energy, "hq_frac": 1.0 - off}, score, noise
 
     def due(self, step: int) -> bool:
         return step >= self.next_step or step >= self.cap
@@ -86,17 +108,17 @@ class ValidationMonitor(Monitor):
         x = np.asarray(sample(len(self.val), 20_000 + self.seed).detach().cpu().numpy(), dtype=np.float64)
         point = {"step": step, "train_s": t0 - self.started - self.evaluating_s}
         if not np.isfinite(x).all():
-            point |= {"energy": None, "hq_frac": None}
+            point |= {"energy": None, "hq_frac": None, "score": None}
             self.curve.append(point)
             self.stop_reason = f"diverged (non-finite samples at step {step})"
             self.evaluating_s += time.perf_counter() - t0
             return Verdict(best=False, stop=True)
-        value = self.score(x)
-        point |= {"energy": value, "hq_frac": float(self.ds.on_support(x).mean())}
+        values, score, noise = self.measure(x)
+        point |= values | {"score": score}
         self.curve.append(point)
-        best = value < self.best_value - (self.delta if self.best_step is not None else 0.0)
+        best = self.best_step is None or score < self.best_score - self.best_noise
         if best:
-            self.best_value, self.best_step = value, step
+            self.best_score, self.best_noise, self.best_step = score, noise, step
         since = sum(1 for p in self.curve if p["step"] > self.best_step)
         stop = (since >= PATIENCE_EVALS and step >= PATIENCE_FACTOR * self.best_step
                 and step >= MIN_FRACTION * self.cap)
@@ -108,14 +130,29 @@ class ValidationMonitor(Monitor):
         self.evaluating_s += time.perf_counter() - t0
         return Verdict(best=best, stop=stop)
 
+    def bands(self) -> dict:
+        """Each validation metric's floor band as a bound on the curve's own column."""
+        (e_mean, e_sd), (o_mean, o_sd) = self.floor["energy"], self.floor["off_support"]
+        return {"energy": e_mean + BAND * e_sd, "hq_frac": 1.0 - (o_mean + BAND * o_sd)}
+
+    def _reached(self, which: tuple[str, ...]):
+        bands = self.bands()
+        inside = {"energy": lambda p: p["energy"] <= bands["energy"], "hq_frac": lambda p: p["hq_frac"] >= bands["hq_frac"]}
+        return next((p for p in self.curve if p.get("score") is not None and all(inside[m](p) for m in which)), None)
+
     def record(self) -> dict:
-        """What the fit record keeps: the curve, the stop reason, the step kept, the floor, and the
-        time to target (the first evaluation within the floor band; None where none was)."""
-        band = self.floor[0] + BAND * self.floor[1]
-        reached = next((p for p in self.curve if p["energy"] is not None and p["energy"] <= band), None)
-        return {"eval_metric": "energy", "eval_curve": self.curve, "eval_floor": self.floor[0],
-                "stopped_step": self.curve[-1]["step"] if self.curve else None,
-                "eval_floor_std": self.floor[1], "stop_reason": self.stop_reason or "cap reached",
-                "kept_step": self.best_step, "kept_energy": None if self.best_step is None else self.best_value,
-                "target_step": reached["step"] if reached else None,
-                "target_s": reached["train_s"] if reached else None}
+        """What the fit record keeps: the curve, the stop reason, the step kept, the floors, and the
+        time to target (the first evaluation within the floor band: of each metric, and of both;
+        None where none was)."""
+        out = {"eval_metric": "score", "eval_curve": self.curve, "eval_floor": self.floor["energy"][0],
+               "eval_floor_std": self.floor["energy"][1], "eval_floor_off": self.floor["off_support"][0],
+               "eval_floor_off_std": self.floor["off_support"][1],
+               "stopped_step": self.curve[-1]["step"] if self.curve else None,
+               "stop_reason": self.stop_reason or "cap reached", "kept_step": self.best_step,
+               "kept_score": None if self.best_step is None else self.best_score, "eval_s": self.evaluating_s}
+        kept = next((p for p in self.curve if p["step"] == self.best_step), None)
+        out |= {"kept_energy": kept and kept["energy"], "kept_hq_frac": kept and kept["hq_frac"]}
+        for suffix, which in (("", ("energy", "hq_frac")), ("_energy", ("energy",)), ("_support", ("hq_frac",))):
+            p = self._reached(which)
+            out |= {f"target_step{suffix}": p["step"] if p else None, f"target_s{suffix}": p["train_s"] if p else None}
+        return out

@@ -32,6 +32,8 @@ MAX_SEED = 2**32 - 1 - 10_000
 #: the most fit units trained side by side as one stacked network on a GPU (a group the GPU's memory
 #: cannot hold is split in halves until it fits)
 MAX_SIDE_BY_SIDE = 32
+#: the budget that means: converged on a GPU (the grid is cheap there), default on the CPU
+AUTO = "auto"
 
 
 class Unit(NamedTuple):
@@ -61,7 +63,7 @@ class Plan:
     seeds: tuple[int, ...] = (0,)
     steps: tuple[int, ...] | None = None  # None: each model's default
     steps_by_model: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-model override of steps
-    budget: str = "default"
+    budget: str = "auto"  # AUTO: converged on a GPU, default on the CPU
     n_samples: int = N_SAMPLES
     metrics: tuple[str, ...] = tuple(scoring.DEFAULT_METRICS)
     floor_draws: int = 10  # independent true samples scored for each metric's noise floor
@@ -202,8 +204,8 @@ def check(plan: Plan) -> Resolved:
     anything is created or trained. Returns the resolved plan; ``plan`` itself is not changed."""
     from .executors import make_executor
 
-    if plan.budget not in (*BUDGETS, CONVERGED):
-        raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join((*BUDGETS, CONVERGED))}")
+    if plan.budget not in (*BUDGETS, CONVERGED, AUTO):
+        raise UsageError(f"unknown budget {plan.budget!r}; valid: {', '.join((*BUDGETS, CONVERGED, AUTO))}")
     if plan.threads < 1:
         raise UsageError(f"--threads {plan.threads}: must be >= 1")
     if plan.threads > cpu_cores():
@@ -227,6 +229,10 @@ def check(plan: Plan) -> Resolved:
         raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown_metrics)}; valid: {', '.join(scoring.METRICS)}")
     entries = tuple(resolve(list(plan.models)))
     _check_teachers(entries)
+    executor = make_executor(plan)  # checks the executor's options and that its package is installed
+    device = resolve_device(plan.device, here=executor.local_device)
+    if plan.budget == AUTO:  # the grid is cheap on a GPU: trained to convergence there
+        plan = dataclasses.replace(plan, budget=CONVERGED if device.startswith("cuda") else "default")
     for d in plan.datasets:
         ds_mod.get(d)
     steps = _check_steps(plan, entries)
@@ -240,8 +246,6 @@ def check(plan: Plan) -> Resolved:
     unknown = set(plan.params) - {e.name for e in entries} - teachers
     if unknown:
         raise UsageError(f"--param names model(s) not in this run: {', '.join(sorted(unknown))}")
-    executor = make_executor(plan)  # checks the executor's options and that its package is installed
-    device = resolve_device(plan.device, here=executor.local_device)
     if plan.score_jobs is not None and plan.score_jobs < 0:
         raise UsageError(f"--score-jobs {plan.score_jobs}: must be >= 0 (0: score in the fit process)")
     if plan.score_jobs is not None and plan.score_jobs > cpu_cores():
