@@ -273,7 +273,7 @@ def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
                      "reached the data": share("target_step"),
                      "energy in band": share("target_step_energy"), "support in band": share("target_step_support"),
                      "steps to reach": _fmt(reached.median()) if len(reached) else "never",
-                     "seconds to reach": _fmt(_numbers(g["target_s"]).median()) if len(reached) else "–"})
+                     "seconds to reach": _fmt(np.median(_numbers(g["target_s"]))) if len(reached) else "–"})
     return pd.DataFrame(recs)
 
 

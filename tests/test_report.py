@@ -76,3 +76,15 @@ def test_matched_quality_finds_the_fewest_ladder_steps_at_least_as_good_on_both_
 def test_matched_quality_needs_a_ladder():
     rows = _cell("a", 1, 0.01, 0.9, 0.001) + _cell("b", 2, 0.01, 0.9, 0.001)
     assert report.matched_quality(report.tidy(rows)) is None
+
+
+def test_the_convergence_table_counts_seeds_in_the_band_and_their_time():
+    rows = _rows([0.30, 0.31, 0.29], 0.95)
+    for i, r in enumerate(rows):
+        r |= {"stop_reason": "converged at step 900" if i else "cap reached", "train_steps": 1000, "kept_step": 500,
+              "target_step": 400 if i else None, "target_s": 2.0 * i if i else None, "target_step_energy": 300,
+              "target_step_support": 400 if i else None}
+    table = report.convergence_table(report.tidy(rows)).iloc[0]
+    assert table["reached the data"] == "2/3" and table["energy in band"] == "3/3" and table["support in band"] == "2/3"
+    assert table["steps to reach"] == "400" and table["seconds to reach"] == "3"
+    assert table["stopped"] == "2 converged, 1 cap reached"
