@@ -1,7 +1,8 @@
 """The 2D datasets. Each draws from its own seeded numpy Generator (never the global RNG) and
 carries a version string that changes whenever its samples would.
 
-Origins: ring8 and grid25 are the mixtures of the mode-collapse literature (VEEGAN, PacGAN);
+Origins: pacgan-ring and pacgan-grid are PacGAN's (Lin et al. 2018) exactly, for its reproduction;
+ring8 and grid25 are the mixtures of the mode-collapse literature (VEEGAN, PacGAN);
 moons and circles follow scikit-learn's ``make_moons`` / ``make_circles`` geometry; swissroll,
 pinwheel, spirals (``2spirals``) and checkerboard follow the toy densities of FFJORD
 (Grathwohl et al. 2019), re-written here on a seeded Generator.
@@ -179,6 +180,22 @@ def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack([x1, x2], 1) * 2
 
 
+# named presets of published papers, beside genbench's own (their metrics: scoring's "pacgan")
+_pacgan_angles = 2 * np.pi * np.arange(8) / 8
+PACGAN_RING = _mixture(
+    "pacgan-ring",
+    np.stack([np.cos(_pacgan_angles), np.sin(_pacgan_angles)], 1),
+    0.01,
+    "PacGAN (Lin et al. 2018) 2D-ring: 8 equal Gaussians on the unit circle, std 0.01",
+)
+_pg = np.arange(-4.0, 5.0, 2.0)
+PACGAN_GRID = _mixture(
+    "pacgan-grid",
+    np.stack(np.meshgrid(_pg, _pg, indexing="ij"), -1).reshape(-1, 2),
+    0.05,
+    "PacGAN (Lin et al. 2018) 2D-grid: 5x5 equal Gaussians at {-4, -2, 0, 2, 4}^2, std 0.05",
+)
+
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in [
@@ -197,6 +214,8 @@ DATASETS: dict[str, Dataset] = {
                 "within 0.33 (3 stds of the noise and the uniform offset) of either arm's centre line"),
         Dataset("checkerboard", "1", "4x4 checkerboard on [-4, 4]^2 (FFJORD)", _checkerboard,
                 _checkerboard_distance, 1e-5, "inside one of the 8 squares (1e-5 for float32 rounding)"),
+        PACGAN_RING,
+        PACGAN_GRID,
     ]
 }
 DEFAULT_DATASET = "ring8"

@@ -469,3 +469,54 @@ def headline(df: pd.DataFrame, spec) -> str:
         lines += ["## Matched quality", "", MATCHED_NOTE.format(ladder=ref_model), "",
                   matched.drop(columns=["device"]).to_markdown(index=False), ""]
     return "\n".join(lines)
+
+
+#: PacGAN's Table 1 columns -> the row columns of the "pacgan" metric
+PACGAN_COLUMNS = {"modes": "pacgan_modes", "hq": "pacgan_hq", "rkl": "pacgan_rkl"}
+
+
+def _mean_se(values) -> tuple[float, float, int]:
+    v = _numbers(values)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"), len(v)
+
+
+def pacgan_table(df: pd.DataFrame, spec, packs=None) -> tuple[str, int, int]:
+    """PacGAN's Table 1 beside this run's (``spec``: a ``reproduce.PacGANTable``): per packing degree
+    and dataset, the modes captured, the high-quality fraction (%) and the reverse KL, mean ±
+    standard error over the seeds, the paper's alongside; a cell whose means differ by more than
+    twice their combined standard error is marked. Returns (Markdown, cells compared, cells marked)."""
+    ok = df[(df["status"] == "done") & (df["model"] == spec.model)]
+    recs, compared, marked = [], 0, 0
+    for pack in packs or spec.packs:
+        rec = {"model": spec.label(pack)}
+        sub = ok[ok["variant"] == f"pack{pack}"]
+        for group, dataset in spec.datasets.items():
+            g = sub[sub["dataset"] == dataset]
+            paper = spec.published.get((pack, group), {})
+            for col, column in PACGAN_COLUMNS.items():
+                mean, se, n = _mean_se(g[column]) if column in g else (float("nan"), float("nan"), 0)
+                scale = 100.0 if col == "hq" else 1.0
+                p_mean, p_se = paper.get(col, (float("nan"), float("nan")))
+                mark = ""
+                if n and np.isfinite(p_mean):
+                    compared += 1
+                    if abs(mean - p_mean) > 2 * np.sqrt((se if np.isfinite(se) else 0.0) ** 2 + p_se ** 2):
+                        mark, marked = f" {MARK}", marked + 1
+                ours = f"{_fmt(mean * scale)} ± {_fmt(se * scale, 2)}{mark}" if n else "–"
+                rec[f"{group} {col}"] = ours
+                rec[f"{group} {col} (paper)"] = f"{_fmt(p_mean * scale)} ± {_fmt(p_se * scale, 2)}" if np.isfinite(p_mean) else ""
+            rec[f"{group} seeds"] = int(g["seed"].nunique()) if len(g) else 0
+        recs.append(rec)
+    steps = sorted({int(s) for s in _numbers(ok["train_steps"])}) if "train_steps" in ok else []
+    text = [pd.DataFrame(recs).to_markdown(index=False), "",
+            f"Ours: mean ± standard error over the seeds; the paper: {spec.source}, mean ± standard error over 10 "
+            f"trials. {MARK}: the two means differ by more than 2 combined standard errors. hq: high-quality samples "
+            "(within 3 std of their nearest mode), %; modes: modes holding any of them; rkl: reverse KL of their mode "
+            f"histogram to the true weights. Training steps here: {', '.join(map(str, steps)) or '–'} (the paper: "
+            f"{spec.steps()})."]
+    if steps and steps != [spec.steps()]:
+        text += ["", f"**Not the paper's budget**: {', '.join(map(str, steps))} training steps against its {spec.steps()} "
+                 f"({spec.epochs} epochs of {spec.examples_per_epoch:,} examples); the comparison is not a reproduction."]
+    return "\n".join(text), compared, marked

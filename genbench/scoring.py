@@ -70,6 +70,10 @@ def _modes(x, ref, ds: Dataset, *, seed, device):
     return {k: s[k] for k in ("modes_captured", "modes_total", "mode_tv")}
 
 
+def _pacgan(x, ref, ds: Dataset, *, seed, device):
+    return M.pacgan_stats(M.check_points(x, minimum=1), ds.means, ds.stds, ds.weights)
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("w2", ("w2",), _w2, "exact 2-Wasserstein distance between the two samples (POT emd2)"),
     Metric("sinkhorn", ("sinkhorn",), lambda x, ref, ds, *, seed, device: {"sinkhorn": M.sinkhorn(x, ref, device=device)},
@@ -87,6 +91,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("modes", ("modes_captured", "modes_total", "mode_tv"), _modes,
            "mixture modes captured (>= a quarter of the lightest mode's expected count within 3 std); TV of the mode histogram",
            mixtures_only=True),
+    Metric("pacgan", ("pacgan_modes", "pacgan_hq", "pacgan_rkl"), _pacgan,
+           "PacGAN's Table 1 columns (its code's rule): modes holding any sample within 3 std, the fraction within "
+           "3 std of its nearest mode, reverse KL of their mode histogram to the true weights", mixtures_only=True),
 ]}
 DEFAULT_METRICS = ("w2", "energy", "prdc", "c2st", "validation", "support", "modes")
 #: columns with no noise floor (constants of the dataset)

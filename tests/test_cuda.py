@@ -209,3 +209,20 @@ def test_evaluation_during_a_captured_fit_keeps_the_best_weights(name):
     info = model.fit(DATA, device="cuda", seed=0, monitor=monitor)
     assert len(monitor.samples) == 5 and info.steps == 250
     torch.testing.assert_close(model.sample_now(200, 7), monitor.samples[1])
+
+
+def test_gan_captured_side_by_side_steps_are_its_eager_solo_steps():
+    """The GAN's two players in one captured, stacked step (three steps replayed after the two
+    eager ones) against an eager solo fit on the GPU: the same weights and batch-norm statistics
+    up to float rounding (a GAN amplifies rounding over many steps, so few steps are compared)."""
+    from genbench.models.gan import GAN
+
+    params = {"train_steps": "5", "pack": "2", "g_hidden": "32", "g_depth": "2", "d_hidden": "16", "batch": "64"}
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in (("ring8", 0), ("grid25", 1))]
+    group = [GAN(budget="quick", params=params) for _ in datas]
+    GAN.fit_side_by_side(group, datas, device="cuda", seeds=[0, 1])
+    for member, data, seed in zip(group, datas, (0, 1)):
+        solo = GAN(budget="quick", params=params | {"cuda_graph": "false"})
+        solo.fit(data, device="cuda", seed=seed)
+        for (name, a), b in zip(member.net.state_dict().items(), solo.net.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)

@@ -98,6 +98,13 @@ class Standardizer:
         return {"mean": self.mean.cpu(), "scale": float(self.scale)}
 
     @classmethod
+    def identity(cls, dim: int, device: str) -> "Standardizer":
+        """The map that leaves data as they are (a model trained in data units)."""
+        s = cls.__new__(cls)
+        s.mean, s.scale = torch.zeros(dim, device=device), 1.0
+        return s
+
+    @classmethod
     def from_state(cls, state: dict, device: str) -> "Standardizer":
         s = cls.__new__(cls)
         s.mean, s.scale = state["mean"].to(device), state["scale"]

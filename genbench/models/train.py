@@ -21,7 +21,9 @@ the divergence check, the loss curve, EMA and target updates), ``fit_side_by_sid
 stacked into one network and the loss vmapped over them, each member with its solo fit's draws,
 clipping and shadows) and, on CUDA, the training step captured in a CUDA graph and replayed.
 The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), ``clip`` (1.0),
-``warmup`` (200) and ``log_every`` (50) are read where it has them.
+``warmup`` (200), ``log_every`` (50), Adam's ``beta1`` (0.9) and ``beta2`` (0.999), and ``schedule``
+(``cosine``: warm-up then cosine decay; ``constant``: warm-up then the peak rate) are read where it
+has them.
 
 Two places are left for what the loop will grow: ``fit_loop``'s ``on_log(k)`` is called at the end
 of every logged window (evaluation during training), and ``TorchGenerator.member_fields`` names
@@ -128,7 +130,9 @@ class TorchGenerator(Generator):
         c = self.config
         return dict(steps=c.train_steps, lr=c.lr, device=None, cuda_graph=getattr(c, "cuda_graph", True),
                     clip=getattr(c, "clip", 1.0), warmup=getattr(c, "warmup", 200),
-                    log_every=getattr(c, "log_every", 50), phase=self.phase)
+                    log_every=getattr(c, "log_every", 50), phase=self.phase,
+                    betas=(getattr(c, "beta1", 0.9), getattr(c, "beta2", 0.999)),
+                    schedule=getattr(c, "schedule", "cosine"))
 
     def sample_now(self, n: int, seed: int):
         """``sample(n, seed=)`` from the weights as they are now, mid-fit: eagerly (a captured
@@ -258,10 +262,17 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
+#: learning-rate schedules: factor of the peak rate at (step, total steps, warm-up steps)
+SCHEDULES = {"cosine": warmup_cosine,
+             "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup)}
+
+
 def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
-             generators: tuple = (), phase=None, members: int = 0, on_log=None):
-    """The training loop every torch family shares: Adam, warm-up + cosine schedule, gradient
+             generators: tuple = (), phase=None, members: int = 0, on_log=None, betas=(0.9, 0.999),
+             schedule: str = "cosine"):
+    """The training loop every torch family shares: Adam (``betas``), a warm-up + ``schedule`` (one of
+    ``SCHEDULES``; cosine decay by default), gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
     ``loss_fn(k, t)`` returns the scalar loss of step k; ``after_step(t)`` runs after each update
     (EMA). ``t`` is the step as a number: k itself in the eager loop. ``on_log(k)``, if given, is
@@ -283,8 +294,11 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     params = [p for p in params if p.requires_grad]
     warmup = max(1, min(warmup, steps // 10))
     log = LossLog(steps, log_every, members, on_log)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
-              log=log)
+              log=log, betas=tuple(betas), factor=factor)
     if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
         return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
     return _fit_eager(params, loss_fn, **kw)
@@ -340,9 +354,9 @@ class LossLog:
         return infos if self.members else infos[0]
 
 
-def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log):
-    opt = torch.optim.Adam(params, lr=lr, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, steps, warmup))
+def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor):
+    opt = torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
     synchronize(device)
     t0 = time.perf_counter()
@@ -366,7 +380,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
     return log.result(time.perf_counter() - t0)
 
 
-def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log,
+def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
                  generators: tuple = (), phase=None):
     """``fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
 
@@ -377,9 +391,9 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
     they warm up the optimizer state and the kernels that capture needs), then the step is
     captured once and replayed to the phase's end."""
-    sched = torch.tensor([lr * warmup_cosine(k, steps, warmup) for k in range(steps)], device=device)
+    sched = torch.tensor([lr * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()
-    opt = torch.optim.Adam(params, lr=lr_t, fused=True, capturable=True)
+    opt = torch.optim.Adam(params, lr=lr_t, betas=betas, fused=True, capturable=True)
     k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
     k_float = torch.zeros((), device=device)  # ... and as a number for after_step
     losses = torch.zeros(steps, max(members, 1), device=device)
