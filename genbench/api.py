@@ -124,6 +124,10 @@ class Generator:
     #: True where ``fit`` takes ``monitor=`` (evaluation during training, stopping, the best weights
     #: kept: the ``stopping`` capability, which the ``converged`` budget needs)
     monitored: ClassVar[bool] = False
+    #: the search space ``genbench tune`` draws trials from: config field -> ``LogUniform``,
+    #: ``Uniform``, ``IntRange`` or ``Choice`` (the ``tuning`` capability; part of the published
+    #: protocol, printed by ``genbench list``); empty: the model is not tuned
+    search_space: ClassVar[dict[str, "Space"]] = {}
 
     def __init__(self, budget: str = "default", params: dict[str, str] | None = None, config: Any = None):
         """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
@@ -207,7 +211,7 @@ class Generator:
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
             ("evaluation", has("evaluate")), ("likelihood", cls.no_likelihood is None and has("evaluate")),
             ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side")),
-            ("stopping", cls.monitored)) if ok]
+            ("stopping", cls.monitored), ("tuning", bool(cls.search_space))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
@@ -312,6 +316,108 @@ def _coerce(value: str, typ: Any) -> Any:
         inner = typing.get_args(typ)[0]
         return tuple(_coerce(v, inner) for v in value.split(":") if v)
     raise ValueError(f"cannot parse {typ}")
+
+
+# -- search spaces (genbench tune) ---------------------------------------------------------------
+class Space:
+    """One config field's range for ``genbench tune``: ``value(u)`` maps u in [0, 1) to a value."""
+
+    def value(self, u: float) -> Any:
+        raise NotImplementedError
+
+    def check(self) -> str | None:
+        """What is wrong with the range (None: nothing)."""
+        return None
+
+
+@dataclass(frozen=True)
+class LogUniform(Space):
+    """A positive number, uniform in its logarithm over [low, high] (learning rates)."""
+    low: float
+    high: float
+
+    def value(self, u: float) -> float:
+        return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+
+    def check(self) -> str | None:
+        if not (self.low > 0 and self.high > 0):
+            return f"log-uniform bounds must be > 0, got [{self.low}, {self.high}]"
+        return None if self.low < self.high else f"empty range [{self.low}, {self.high}]"
+
+    def __str__(self) -> str:
+        return f"log-uniform [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class Uniform(Space):
+    """A number, uniform over [low, high]."""
+    low: float
+    high: float
+
+    def value(self, u: float) -> float:
+        return float(self.low + u * (self.high - self.low))
+
+    def check(self) -> str | None:
+        return None if self.low < self.high else f"empty range [{self.low}, {self.high}]"
+
+    def __str__(self) -> str:
+        return f"uniform [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class IntRange(Space):
+    """A whole number in [low, high], both included, each equally likely."""
+    low: int
+    high: int
+
+    def value(self, u: float) -> int:
+        return int(min(self.high, self.low + math.floor(u * (self.high - self.low + 1))))
+
+    def check(self) -> str | None:
+        if not (isinstance(self.low, int) and isinstance(self.high, int)):
+            return f"integer range bounds must be whole numbers, got [{self.low}, {self.high}]"
+        return None if self.low < self.high else f"empty range [{self.low}, {self.high}]"
+
+    def __str__(self) -> str:
+        return f"integers [{self.low}, {self.high}]"
+
+
+@dataclass(frozen=True)
+class Choice(Space):
+    """One of a few values, each equally likely."""
+    values: tuple
+
+    def value(self, u: float) -> Any:
+        return self.values[min(len(self.values) - 1, int(u * len(self.values)))]
+
+    def check(self) -> str | None:
+        if len(self.values) < 2:
+            return f"a choice needs at least 2 values, got {list(self.values)}"
+        return None if len(set(self.values)) == len(self.values) else f"repeated values in {list(self.values)}"
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(str, self.values))
+
+
+def check_space(cls) -> None:
+    """A model class's ``search_space``: each key a field of its Config, each range valid, and the
+    Config's defaults inside it (the default is always a trial). Raises UsageError naming the model,
+    the field and what is wrong."""
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    defaults = cls.Config()
+    for name, space in cls.search_space.items():
+        where = f"{cls.name}: search space field {name!r}"
+        if name not in fields:
+            raise UsageError(f"{where}: not a field of {cls.Config.__qualname__}; valid: {', '.join(sorted(fields))}")
+        if not isinstance(space, Space):
+            raise UsageError(f"{where}: {space!r} is not a LogUniform, Uniform, IntRange or Choice")
+        why = space.check()
+        if why:
+            raise UsageError(f"{where}: {why}")
+        d = getattr(defaults, name)
+        inside = (d in space.values if isinstance(space, Choice) else space.low <= d <= space.high)
+        if not inside:
+            raise UsageError(f"{where}: the default {d!r} lies outside {space} (the default is always a trial)")
 
 
 def apply_params(config: Any, params: dict[str, str]) -> Any:

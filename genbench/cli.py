@@ -139,6 +139,7 @@ def run(
     retries: int = typer.Option(_default("retries"), help="Times a task whose worker process, node or job died is run again before its cells become error rows (--jobs > 1, ray, slurm)."),
     task_gpus: float = typer.Option(_default("task_gpus"), help="--executor ray on a GPU device: the share of one GPU each task asks for (0 < x <= 1). Below 1, tasks share a GPU and time each other's calls; the default keeps one task per GPU."),
     slurm: List[str] = typer.Option([], help="--executor slurm: a job resource KEY=VALUE, repeatable: partition, account, qos, constraint, time (minutes, default 60), gpus (per job; default 1 on cuda), cpus (default --threads), mem (GB), cluster (slurm, local: jobs as local processes, debug)."),
+    tuned: Optional[Path] = typer.Option(None, help="A tuned.json written by 'genbench tune': each model's tuned config per dataset (--param applies on top). The run must be at the tuned budget, on seeds other than the tuning seeds; every row records its config's source."),
 ):
     """Train each model on each dataset and seed, sample, score and time it; print the table."""
     try:
@@ -161,6 +162,15 @@ def run(
                     out=str(out) if out else _default("out"), executor=executor, address=address,
                     retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
         runner = Run(plan)  # validates everything before anything is trained or written
+        if tuned is not None:
+            from dataclasses import replace
+
+            from .tune import tuned_plan_fields
+
+            r = runner.r
+            fields = tuned_plan_fields(tuned, [e.name for e in r.entries], list(plan.datasets), list(plan.seeds),
+                                       r.plan.budget)
+            runner = Run(replace(plan, budget=r.plan.budget, **fields))
         if plugins:
             err.print(f"note: no --models given: every registered model runs, plugins included: "
                       f"{', '.join(plugins)}; choose with --models", highlight=False, markup=False, soft_wrap=True)
@@ -309,6 +319,55 @@ def _read_rows(run_dirs) -> list[dict]:
     if not rows:
         raise UsageError(f"no rows in {', '.join(map(str, run_dirs))}; run 'genbench run' first")
     return rows
+
+
+@app.command()
+def tune(
+    models: str = typer.Option(..., help="Comma-separated models or aliases to tune (each must declare a search space: 'genbench list')."),
+    datasets: str = typer.Option(",".join(_default("datasets")), help="Comma-separated datasets; each gets its own tuned config."),
+    trials: int = typer.Option(32, help="Trials per model, dataset and study (the same for every model): the defaults, then quasirandom draws of the model's space."),
+    studies: int = typer.Option(1, help="Independent studies (each its own Sobol scrambling; the tuned file takes study 0's best)."),
+    seeds: str = typer.Option("0", help="Comma-separated tuning seeds (the tables re-run the best on other seeds: run --tuned refuses these)."),
+    budget: str = typer.Option("converged", help=f"Training budget of every trial: {CONVERGED} (default: selection at convergence), or {', '.join(BUDGETS)} (quick: smoke tests)."),
+    device: str = typer.Option(_default("device"), help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(_default("threads"), help="CPU threads for torch."),
+    jobs: int = typer.Option(_default("jobs"), help="Fit units of a trial trained at once (as 'run --jobs')."),
+    seed: int = typer.Option(0, help="Seed of the quasirandom draws (study s scrambles with seed + s)."),
+    out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials/ (one run dir per trial), tune.json, tuned.json. Re-running resumes."),
+):
+    """Equal-budget tuning: the same number of quasirandom trials for every model from the search
+    space it declares (its defaults always trial 0), each scored on the validation sample (never the
+    reference the tables use); the best per model and dataset goes to tuned.json for 'run --tuned'."""
+    try:
+        out_dir = _out(out) or Path(f"results/tune-{budget}")
+        from .tune import run_tune
+
+        tuned_file, results, best, notes = run_tune(
+            models=_list(models, "--models"), datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
+            n_trials=trials, studies=studies, budget=budget, out=out_dir, device=device, threads=threads, jobs=jobs,
+            seed=seed, run=_run)
+    except UsageError as e:
+        raise fail(str(e))
+    except OSError as e:
+        raise fail(f"cannot write {out}: {e.strerror or e}", EXIT_ENVIRONMENT)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    import json
+
+    from . import plots
+
+    written = plots.plot_tune(json.loads((tuned_file.parent / "tune.json").read_text()), tuned_file.parent / "figures")
+    err.print(f"figures: {', '.join(str(p) for p in written)}", highlight=False, soft_wrap=True, markup=False)
+    from rich.table import Table
+
+    t = Table(title=f"tuned configs (study 0's best of {trials} trials, validation score: lower is better) → {tuned_file}")
+    for col in ("model", "dataset", "trial", "score", "settings"):
+        t.add_column(col)
+    for (model, dataset, study), b in sorted(best.items()):
+        if study == 0:
+            t.add_row(model, dataset, "defaults" if b["trial"] == 0 else str(b["trial"]), f"{b['score']:.3g}",
+                      ", ".join(f"{k}={v}" for k, v in b["params"].items()))
+    console.print(t)
 
 
 REPRODUCTIONS = ("headline", "pacgan")
@@ -530,6 +589,14 @@ def list_cmd():
             configs = [e.cls(budget=x).config for x in (*BUDGETS, CONVERGED)]
             b.add_row(escape(name), *(escape(", ".join(f"{k}={getattr(c, k)}" for k in fields) or "–") for c in configs))
     console.print(b)
+    from .tune import space_table
+
+    sp = Table(title="search spaces ('genbench tune' draws its trials from these; the defaults are always a trial)")
+    for col in ("model", "field", "range", "default"):
+        sp.add_column(col)
+    for row in space_table([e for e in found.values() if e.cls is not None]):
+        sp.add_row(*(escape(v) for v in row))
+    console.print(sp)
     d = Table(title="datasets")
     for c in ("name", "version", "kind", "description", "on the support (hq_frac)"):
         d.add_column(c)

@@ -403,3 +403,85 @@ def text_outside(fig) -> list[str]:
             name = artist.get_title() if hasattr(artist, "get_title") and not hasattr(artist, "get_texts") else ""
             bad.append(name or getattr(artist, "get_text", lambda: f"{type(artist).__name__} {i}")())
     return bad
+
+
+# -- tuning (genbench tune's tune.json) -----------------------------------------------------------
+def _tune_table(tune: dict) -> pd.DataFrame:
+    """One row per (trial, dataset): model, study, index, the trial's settings, its validation score."""
+    recs = [{"model": t["model"], "study": t["study"], "index": t["index"], "dataset": d, "score": s, **t["params"]}
+            for t in tune.get("trials", []) for d, s in t["scores"].items()]
+    return pd.DataFrame(recs)
+
+
+def best_of_k(scores: np.ndarray, draws: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best (lowest) score among k trials, k = 1 .. len(scores): the median and 5-95% band over
+    ``draws`` bootstrap resamples of k of the trials (a finite score stands for a miss's infinity
+    nowhere: misses stay infinite and lose)."""
+    rng = np.random.default_rng(seed)
+    n = len(scores)
+    picks = rng.integers(0, n, size=(draws, n))
+    best = np.minimum.accumulate(scores[picks], axis=1)  # [draws, k]
+    return tuple(np.percentile(best, q, axis=0) for q in (50, 5, 95))
+
+
+def tune_figures(tune: dict) -> dict:
+    """name -> figure: best-of-k curves (best validation score against the number of trials, with a
+    bootstrap band), the distribution of the trials' scores, and the score against the learning rate
+    (one panel per dataset, a colour per model; study 0)."""
+    from matplotlib.lines import Line2D
+
+    df = _tune_table(tune)
+    if df.empty:
+        return {}
+    df = df[df["study"] == 0]
+    dsets = list(dict.fromkeys(df["dataset"]))
+    models = list(dict.fromkeys(df["model"]))
+    colours = {m: _SPARE[i % len(_SPARE)] for i, m in enumerate(models)}
+    out = {}
+    kinds = [("best_of_k.png", "Best validation score among k trials (median and 5-95% bootstrap band; lower is better)"),
+             ("trial_scores.png", "Validation score of every trial (the defaults circled; lower is better)")]
+    if "lr" in df:
+        kinds.append(("sensitivity.png", "Validation score against the learning rate (the defaults circled)"))
+    for name, title in kinds:
+        fig, axes = _grid(len(dsets))
+        for ax, d in zip(axes, dsets):
+            for i, m in enumerate(models):
+                g = df[(df["dataset"] == d) & (df["model"] == m)].sort_values("index")
+                scores = g["score"].to_numpy(dtype=float)
+                if not len(scores):
+                    continue
+                finite = np.where(np.isfinite(scores), scores, np.nan)
+                if name == "best_of_k.png":
+                    med, lo, hi = best_of_k(np.where(np.isfinite(scores), scores, np.inf))
+                    k = np.arange(1, len(scores) + 1)
+                    ax.plot(k, med, c=colours[m], lw=1.2, label=m)
+                    ax.fill_between(k, np.where(np.isfinite(lo), lo, np.nan), np.where(np.isfinite(hi), hi, np.nan),
+                                    color=colours[m], alpha=0.15, lw=0)
+                    ax.set_xlabel("trials", fontsize=8)
+                elif name == "trial_scores.png":
+                    x = np.full(len(scores), i) + np.linspace(-0.2, 0.2, len(scores))
+                    ax.scatter(x, finite, s=10, c=colours[m], label=m)
+                    ax.scatter(x[:1], finite[:1], s=60, facecolors="none", edgecolors="k", lw=0.8)
+                    ax.set_xticks(range(len(models)), models, fontsize=7, rotation=30)
+                else:
+                    lr = pd.to_numeric(g["lr"], errors="coerce").to_numpy()
+                    ax.scatter(lr, finite, s=10, c=colours[m], label=m)
+                    ax.scatter(lr[:1], finite[:1], s=60, facecolors="none", edgecolors="k", lw=0.8)
+                    ax.set_xscale("log")
+                    ax.set_xlabel("learning rate", fontsize=8)
+            ax.set_ylabel("validation score", fontsize=8)
+            ax.set_title(d, fontsize=9)
+        handles = [Line2D([], [], c=colours[m], lw=2) for m in models]
+        out[name] = _finish(fig, title, legend=(handles, models))
+    return out
+
+
+def plot_tune(tune: dict, out: Path) -> list[Path]:
+    """Writes the tuning figures into ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in tune_figures(tune).items():
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    return written

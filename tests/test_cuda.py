@@ -226,3 +226,18 @@ def test_gan_captured_side_by_side_steps_are_its_eager_solo_steps():
         solo.fit(data, device="cuda", seed=seed)
         for (name, a), b in zip(member.net.state_dict().items(), solo.net.state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_captured_members_each_train_at_their_own_learning_rate():
+    """Per-member learning rates in a captured stacked step against eager solo fits on the GPU."""
+    from genbench.models.vae import VAE
+
+    data = [datasets.get("ring8").sample(20000, [s, 0]) for s in (0, 1)]
+    rates = ["1e-3", "4e-3"]
+    group = [VAE(budget="quick", params={"train_steps": "20", "lr": r}) for r in rates]
+    VAE.fit_side_by_side(group, data, device="cuda", seeds=[0, 1])
+    for member, d, seed, r in zip(group, data, (0, 1), rates):
+        solo = VAE(budget="quick", params={"train_steps": "20", "lr": r, "cuda_graph": "false"})
+        solo.fit(d, device="cuda", seed=seed)
+        for a, b in zip(member.net.state_dict().values(), solo.net.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

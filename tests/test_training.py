@@ -1,4 +1,5 @@
 """The training loop's host-side logic (the CUDA-graph path's GPU behaviour is in test_cuda.py)."""
+import pytest
 import torch
 
 from genbench.models.consistency import ct_discretisation
@@ -28,3 +29,22 @@ def test_step_dependent_values_work_on_numbers_and_tensors():
     e2.update(b, torch.tensor(0.75))  # the captured step's form
     for p, q in zip(e1.model.parameters(), e2.model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_members_side_by_side_each_train_at_their_own_learning_rate():
+    """Two members at learning rates 1e-3 and 4e-3 against their solo fits (the stacked step is taken
+    at rate 1 and each member's update scaled by its rate: Adam's update is linear in the rate)."""
+    from genbench import datasets
+    from genbench.models.vae import VAE
+
+    data = [datasets.get("ring8").sample(4000, [s, 0]) for s in (0, 1)]
+    rates = ["1e-3", "4e-3"]
+    group = [VAE(budget="quick", params={"train_steps": "30", "lr": r}) for r in rates]
+    infos = VAE.fit_side_by_side(group, data, device="cpu", seeds=[0, 1])
+    for member, info, d, seed, r in zip(group, infos, data, (0, 1), rates):
+        solo = VAE(budget="quick", params={"train_steps": "30", "lr": r})
+        alone = solo.fit(d, seed=seed)
+        assert info.losses == pytest.approx(alone.losses, rel=1e-4)
+        for a, b in zip(member.net.state_dict().values(), solo.net.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert not torch.equal(group[0].net.dec[0].weight, group[1].net.dec[0].weight)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import Generator, PFODEDenoiser, UsageError, check_config
+from ..api import Choice, Generator, LogUniform, PFODEDenoiser, Uniform, UsageError, check_config
 from .diffusion import time_grid
 from .graphs import FusedSteps, GraphCache, graphs_available
 from .nets import EMA, Standardizer, TimeMLP, generator, seeded
@@ -249,6 +249,8 @@ class ConsistencyDistillation(_Consistency):
     teacher_needs = ("pf-ode denoiser",)
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 15000},
                "converged": {"train_steps": 30000}}
+    #: the tuning space: the learning rate, the batch, the target network's decay
+    search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 512, 1024)), "target_decay": Uniform(0.0, 0.99)}
 
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
         """Checks the teacher, builds the student (from the teacher's network where it starts from
@@ -325,6 +327,8 @@ class ConsistencyTraining(_Consistency):
     Config = CTConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000},
                "converged": {"train_steps": 60000}}
+    #: the tuning space: the learning rate, the batch, the training noise levels' centre
+    search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 384, 512, 1024)), "p_mean": Uniform(-2.0, -0.2)}
 
     def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
         """The network and its EMA built from the seed, the data standardised to sigma_data."""

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..api import PFODEDenoiser, UsageError, check_config
+from ..api import Choice, LogUniform, PFODEDenoiser, Uniform, UsageError, check_config
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
 from .nets import EMA, Standardizer, TimeMLP, generator, seeded
@@ -166,6 +166,8 @@ class Diffusion(TorchGenerator):
     Config = DiffusionConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000},
                "converged": {"train_steps": 40000}}  # converged: the cap; the validation curve stops it
+    #: the tuning space (3 knobs, as every built-in): the learning rate, the batch, the training noise levels' centre
+    search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "p_mean": Uniform(-2.4, -0.6)}
     multistep = True
 
     def _build(self, device: str):

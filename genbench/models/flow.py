@@ -24,7 +24,7 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.normalization import ActNorm
 
-from ..api import check_config
+from ..api import Choice, LogUniform, check_config
 from .nets import Standardizer, generator, seeded
 from .train import Setup, TorchGenerator
 
@@ -103,6 +103,8 @@ class RealNVP(TorchGenerator):
     Config = FlowConfig
     budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8},
                "converged": {"train_steps": 50000, "layers": 8}}
+    #: the tuning space: the learning rate, the batch, the coupling networks' width
+    search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((128, 256, 512)), "hidden": Choice((32, 64, 128))}
 
     def _build(self, device: str):
         c = self.config

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..api import check_config
+from ..api import Choice, LogUniform, Uniform, check_config
 from .nets import Standardizer, generator, seeded
 from .train import Setup, TorchGenerator
 
@@ -158,6 +158,8 @@ class GAN(TorchGenerator):
     Config = GANConfig
     budgets = {"quick": {"train_steps": 400}, "default": {}, "full": {"train_steps": 20000},
                "converged": {"train_steps": 60000}}
+    #: the tuning space: the learning rate, Adam's beta1, the batch
+    search_space = {"lr": LogUniform(5e-5, 2e-3), "beta1": Uniform(0.0, 0.9), "batch": Choice((128, 256, 512))}
     no_likelihood = ("an implicit model: the generator pushes a 2D latent through a batch-normalised MLP, with no "
                      "tractable density and no encoder for a bound")
 

@@ -25,10 +25,10 @@ The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), 
 (``cosine``: warm-up then cosine decay; ``constant``: warm-up then the peak rate) are read where it
 has them.
 
-Two places are left for what the loop will grow: ``fit_loop``'s ``on_log(k)`` is called at the end
-of every logged window (evaluation during training), and ``TorchGenerator.member_fields`` names
-the config fields that members of one side-by-side fit may differ in (none yet: one learning rate
-per stacked optimiser).
+``fit_loop``'s ``on_log(k)`` is called at the end of every logged window (evaluation during
+training), and ``TorchGenerator.member_fields`` names the config fields that members of one
+side-by-side fit may differ in (the learning rate: each member its own, for tuning trials fitted
+together).
 """
 from __future__ import annotations
 
@@ -101,8 +101,10 @@ class TorchGenerator(Generator):
     """The base of torch families: implement ``setup``, ``draws`` and ``loss`` (module docstring);
     ``fit`` and ``fit_side_by_side`` (with graph capture on CUDA) come from here."""
 
-    #: config fields in which the members of one side-by-side fit may differ (none yet)
-    member_fields: tuple[str, ...] = ()
+    #: config fields in which the members of one side-by-side fit may differ: the learning rate
+    #: (each member's own, ``fit_loop``); a family adds fields its hooks read per member (``draws``
+    #: is called on each member's own model)
+    member_fields: tuple[str, ...] = ("lr",)
     #: fit takes monitor= (evaluation during training, stopping, the best weights kept)
     monitored = True
 
@@ -193,7 +195,7 @@ class TorchGenerator(Generator):
         def draw(k, t):
             return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
 
-        settings = first._loop_settings() | {"device": device}
+        settings = first._loop_settings() | {"device": device, "lr": [m.config.lr for m in models]}
         keeper = Keeper(models, setups, monitors) if monitors is not None else None
         infos = fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
                             draw, context=first.step_context, generators=tuple(s.generator for s in setups),
@@ -267,7 +269,7 @@ SCHEDULES = {"cosine": warmup_cosine,
              "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup)}
 
 
-def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip: float = 1.0,
+def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
              generators: tuple = (), phase=None, members: int = 0, on_log=None, betas=(0.9, 0.999),
              schedule: str = "cosine"):
@@ -281,7 +283,9 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     ``members`` > 0 trains that many models side by side, their parameters stacked along a first
     dimension: ``loss_fn`` returns the [members] losses, each member's gradient is clipped by its own
     norm, and a list of one FitInfo per member is returned (a ``Diverged`` error in place of a
-    member whose loss stopped being finite; the others train on, unaffected).
+    member whose loss stopped being finite; the others train on, unaffected). ``lr`` may then be
+    one rate per member: Adam's update (no weight decay) is linear in its rate, so the step is taken
+    at rate 1 (times the schedule) and each member's update scaled by its own rate.
 
     On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
     is captured in a CUDA graph and replayed; the loss is read back once per ``log_every`` steps. A
@@ -296,6 +300,10 @@ def fit_loop(params, loss_fn, *, steps: int, lr: float, warmup: int = 200, clip:
     log = LossLog(steps, log_every, members, on_log)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if isinstance(lr, (list, tuple)) and len(set(lr)) == 1:
+        lr = lr[0]  # one rate for all: the plain step
+    if isinstance(lr, (list, tuple)) and len(lr) != members:
+        raise ValueError(f"{len(lr)} learning rates for {members} members")
     factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
               log=log, betas=tuple(betas), factor=factor)
@@ -317,6 +325,27 @@ def clip_gradients(params: list, clip: float, members: int = 0) -> None:
     coef = (clip / (torch.linalg.vector_norm(norms.reshape(members, -1), dim=1) + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(coef.reshape(-1, *[1] * (p.dim() - 1)))
+
+
+class MemberRates:
+    """Per-member learning rates of a stacked fit: ``before()`` keeps the weights, the optimizer then
+    steps at rate 1 (times the schedule), and ``after()`` scales each member's update by its own rate
+    (Adam's update is linear in the rate). No host sync: capturable."""
+
+    def __init__(self, params: list, rates, device: str):
+        self.params = params
+        rates = torch.as_tensor(rates, dtype=torch.float32, device=device)
+        self.rates = [rates.reshape(-1, *[1] * (p.dim() - 1)) for p in params]
+        self.kept = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def before(self) -> None:
+        torch._foreach_copy_(self.kept, self.params)
+
+    @torch.no_grad()
+    def after(self) -> None:
+        for p, kept, rate in zip(self.params, self.kept, self.rates):
+            p.sub_(kept).mul_(rate).add_(kept)
 
 
 class LossLog:
@@ -355,7 +384,8 @@ class LossLog:
 
 
 def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor):
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    rates = MemberRates(params, lr, device) if isinstance(lr, (list, tuple)) else None
+    opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
     synchronize(device)
@@ -366,7 +396,11 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
         (loss.sum() if members else loss).backward()
         if clip:
             clip_gradients(params, clip, members)
+        if rates:
+            rates.before()
         opt.step()
+        if rates:
+            rates.after()
         sched.step()
         if after_step is not None:
             after_step(k)
@@ -391,7 +425,9 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
     they warm up the optimizer state and the kernels that capture needs), then the step is
     captured once and replayed to the phase's end."""
-    sched = torch.tensor([lr * factor(k, steps, warmup) for k in range(steps)], device=device)
+    rates = MemberRates(params, lr, device) if isinstance(lr, (list, tuple)) else None
+    base = 1.0 if rates else lr
+    sched = torch.tensor([base * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()
     opt = torch.optim.Adam(params, lr=lr_t, betas=betas, fused=True, capturable=True)
     k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
@@ -404,7 +440,11 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         (loss.sum() if members else loss).backward()
         if clip:
             clip_gradients(params, clip, members)
+        if rates:
+            rates.before()
         opt.step()
+        if rates:
+            rates.after()
         if after_step is not None:
             after_step(k_float)
         losses.index_copy_(0, k_long, loss.detach().reshape(1, -1).float())
@@ -463,7 +503,7 @@ def stack_draws(per_member) -> tuple:
     return tuple(torch.stack(v) for v in zip(*per_member))
 
 
-def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr: float, device: str,
+def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, device: str,
                 cuda_graph: bool, generators: tuple, context=None, ema: list[nn.Module] | None = None,
                 ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | None = None,
                 frozen: list[nn.Module] | None = None, phase=None, evaluate: "Keeper | None" = None, **loop) -> list:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..api import check_config
+from ..api import Choice, IntRange, LogUniform, check_config
 from .nets import Standardizer, generator, seeded
 from .train import Setup, TorchGenerator, at_most
 
@@ -76,6 +76,8 @@ class VAE(TorchGenerator):
     Config = VAEConfig
     budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000},
                "converged": {"train_steps": 30000}}
+    #: the tuning space: the learning rate, the batch, the KL annealing's length
+    search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "kl_warmup": IntRange(0, 2000)}
 
     def _build(self, device: str):
         self.device = device

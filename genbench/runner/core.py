@@ -81,7 +81,7 @@ class Session:
                 self.fits.fit_side_by_side(mine, done)
             for unit in mine:
                 if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
-                    self.run_unit(unit, r.model(unit.model), todo[unit])
+                    self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit])
         self.scorer.drain(block=True)
 
     def run_unit(self, unit: Unit, model, steps: list) -> None:

@@ -8,7 +8,7 @@ import dataclasses
 from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
-from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
+from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model, model_params
 
 
 class FitStore:
@@ -81,7 +81,7 @@ class FitStore:
         teacher, extras = None, {}
         teacher_entry = self.r.teacher(unit.model)
         if teacher_entry is not None:
-            teacher = make_model(teacher_entry, self.r.plan)
+            teacher = make_model(teacher_entry, self.r.plan, unit.dataset)
             self.progress.update(f"{teacher_entry.name} (teacher of {unit.model}) on {unit.dataset} seed {unit.seed}: "
                                  "training")
             extras["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *unit[1:]), teacher, train)["train_s"]
@@ -105,9 +105,10 @@ class FitStore:
                 continue
             if all(c in done for c in self.r.cells([unit])):
                 continue
-            record, refit = self.reuse(unit, self.r.model(unit.model))
-            if record is None:
-                todo.setdefault(unit.model, []).append((unit, refit))
+            record, refit = self.reuse(unit, self.r.model(unit.model, unit.dataset))
+            if record is None:  # one group per model and config (a tuned config is per dataset)
+                key = (unit.model, repr(sorted(model_params(self.r.plan, unit.model, unit.dataset).items())))
+                todo.setdefault(key, []).append((unit, refit))
         for group in todo.values():
             for at in range(0, len(group), MAX_SIDE_BY_SIDE):
                 self.fit_group(group[at:at + MAX_SIDE_BY_SIDE])
@@ -121,7 +122,7 @@ class FitStore:
         name = chunk[0][0].model
         entry = self.r.entry(name)
         self.progress.update(f"{name}: {len(chunk)} fits side by side")
-        models = [self.r.model(name) for _ in chunk]
+        models = [self.r.model(name, u.dataset) for u, _ in chunk]
         datas = [self.r.data(u.dataset, u.seed)[1] for u, _ in chunk]
         kw, extras = {}, [{} for _ in chunk]
         infos = None
@@ -130,7 +131,7 @@ class FitStore:
             if teacher_entry is not None:  # each member's teacher, fitted or loaded (its group came first)
                 kw["teachers"] = []
                 for (u, _), data, ex in zip(chunk, datas, extras):
-                    teacher = make_model(teacher_entry, self.r.plan)
+                    teacher = make_model(teacher_entry, self.r.plan, u.dataset)
                     ex["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *u[1:]), teacher, data)["train_s"]
                     kw["teachers"].append(teacher)
             monitors = [self.monitor(u, m) for (u, _), m in zip(chunk, models)]

@@ -12,7 +12,7 @@ from .. import __version__
 from .. import datasets as ds_mod
 from ..api import Diverged, UsageError, debug_enabled
 from ..store import RunDir, artefact_rel, atomic_write, cell_name, floor_name, row_key
-from .plan import Cell, Resolved, device_name, git_sha, json_norm
+from .plan import Cell, Resolved, config_source, device_name, git_sha, json_norm
 
 
 class Ledger:
@@ -143,7 +143,8 @@ class Ledger:
         return {"run_id": self.store.read_manifest()["run_id"], "model": model,
                 "source": self.r.entry(model).source, "dataset": dataset,
                 "dataset_version": ds_mod.get(dataset).version, "seed": seed, "budget": self.plan.budget,
-                "n_samples": self.plan.n_samples, "settings_hash": self.plan.settings_hash(), **self.prov}
+                "n_samples": self.plan.n_samples, "settings_hash": self.plan.settings_hash(),
+                "config_source": config_source(self.plan, model, dataset), **self.prov}
 
     def write(self, row: dict, error: BaseException | None) -> None:
         """Appends ``row`` with its status: done, or diverged / error with the error's first line."""
@@ -165,7 +166,7 @@ class Ledger:
         for cell in self.r.cells(units):
             if tuple(cell) not in done:
                 self.write(self.base_row(cell.model, cell.dataset, cell.seed)
-                           | {"steps": cell.steps, "variant": safe_variant(self.r.model(cell.model))}, error)
+                           | {"steps": cell.steps, "variant": safe_variant(self.r.model(cell.model, cell.dataset))}, error)
 
     # -- tasks ------------------------------------------------------------------------------------------
     def task_inputs(self, units) -> dict[str, bytes]:

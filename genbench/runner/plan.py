@@ -68,6 +68,9 @@ class Plan:
     metrics: tuple[str, ...] = tuple(scoring.DEFAULT_METRICS)
     floor_draws: int = 10  # independent true samples scored for each metric's noise floor
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # model -> field -> value
+    #: tuned configs (``run --tuned``): model -> dataset -> field -> value, under ``params``
+    tuned: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    tuned_source: str | None = None  # the tuned file and its checksum, as rows record it
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
     # resources
@@ -94,7 +97,7 @@ class Plan:
     def settings(self) -> dict:
         """What must match for a run dir to be resumed or extended."""
         return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
-                "params": self.params, "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
+                "params": self.params, **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
                 "metrics": list(self.metrics), "floor_draws": self.floor_draws}
 
     def settings_hash(self) -> str:
@@ -126,8 +129,9 @@ class Resolved:
         """A model's registry entry (a teacher that is not itself in the run included)."""
         return next((e for e in self.entries if e.name == name), None) or resolve([name])[0]
 
-    def model(self, name: str) -> Generator:
-        return make_model(self.entry(name), self.plan)
+    def model(self, name: str, dataset: str | None = None) -> Generator:
+        """Model ``name`` with its config (on ``dataset``: its tuned config there, where the run has one)."""
+        return make_model(self.entry(name), self.plan, dataset)
 
     def teacher(self, name: str) -> Entry | None:
         """The registry entry of the teacher of model ``name`` (None: it has none)."""
@@ -193,8 +197,20 @@ class Resolved:
                 ds.sample(N_TEST, [seed, 2]))
 
 
-def make_model(entry: Entry, plan: Plan) -> Generator:
-    model = entry.cls(budget=plan.budget, params=plan.params.get(entry.name))
+def model_params(plan: Plan, name: str, dataset: str | None) -> dict[str, str]:
+    """Model ``name``'s config overrides on ``dataset``: its tuned config there, then ``--param``."""
+    return {**plan.tuned.get(name, {}).get(dataset, {}), **plan.params.get(name, {})}
+
+
+def config_source(plan: Plan, name: str, dataset: str) -> str:
+    """Where model ``name``'s config on ``dataset`` came from, as rows record it."""
+    parts = ([f"tuned {plan.tuned_source}"] if dataset in plan.tuned.get(name, {}) else []) + (
+        ["--param"] if plan.params.get(name) else [])
+    return " + ".join(parts) or "default"
+
+
+def make_model(entry: Entry, plan: Plan, dataset: str | None = None) -> Generator:
+    model = entry.cls(budget=plan.budget, params=model_params(plan, entry.name, dataset))
     model.name = entry.name  # the registered name is the one rows and files use
     return model
 
@@ -240,6 +256,8 @@ def check(plan: Plan) -> Resolved:
     for e in entries:  # instantiated once to validate the budget and --param values
         try:
             configs[e.name] = dataclasses.asdict(make_model(e, plan).config)
+            for d in plan.tuned.get(e.name, {}):
+                make_model(e, plan, d)
         except UsageError as err:
             raise UsageError(f"model {e.name}: {err}") from None
     teachers = {e.cls.teacher for e in entries if e.cls.teacher}

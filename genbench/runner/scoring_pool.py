@@ -101,7 +101,8 @@ class Scorer:
             here = model.evaluate(test) if "evaluation" in model.capabilities() else {}
             return lambda: here
         state = self.store.checkpoint_bytes(cell_name(*unit), sha)  # the bytes saved
-        return functools.cache(self._submit(evaluate_task, self.r.entry(unit.model), self.plan, state, test).result)
+        return functools.cache(self._submit(evaluate_task, self.r.entry(unit.model), self.plan, state, test,
+                                                 unit.dataset).result)
 
     def floors_for(self, ds, seed: int, ref):
         """Every metric's noise floor for (dataset, seed): ``floor_draws`` independent true samples
@@ -141,11 +142,11 @@ def score_task(x, ref, ds_name: str, metrics: list[str], seed: int):
     return scoring.score(x, ref, ds_mod.get(ds_name), metrics, seed=seed, device="cpu")
 
 
-def evaluate_task(entry, plan, state: bytes, test) -> dict:
+def evaluate_task(entry, plan, state: bytes, test, dataset: str | None = None) -> dict:
     """A fitted model's ``evaluate(test)`` in a scoring process: the model rebuilt on the CPU from its
     checkpoint's bytes (``store.load_state``: data, never code)."""
     from ..store import load_state
 
-    model = make_model(entry, plan)
+    model = make_model(entry, plan, dataset)
     model.load_state_dict(load_state(state, "cpu"), device="cpu")
     return model.evaluate(test)

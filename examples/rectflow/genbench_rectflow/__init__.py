@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genbench.api import check_config
+from genbench.api import Choice, LogUniform, check_config
 from genbench.models.train import Setup, TorchGenerator, at_most
 
 
@@ -63,6 +63,9 @@ class RectifiedFlow(TorchGenerator):
     Config = RectFlowConfig
     budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 40000},
                "converged": {"train_steps": 80000}}  # the cap; genbench's training base stops it on its validation curve
+    # what `genbench tune` may vary, and over which range (a trial always includes the defaults)
+    search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)),
+                    "ema_decay": Choice((0.99, 0.999, 0.9999))}
     multistep = True
     colour = "#17becf"
     no_likelihood = "not computed by this example (the flow's ODE would give one, as the diffusion model's does)"

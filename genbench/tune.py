@@ -1,0 +1,234 @@
+"""Equal-budget tuning (``genbench tune``): every model gets the same number of trials from the
+search space it declares (``Generator.search_space``), drawn quasirandomly (scrambled Sobol points,
+``scipy.stats.qmc``), its defaults always trial 0 of each study; each trial is a ``genbench run``
+of the model with those settings over the tuning datasets and seeds, in its own run dir under
+``OUT/trials`` (a killed tune re-run finishes only what is missing: finished trials' cells are
+skipped by the runner); each trial is scored on the **validation sample only** (the energy
+distance to it and the fraction of samples off the support, each in units of the data's noise
+floor, as the converged budget's stopping rule scores them: ``SELECTION_COLUMNS``), never on the
+reference sample the tables use; the best trial per (model, dataset) and study is written to
+``OUT/tuned.json``, which ``genbench run --tuned`` reads.
+
+The study store is the run dirs themselves (their rows are the trials' records) and ``tune.json``,
+rewritten whole at the end: nothing else to keep consistent, and a trial's rows are as durable as
+any run's (appended whole, checksummed artefacts).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .api import UsageError, check_space
+from .store import atomic_write, dumps
+
+#: points each trial samples per cell and scores (the validation sample's size)
+N_SAMPLES = 2000
+#: the metrics a trial's cells are scored with: the validation sample's energy distance and the
+#: on-support fraction (no reference-sample metric is needed, nor computed)
+METRICS = ("validation", "support")
+#: the row columns selection reads (a test checks that nothing else moves it)
+SELECTION_COLUMNS = ("val_energy", "hq_frac")
+TUNED_KIND = "genbench tuned configs"
+
+
+@dataclass(frozen=True)
+class Trial:
+    model: str
+    study: int
+    index: int  # 0: the model's defaults
+    params: dict  # field -> value as a string (``--param`` form)
+
+    @property
+    def key(self) -> str:
+        """The trial's settings hash: its run dir's name (a setting drawn twice runs once)."""
+        return hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _text(v) -> str:
+    return repr(v) if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def draws(space: dict, n: int, seed: int) -> list[dict]:
+    """``n`` points of the space: the first n of a scrambled Sobol sequence (scipy.stats.qmc, seeded),
+    each coordinate mapped through its field's range; the same seed gives the same points, and a
+    larger n extends the same sequence."""
+    if n <= 0:
+        return []
+    from scipy.stats import qmc
+
+    sobol = qmc.Sobol(d=len(space), scramble=True, seed=seed)
+    with warnings.catch_warnings():  # a power of two keeps Sobol's balance; the first n are taken
+        warnings.simplefilter("ignore")
+        u = sobol.random_base2(max(1, math.ceil(math.log2(n))))[:n]
+    return [{name: s.value(float(x)) for (name, s), x in zip(space.items(), row)} for row in u]
+
+
+def trials(cls, n: int, studies: int, seed: int) -> list[Trial]:
+    """Each study's ``n`` trials of model class ``cls``: its defaults first, then n - 1 draws of its
+    space (study s uses scramble seed ``seed + s``)."""
+    check_space(cls)
+    defaults = cls.Config()
+    out = []
+    for s in range(studies):
+        first = {k: _text(getattr(defaults, k)) for k in cls.search_space}
+        points = [first] + [{k: _text(v) for k, v in p.items()} for p in draws(cls.search_space, n - 1, seed + s)]
+        out += [Trial(cls.name, s, i, p) for i, p in enumerate(points)]
+    return out
+
+
+def validation_scores(rows: list[dict], floors: dict) -> dict[tuple[str, int], float]:
+    """Per (dataset, seed), the trial's validation score from its rows: the energy distance to the
+    validation sample and the off-support fraction, each as its excess over the data's floor in
+    units of the floor's spread (``floors``: (dataset, seed) -> runner.monitor.validation_floor),
+    summed; infinite for a cell that did not finish. Reads only SELECTION_COLUMNS."""
+    out: dict[tuple[str, int], float] = {}
+    for row in rows:
+        key = (row["dataset"], int(row["seed"]))
+        e, hq = row.get("val_energy"), row.get("hq_frac")
+        if row.get("status") != "done" or e is None or hq is None or not (math.isfinite(e) and math.isfinite(hq)):
+            out[key] = math.inf
+            continue
+        f = floors[key]
+        (e_mean, e_sd), (o_mean, o_sd) = f["energy"], f["off_support"]
+        score = (e - e_mean) / max(e_sd, 1e-12) + ((1.0 - hq) - o_mean) / o_sd
+        out[key] = min(out.get(key, math.inf), score) if key in out else score
+    return out
+
+
+def select(results: list[dict]) -> dict:
+    """The best trial per (model, dataset, study): the lowest mean validation score over the seeds
+    (a missing or failed cell scores infinity; ties go to the earlier trial, the defaults first)."""
+    best: dict = {}
+    for r in results:
+        for dataset, score in r["scores"].items():
+            k = (r["model"], dataset, r["study"])
+            if k not in best or score < best[k]["score"]:
+                best[k] = {"params": r["params"], "score": score, "trial": r["index"], "study": r["study"]}
+    return best
+
+
+def load_tuned(path: Path) -> dict:
+    """A tuned file, checked (data only: JSON, its kind, its checksum). UsageError, one line, if not."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tuned {path}: not a readable tuned file ({type(e).__name__})") from None
+    if not isinstance(data, dict) or data.get("kind") != TUNED_KIND or not isinstance(data.get("configs"), dict):
+        raise UsageError(f"--tuned {path}: not a tuned file written by 'genbench tune'")
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    if data.get("checksum") != _checksum(body):
+        raise UsageError(f"--tuned {path}: its checksum does not match (edited or torn); tune again")
+    return data
+
+
+def _checksum(body: dict) -> str:
+    return hashlib.sha256(dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def tuned_plan_fields(path: Path, models: list[str], datasets: list[str], seeds: list[int], budget: str) -> dict:
+    """``Plan`` fields for ``run --tuned``: each (model, dataset) of the run its tuned config (study
+    0's best), after checking the file against the run: the same budget, every model and dataset
+    tuned, and no seed of the run among the tuning seeds (the tables re-run on fresh seeds)."""
+    data = load_tuned(path)
+    s = data["settings"]
+    if s.get("budget") != budget:
+        raise UsageError(f"--tuned {path}: tuned at budget {s.get('budget')!r}, this run is at {budget!r}; "
+                         "run at the tuned budget, or tune at this one")
+    overlap = sorted(set(seeds) & set(s.get("seeds", [])))
+    if overlap:
+        raise UsageError(f"--tuned {path}: seed(s) {', '.join(map(str, overlap))} tuned the configs; "
+                         f"the tables re-run on fresh seeds (the tuning seeds were {s.get('seeds')})")
+    tuned: dict = {}
+    for m in models:
+        for d in datasets:
+            entry = data["configs"].get(m, {}).get(d)
+            if entry is None:
+                raise UsageError(f"--tuned {path}: no tuned config for {m} on {d} (it has: "
+                                 f"{', '.join(f'{mm} on {dd}' for mm, v in data['configs'].items() for dd in v)})")
+            tuned.setdefault(m, {})[d] = {k: str(v) for k, v in entry["params"].items()}
+    return {"tuned": tuned, "tuned_source": f"{Path(path).name} {data['checksum'][:12]}"}
+
+
+def write_results(out: Path, settings: dict, results: list[dict], best: dict) -> Path:
+    """``tune.json`` (every trial and its scores) and ``tuned.json`` (study 0's best per model and
+    dataset, with the settings it was tuned at), each written atomically; returns the tuned file."""
+    atomic_write(out / "tune.json", dumps({"settings": settings, "trials": results}, indent=1).encode(), root=out)
+    configs: dict = {}
+    for (model, dataset, study), b in sorted(best.items()):
+        if study == 0:
+            configs.setdefault(model, {})[dataset] = b
+    body = {"kind": TUNED_KIND, "genbench_version": __version__, "settings": settings, "configs": configs}
+    path = out / "tuned.json"
+    atomic_write(path, dumps(body | {"checksum": _checksum(body)}, indent=1).encode(), root=out)
+    return path
+
+
+def space_table(entries) -> list[tuple[str, str, str, str]]:
+    """(model, field, range, default) for every declared search space (``genbench list``, ``tune --help``)."""
+    rows = []
+    for e in entries:
+        defaults = e.cls.Config()
+        for name, space in getattr(e.cls, "search_space", {}).items():
+            rows.append((e.name, name, str(space), _text(getattr(defaults, name))))
+    return rows
+
+
+def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
+             out: Path, device: str, threads: int, jobs: int, seed: int, run) -> tuple[Path, list[dict], dict, list]:
+    """The tune: every trial's plan checked before anything trains (UsageError, one line), then each
+    trial run (``run(runner)`` runs one ``runner.Run`` and returns its rows) and scored on the
+    validation sample; writes tune.json and tuned.json into ``out``. Returns (the tuned file, the
+    trials' results, the best per (model, dataset, study), notes for the user)."""
+    from . import datasets as ds_mod
+    from .registry import resolve
+    from .runner import Plan, Run
+    from .runner.monitor import validation_floor, validation_sample
+
+    if n_trials < 1 or studies < 1:
+        raise UsageError(f"--trials {n_trials} --studies {studies}: both must be >= 1")
+    entries = resolve(models)
+    for e in entries:
+        if not getattr(e.cls, "search_space", None):
+            raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
+        check_space(e.cls)
+    plans = []
+    for e in entries:
+        unique = {}
+        for t in trials(e.cls, n_trials, studies, seed):
+            unique.setdefault(t.key, t)
+        for key, t in unique.items():
+            plan = Plan(models=[e.name], datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
+                        metrics=METRICS, floor_draws=2, params={e.name: t.params}, device=device, threads=threads,
+                        jobs=jobs, out=str(out / "trials" / e.name / key))
+            plans.append((e, t, Run(plan)))  # Run checks the plan: every trial is refused before any trains
+    floors = {}
+    for d in datasets:
+        ds = ds_mod.get(d)
+        for s in seeds:
+            floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
+    by_key: dict = {}
+    reused = 0
+    for e, t, runner in plans:
+        rows = run(runner)
+        reused += any(re.fullmatch(rf"{len(rows)} of {len(rows)} cells were already done.*", n) for n in runner.notes)
+        cells = validation_scores(rows, floors)
+        by_key[(e.name, t.key)] = {d: float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
+                                  for d in datasets}
+    results = []
+    for e in entries:
+        for t in trials(e.cls, n_trials, studies, seed):
+            results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
+                            "scores": by_key[(e.name, t.key)]})
+    best = select(results)
+    settings = {"budget": plans[0][2].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
+                "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
+                "seed": seed, "spaces": {mm: {f: r for m2, f, r, _ in space_table(entries) if m2 == mm}
+                                         for mm in (e.name for e in entries)}}
+    notes = [f"{reused} of {len(plans)} trials were already done (their run dirs under {out / 'trials'} reused)"]
+    return write_results(out, settings, results, best), results, best, notes

@@ -1,0 +1,172 @@
+"""Equal-budget tuning: declared search spaces, quasirandom trials with the defaults among them,
+selection on the validation sample only, resumable tunes, tuned files and 'run --tuned'."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from genbench import api, tune
+from genbench.registry import resolve
+
+VAE = resolve(["vae"])[0].cls
+QUICK = ("--budget", "quick", "--device", "cpu", "--datasets", "ring8")
+
+
+def test_every_built_in_declares_a_valid_space_of_equal_size():
+    sizes = set()
+    for name in ("diffusion", "cm-cd", "cm-ct", "vae", "flow", "gan"):
+        cls = resolve([name])[0].cls
+        api.check_space(cls)
+        assert "tuning" in cls.capabilities() and "lr" in cls.search_space
+        sizes.add(len(cls.search_space))
+    assert sizes == {3}  # the same number of knobs for every family
+
+
+def test_draws_are_quasirandom_reproducible_and_nested():
+    space = {"a": api.Uniform(0.0, 1.0), "b": api.LogUniform(1e-4, 1e-2)}
+    first, again, other = tune.draws(space, 16, seed=3), tune.draws(space, 16, seed=3), tune.draws(space, 16, seed=4)
+    assert first == again and first != other
+    assert tune.draws(space, 5, seed=3) == first[:5]  # more trials extend the same sequence
+    a = np.array([p["a"] for p in first])
+    assert sorted(np.floor(a * 16).astype(int)) == list(range(16))  # Sobol: one point in each 1/16 of a coordinate
+    b = np.log10([p["b"] for p in first])
+    assert sorted(np.floor((b + 4) / 2 * 16).astype(int)) == list(range(16))  # log-uniform: even in the log
+    assert all(1e-4 <= p["b"] <= 1e-2 for p in first)
+
+
+def test_the_defaults_are_trial_zero_of_every_study():
+    trials = tune.trials(VAE, 4, studies=2, seed=0)
+    defaults = VAE.Config()
+    assert [(t.study, t.index) for t in trials] == [(s, i) for s in (0, 1) for i in range(4)]
+    for t in trials:
+        if t.index == 0:
+            assert t.params == {k: str(getattr(defaults, k)) for k in VAE.search_space}
+    assert trials[1].params != trials[5].params  # the studies scramble differently
+    model = VAE(budget="quick", params=trials[2].params)  # a drawn trial is a valid config
+    assert model.config.batch in (256, 512, 1024)
+
+
+@pytest.mark.parametrize("space,why", [
+    ({"lr": api.LogUniform(1e-2, 1e-3)}, "empty range"),
+    ({"lr": api.LogUniform(-1e-3, 1e-2)}, "must be > 0"),
+    ({"lr": api.Uniform(0.0, 0.0)}, "empty range"),
+    ({"latnet": api.IntRange(1, 4)}, "not a field"),
+    ({"batch": api.Choice((512,))}, "at least 2"),
+    ({"lr": api.LogUniform(1e-4, 1e-3)}, "outside"),  # the default, 2e-3, is not in it
+])
+def test_bad_spaces_are_refused_before_anything_runs(space, why, monkeypatch, cli, tmp_path):
+    monkeypatch.setattr(VAE, "search_space", space)
+    with pytest.raises(api.UsageError, match=why):
+        api.check_space(VAE)
+    out = tmp_path / "tune"
+    r = cli("tune", "--models", "vae", "--trials", "2", *QUICK, "--out", str(out))
+    assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_selection_reads_only_the_validation_columns():
+    floors = {("ring8", 0): {"energy": (0.001, 0.0005), "off_support": (0.003, 0.0012)}}
+    row = {"dataset": "ring8", "seed": 0, "status": "done", "val_energy": 0.002, "hq_frac": 0.99,
+           "w2": 0.3, "energy": 0.002, "c2st": 0.55, "precision": 0.9}
+    score = tune.validation_scores([row], floors)[("ring8", 0)]
+    assert score == pytest.approx((0.002 - 0.001) / 0.0005 + (0.01 - 0.003) / 0.0012)
+    scrambled = row | {"w2": 9.0, "energy": 1.0, "c2st": 1.0, "precision": 0.0}  # every reference-sample column
+    assert tune.validation_scores([scrambled], floors)[("ring8", 0)] == score
+    assert math.isinf(tune.validation_scores([row | {"status": "diverged"}], floors)[("ring8", 0)])
+    assert set(tune.SELECTION_COLUMNS) == {"val_energy", "hq_frac"}
+
+
+def _tuned(out):
+    return json.loads((out / "tuned.json").read_text())
+
+
+def test_selection_never_reads_the_reference_sample(monkeypatch, cli, tmp_path):
+    """Two tunes, the second with every reference sample replaced by far-off points: the same
+    trials win (a selection that read the reference would change, or fail)."""
+    from genbench.runner import plan
+
+    a = tmp_path / "a"
+    assert cli("tune", "--models", "vae", "--trials", "3", *QUICK, "--out", str(a), timeout=600).returncode == 0
+    real = plan.Resolved.data
+
+    def poisoned(self, dataset, seed):
+        ds, train, ref, test = real(self, dataset, seed)
+        return ds, train, ref + 100.0, test
+
+    monkeypatch.setattr(plan.Resolved, "data", poisoned)
+    b = tmp_path / "b"
+    assert cli("tune", "--models", "vae", "--trials", "3", *QUICK, "--out", str(b), timeout=600).returncode == 0
+    ta, tb = _tuned(a)["configs"], _tuned(b)["configs"]
+    assert ta == tb
+    assert [t["scores"] for t in json.loads((a / "tune.json").read_text())["trials"]] == \
+           [t["scores"] for t in json.loads((b / "tune.json").read_text())["trials"]]
+
+
+def test_a_small_tune_resumes_without_redoing_finished_trials(cli, tmp_path):
+    """One model, one dataset, 8 trials at the quick budget on the CPU: a tune stopped after 5
+    trials, re-run with 8, trains only the 3 missing (the first 5 trials' rows are untouched)."""
+    out = tmp_path / "tune"
+    assert cli("tune", "--models", "vae", "--trials", "5", *QUICK, "--out", str(out), timeout=900).returncode == 0
+    before = {p.parent.name: p.read_bytes() for p in (out / "trials" / "vae").glob("*/rows.jsonl")}
+    assert len(before) == 5
+    r = cli("tune", "--models", "vae", "--trials", "8", *QUICK, "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr
+    after = {p.parent.name: p.read_bytes() for p in (out / "trials" / "vae").glob("*/rows.jsonl")}
+    assert len(after) == 8 and all(after[k] == v for k, v in before.items())
+    assert "5 of 8 trials were already done" in r.stderr
+    results = json.loads((out / "tune.json").read_text())["trials"]
+    assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["lr"] == "0.002"
+    chosen = _tuned(out)["configs"]["vae"]["ring8"]
+    best = min(results, key=lambda t: t["scores"]["ring8"])
+    assert chosen["trial"] == best["index"] and chosen["params"] == best["params"]
+
+
+def test_run_tuned_uses_each_datasets_config_and_refuses_other_settings(cli, tmp_path):
+    out = tmp_path / "tune"
+    assert cli("tune", "--models", "vae", "--trials", "2", *QUICK, "--out", str(out), timeout=600).returncode == 0
+    tuned = out / "tuned.json"
+    chosen = _tuned(out)["configs"]["vae"]["ring8"]["params"]
+    run = tmp_path / "run"
+    r = cli("run", "--models", "vae", "--datasets", "ring8", "--seeds", "7", "--budget", "quick", "--device", "cpu",
+            "--n-samples", "300", "--floor-draws", "2", "--tuned", str(tuned), "--out", str(run), timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = json.loads((run / "rows.jsonl").read_text().splitlines()[0])
+    assert row["config_source"].startswith("tuned tuned.json ")
+    import torch
+
+    state = torch.load(next((run / "checkpoints").glob("*.pt")), weights_only=True)
+    assert {k: str(state["config"][k]) for k in chosen} == chosen  # the fit used the tuned config
+    refused = {
+        "--seeds 0": ("--seeds", "0"),  # a tuning seed
+        "budget": ("--budget", "default"),
+        "model": ("--models", "vae,flow"),
+    }
+    for why, extra in refused.items():
+        args = {"--models": "vae", "--datasets": "ring8", "--seeds": "7", "--budget": "quick"}
+        args[extra[0]] = extra[1]
+        bad = cli("run", *[x for kv in args.items() for x in kv], "--device", "cpu", "--tuned", str(tuned),
+                  "--out", str(tmp_path / why.replace(" ", "")))
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, (why, bad.stderr)
+        assert not (tmp_path / why.replace(" ", "")).exists()
+    edited = json.loads(tuned.read_text())
+    edited["configs"]["vae"]["ring8"]["params"]["lr"] = "0.5"
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(edited))
+    bad = cli("run", "--models", "vae", "--datasets", "ring8", "--seeds", "7", "--budget", "quick", "--device", "cpu",
+              "--tuned", str(forged), "--out", str(tmp_path / "forged"))
+    assert bad.returncode == 2 and "checksum" in bad.stderr
+
+
+def test_best_of_k_curves_fall_from_a_typical_trial_to_the_best():
+    from genbench import plots
+
+    med, lo, hi = plots.best_of_k(np.array([3.0, 1.0, 2.0]))
+    assert med[0] == 2.0 and med[-1] == 1.0  # one trial: the median trial; three: the best, 70% of the time
+    assert (np.diff(med) <= 0).all() and (lo <= med).all() and (med <= hi).all()
+    tune_json = {"trials": [{"model": m, "study": 0, "index": i, "params": {"lr": str(1e-3 * (i + 1))},
+                             "scores": {"ring8": float(i), "moons": 2.0 - i}} for m in ("a", "b") for i in range(3)]}
+    figs = plots.tune_figures(tune_json)
+    assert set(figs) == {"best_of_k.png", "trial_scores.png", "sensitivity.png"}
+    for fig in figs.values():
+        assert plots.text_outside(fig) == []
