@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates baselines/cpu: the canonical grid on the CPU, one single-threaded fit process per
-# core (--jobs auto). Writes report.md and results.csv beside the rows. Resumable: re-run to finish.
+# core (--jobs auto), at the auto budget (the CPU's: default). Writes report.md and results.csv beside
+# the rows. Resumable: re-run to finish. A run dir made with other settings (an older metric set) is
+# refused rather than mixed: regenerate into a fresh one (OUT_DIR=baselines/cpu-new bash ...).
 set -u
 cd "$(dirname "$0")/.."
-out=baselines/cpu
+out="${OUT_DIR:-baselines/cpu}"
 start=$(date +%s)
 genbench run --models diffusion,cm,vae,flow \
   --datasets ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard --seeds 0,1,2 \

@@ -11,7 +11,7 @@ import torch
 
 from genbench import datasets
 from genbench.api import Monitor, Verdict
-from genbench.runner.monitor import (MIN_FRACTION, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor,
+from genbench.runner.monitor import (MIN_STEPS, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor,
                                      validation_sample)
 
 RING8 = datasets.get("ring8")
@@ -49,6 +49,13 @@ def test_a_plateau_stops_after_the_patience_window_and_keeps_the_best():
     assert m.record()["stop_reason"] == f"converged at step {stop}" and m.record()["kept_step"] == m.best_step
 
 
+def test_the_evaluations_and_the_stop_do_not_depend_on_the_cap():
+    curve = lambda s: max(0.5 - s / 4000, 0.1)  # noqa: E731 - improves until step 1600, flat after
+    small, large = Curve(curve, cap=10_000), Curve(curve, cap=40_000)
+    assert small.run() == large.run() is not None and small.best_step == large.best_step
+    assert [p["step"] for p in small.curve] == [p["step"] for p in large.curve]
+
+
 def test_slow_steady_improvement_runs_to_the_cap():
     m = Curve(lambda s: 1.0 - s * 1e-4)  # improves by more than the floor's spread between evaluations
     assert m.run() is None and m.best_step == m.cap and m.record()["stop_reason"] == "cap reached"
@@ -61,7 +68,7 @@ def test_noise_within_the_floor_is_no_improvement():
     m = Curve(lambda s: 0.2 - 0.1 * min(s, 500) / 500 + noise.setdefault(s, rng.uniform(-0.0009, 0.0009)))
     stop = m.run()
     assert stop is not None and m.best_step <= 600  # wobbles of less than the floor's std never count
-    assert stop >= MIN_FRACTION * m.cap
+    assert stop >= MIN_STEPS
 
 
 def test_non_finite_samples_stop_the_fit_as_diverged():

@@ -48,3 +48,15 @@ def test_members_side_by_side_each_train_at_their_own_learning_rate():
         for a, b in zip(member.net.state_dict().values(), solo.net.state_dict().values()):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert not torch.equal(group[0].net.dec[0].weight, group[1].net.dec[0].weight)
+
+
+def test_the_rsqrt_schedule_does_not_depend_on_the_total_and_decays():
+    from genbench.models.train import SCHEDULES
+
+    rsqrt = SCHEDULES["rsqrt"]
+    for k in (0, 50, 99, 1000, 4000, 9999):
+        assert rsqrt(k, 10_000, 100) == rsqrt(k, 80_000, 100)  # a doubled cap leaves the path as it was
+    assert rsqrt(99, 0, 100) == 1.0 and rsqrt(999, 0, 100) == 1.0  # warm-up, then flat to 10 warm-ups
+    assert rsqrt(3999, 0, 100) == pytest.approx(0.5) and rsqrt(15_999, 0, 100) == pytest.approx(0.25)
+    cosine = SCHEDULES["cosine"]
+    assert cosine(5000, 10_000, 100) != cosine(5000, 20_000, 100)  # the cosine's does

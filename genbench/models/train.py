@@ -264,9 +264,16 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
+def warmup_rsqrt(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then inverse square-root decay from 10 warm-ups on
+    (EDM2's schedule): independent of the total, so a fit's path does not depend on its cap."""
+    return min(1.0, (step + 1) / warmup) / math.sqrt(max(1.0, (step + 1) / (10 * warmup)))
+
+
 #: learning-rate schedules: factor of the peak rate at (step, total steps, warm-up steps)
 SCHEDULES = {"cosine": warmup_cosine,
-             "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup)}
+             "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup),
+             "rsqrt": warmup_rsqrt}
 
 
 def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,

@@ -26,15 +26,16 @@ from ..api import Monitor, Verdict
 
 #: true samples scored against the validation sample for the metrics' noise floors
 FLOOR_DRAWS = 5
-#: evaluations at log-spaced steps: each at least this factor past the previous one ...
+#: evaluations at log-spaced steps, the first at this step (or the first window's end) ...
+FIRST_STEP = 100
+#: ... each at least this factor past the previous one (the same steps whatever the cap: a fit that
+#: stops before its cap stops at the same step, with the same weights kept, under a larger cap)
 GROWTH = 1.15
-#: ... and at least this many over a fit (the first at the cap / FIRST_AT, or the first window)
-FIRST_AT = 100
 #: stop once the best evaluation is this many evaluations old and the step at least this factor past
-#: it, and never before this fraction of the cap (early curves are noisy)
+#: it, and never before MIN_STEPS (early curves are noisy)
 PATIENCE_EVALS = 5
 PATIENCE_FACTOR = 2.0
-MIN_FRACTION = 0.1
+MIN_STEPS = 2000
 #: the data's floor band: floor mean + BAND x floor std
 BAND = 3.0
 #: the validation metrics: energy distance, and the fraction of samples off the support
@@ -87,7 +88,7 @@ class ValidationMonitor(Monitor):
     evaluating_s: float = 0.0
 
     def __post_init__(self):
-        self.next_step = max(self.log_every, self.cap // FIRST_AT)
+        self.next_step = max(self.log_every, FIRST_STEP)
 
     def measure(self, x: np.ndarray) -> tuple[dict, float, float]:
         """The validation metrics of samples ``x`` (energy, and hq_frac as the tables name the
@@ -121,7 +122,7 @@ class ValidationMonitor(Monitor):
             self.best_score, self.best_noise, self.best_step = score, noise, step
         since = sum(1 for p in self.curve if p["step"] > self.best_step)
         stop = (since >= PATIENCE_EVALS and step >= PATIENCE_FACTOR * self.best_step
-                and step >= MIN_FRACTION * self.cap)
+                and step >= MIN_STEPS)
         if stop:
             self.stop_reason = f"converged at step {step}"
         elif step >= self.cap:
