@@ -56,10 +56,13 @@ class Diverged(RuntimeError):
 @dataclass(frozen=True)
 class Verdict:
     """A monitor's answer to one evaluation during training: ``best``, the weights just evaluated
-    are the best so far (keep them); ``stop``, end the fit."""
+    are the best so far (keep them); ``stop``, end the fit; ``anneal`` > 0, the validation score has
+    stopped improving: decay the learning rate to its floor over the next ``anneal`` steps (a model
+    that cannot goes on as it was; the monitor ends the fit after them either way)."""
 
     best: bool
     stop: bool
+    anneal: int = 0
 
 
 class Monitor:

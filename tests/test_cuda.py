@@ -241,3 +241,25 @@ def test_captured_members_each_train_at_their_own_learning_rate():
         solo.fit(d, device="cuda", seed=seed)
         for a, b in zip(member.net.state_dict().values(), solo.net.state_dict().values()):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_an_anneal_in_a_captured_fit_is_the_eager_fits():
+    """The plateau schedule's anneal, started between replays, against the eager fit on the GPU."""
+    from genbench.api import Monitor, Verdict
+    from genbench.models.vae import VAE
+
+    class AnnealAt100(Monitor):
+        def due(self, step):
+            return True
+
+        def evaluate(self, step, sample):
+            return Verdict(best=False, stop=False, anneal=50 if step == 100 else 0)
+
+    data = datasets.get("ring8").sample(20000, [0, 0])
+    fits = []
+    for graph in ("true", "false"):
+        model = VAE(budget="converged", params={"train_steps": "200", "cuda_graph": graph})
+        model.fit(data, device="cuda", seed=0, monitor=AnnealAt100())
+        fits.append(model)
+    for a, b in zip(fits[0].net.state_dict().values(), fits[1].net.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)

@@ -21,10 +21,11 @@ class Curve(ValidationMonitor):
     """A monitor whose energy at each step is read off a given curve (the samples are ignored; every
     sample on the support): its score is the energy's excess in units of the floor's std."""
 
-    def __init__(self, values, cap=10_000, floor=(0.01, 0.002), log_every=50):
+    def __init__(self, values, cap=10_000, floor=(0.01, 0.002), log_every=50, anneal=False):
         floors = {"energy": floor, "off_support": (0.0, binomial_sd(0.0, 2000))}
-        super().__init__(RING8, np.zeros((4, 2)), floors, cap=cap, log_every=log_every, seed=0)
+        super().__init__(RING8, np.zeros((4, 2)), floors, cap=cap, log_every=log_every, seed=0, anneal=anneal)
         self.values = values
+        self.anneals = []
 
     def measure(self, x):
         value = float(self.values(self._step))
@@ -36,6 +37,8 @@ class Curve(ValidationMonitor):
             if self.due(step):
                 self._step = step
                 verdict = self.evaluate(step, lambda n, seed: torch.zeros(n, 2))
+                if verdict.anneal:
+                    self.anneals.append((step, verdict.anneal))
                 if verdict.stop:
                     return step
         return None
@@ -47,6 +50,18 @@ def test_a_plateau_stops_after_the_patience_window_and_keeps_the_best():
     assert stop is not None and m.best_step <= 1700 and stop >= 2 * m.best_step
     assert sum(p["step"] > m.best_step for p in m.curve) == PATIENCE_EVALS
     assert m.record()["stop_reason"] == f"converged at step {stop}" and m.record()["kept_step"] == m.best_step
+
+
+def test_at_the_plateau_the_fit_anneals_then_stops_at_the_end_of_the_decay():
+    m = Curve(lambda s: max(0.5 - s / 4000, 0.1) - (0.05 if s > 5000 else 0.0), anneal=True)  # the decay helps
+    stop = m.run()
+    (start, length), = m.anneals  # one decay, begun where the plain rule would have stopped
+    plain = Curve(lambda s: max(0.5 - s / 4000, 0.1))
+    assert start == plain.run() and length == 50 * math.ceil(0.5 * start / 50)
+    assert stop == start + length and m.record()["anneal_step"] == start
+    assert m.best_step > start  # the weights kept are the annealed ones, where they are better
+    capped = Curve(lambda s: max(0.5 - s / 4000, 0.1), cap=4000, anneal=True)
+    assert capped.run() == 4000 and capped.anneals[0][0] + capped.anneals[0][1] == 4000  # a decay ends by the cap
 
 
 def test_the_evaluations_and_the_stop_do_not_depend_on_the_cap():

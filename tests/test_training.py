@@ -60,3 +60,45 @@ def test_the_rsqrt_schedule_does_not_depend_on_the_total_and_decays():
     assert rsqrt(3999, 0, 100) == pytest.approx(0.5) and rsqrt(15_999, 0, 100) == pytest.approx(0.25)
     cosine = SCHEDULES["cosine"]
     assert cosine(5000, 10_000, 100) != cosine(5000, 20_000, 100)  # the cosine's does
+
+
+def test_an_anneal_decays_each_fits_rate_linearly_to_its_floor():
+    from genbench.models.train import ANNEAL_FLOOR, Anneal
+
+    a = Anneal(2, "cpu")
+    assert a.factor(10_000.0).tolist() == [1.0, 1.0]  # no decay before one is started
+    a.start(1, step=100, length=200)
+    f = lambda t: a.factor(float(t)).tolist()  # noqa: E731
+    assert f(100) == [1.0, 1.0] and f(200)[1] == pytest.approx((1 + ANNEAL_FLOOR) / 2) and f(300)[1] == pytest.approx(ANNEAL_FLOOR)
+    assert f(10_000) == [1.0, pytest.approx(ANNEAL_FLOOR)]
+
+
+def test_a_plateau_verdict_anneals_the_fit_and_its_updates_shrink():
+    """A monitor that asks for an anneal at step 100 (over 50 steps): the weights move far less over
+    the last window (steps 150-200, each update at a twentieth of the rate; the net movement of a
+    window is not a twentieth: unannealed steps partly cancel) than the same fit's without it."""
+    from genbench import datasets
+    from genbench.api import Monitor, Verdict
+    from genbench.models.vae import VAE
+
+    class AnnealAt100(Monitor):
+        def __init__(self, anneal):
+            self.anneal = anneal
+
+        def due(self, step):
+            return True
+
+        def evaluate(self, step, sample):
+            sample(10, 0)
+            return Verdict(best=False, stop=False, anneal=50 if (self.anneal and step == 100) else 0)
+
+    data = datasets.get("ring8").sample(4000, [0, 0])
+    moved = {}
+    for anneal in (False, True):
+        model = VAE(budget="converged", params={"train_steps": "200"})
+        snapshots = []
+        orig = model.sample_now
+        model.sample_now = lambda n, seed: (snapshots.append(model.net.dec[0].weight.detach().clone()), orig(n, seed))[1]
+        model.fit(data, seed=0, monitor=AnnealAt100(anneal))
+        moved[anneal] = (snapshots[-1] - snapshots[-2]).abs().mean().item()  # the last window's movement
+    assert moved[True] < 0.5 * moved[False]

@@ -51,7 +51,7 @@ class GANConfig:
     batch: int = 256  # packed examples per step (each holds `pack` points)
     train_steps: int = 5000
     warmup: int = 1  # steps of linear learning-rate warm-up (1: none)
-    schedule: str = "constant"  # constant | cosine (models/train.py SCHEDULES)
+    schedule: str = "constant"  # constant | cosine | rsqrt | plateau (models/train.py SCHEDULES)
     clip: float = 0.0  # gradient-norm clip (0: none)
     standardize: bool = True  # train on standardised data (false: in data units, as PacGAN did)
     cuda_graph: bool = True  # on CUDA, capture the training step in a CUDA graph (false: eager)
@@ -60,7 +60,7 @@ class GANConfig:
         check_config(self, positive=("pack", "latent", "g_hidden", "g_depth", "d_hidden", "d_depth", "maxout",
                                      "init_std", "bn_momentum", "lr", "batch", "train_steps", "warmup"),
                      nonnegative=("clip",), fraction=("beta1", "beta2", "bn_momentum"),
-                     choices={"schedule": ("constant", "cosine")})
+                     choices={"schedule": ("constant", "cosine", "rsqrt", "plateau")})
 
 
 class Maxout(nn.Module):
@@ -157,7 +157,7 @@ class GAN(TorchGenerator):
     colour = "#8c564b"
     Config = GANConfig
     budgets = {"quick": {"train_steps": 400}, "default": {}, "full": {"train_steps": 20000},
-               "converged": {"train_steps": 60000}}
+               "converged": {"train_steps": 60000, "schedule": "plateau"}}
     #: the tuning space: the learning rate, Adam's beta1, the batch
     search_space = {"lr": LogUniform(5e-5, 2e-3), "beta1": Uniform(0.0, 0.9), "batch": Choice((128, 256, 512))}
     no_likelihood = ("an implicit model: the generator pushes a 2D latent through a batch-normalised MLP, with no "

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..api import Diverged, FitInfo, Generator
+from ..api import CONVERGED, Diverged, FitInfo, Generator
 from ..timing import synchronize
 from . import graphs
 from .nets import ema_update
@@ -134,7 +134,7 @@ class TorchGenerator(Generator):
                     clip=getattr(c, "clip", 1.0), warmup=getattr(c, "warmup", 200),
                     log_every=getattr(c, "log_every", 50), phase=self.phase,
                     betas=(getattr(c, "beta1", 0.9), getattr(c, "beta2", 0.999)),
-                    schedule=getattr(c, "schedule", "cosine"))
+                    schedule=getattr(c, "schedule", "plateau" if self.budget == CONVERGED else "cosine"))
 
     def sample_now(self, n: int, seed: int):
         """``sample(n, seed=)`` from the weights as they are now, mid-fit: eagerly (a captured
@@ -151,7 +151,8 @@ class TorchGenerator(Generator):
     def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: Generator | None = None,
             monitor=None) -> FitInfo:
         s = self.setup(data, device=device, seed=seed, teacher=teacher)
-        keeper = Keeper([self], [s], [monitor]) if monitor is not None else None
+        settings = self._loop_settings() | {"device": device}
+        keeper = Keeper([self], [s], [monitor], settings, device) if monitor is not None else None
         nets = Nets(s)
 
         def loss_fn(k, t):
@@ -164,7 +165,7 @@ class TorchGenerator(Generator):
                 ema_update(list(s.target.parameters()), list(s.trained.parameters()), s.target_decay)
 
         info = fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
-                        on_log=keeper.on_log if keeper else None, **(self._loop_settings() | {"device": device}))
+                        on_log=keeper.on_log if keeper else None, anneal=keeper.anneal if keeper else None, **settings)
         if keeper:
             keeper.restore()
         return info
@@ -196,13 +197,14 @@ class TorchGenerator(Generator):
             return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
 
         settings = first._loop_settings() | {"device": device, "lr": [m.config.lr for m in models]}
-        keeper = Keeper(models, setups, monitors) if monitors is not None else None
+        keeper = Keeper(models, setups, monitors, settings, device) if monitors is not None else None
         infos = fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
                             draw, context=first.step_context, generators=tuple(s.generator for s in setups),
                             ema=[s.ema for s in setups] if s0.ema is not None else None,
                             ema_decay=lambda t: _decay(s0.ema_decay, t),
                             target=[s.target for s in setups] if s0.target is not None else None,
-                            target_decay=s0.target_decay, frozen=frozen, evaluate=keeper, **settings)
+                            target_decay=s0.target_decay, frozen=frozen, evaluate=keeper,
+                            anneal=keeper.anneal if keeper else None, **settings)
         if keeper:
             keeper.restore()
         return infos
@@ -213,12 +215,16 @@ class Keeper:
     each logged window, each fit whose monitor says an evaluation is due samples from its current
     weights (``sample_now``) and is evaluated; a best verdict keeps a copy of its sampling weights
     (the EMA copy, or the trained module), a stop verdict ends it. The loop stops when every fit
-    has stopped; ``restore`` loads each fit's best weights."""
+    has stopped; ``restore`` loads each fit's best weights. With the ``plateau`` schedule an anneal
+    verdict starts that fit's learning-rate decay (``anneal``, handed to the loop)."""
 
-    def __init__(self, models: list, setups: list[Setup], monitors: list):
+    def __init__(self, models: list, setups: list[Setup], monitors: list, settings: dict | None = None,
+                 device: str = "cpu"):
         if len(monitors) != len(models):
             raise ValueError("one monitor per fit")
         self.models, self.monitors = models, monitors
+        plateau = (settings or {}).get("schedule") == "plateau"
+        self.anneal = Anneal(len(models), device) if plateau else None
         self.modules = [s.ema if s.ema is not None else s.trained for s in setups]
         self.best: list[dict | None] = [None] * len(models)
         self.stopped = [m is None for m in monitors]
@@ -233,6 +239,8 @@ class Keeper:
             if sync is not None:
                 sync(i)
             verdict = monitor.evaluate(step, model.sample_now)
+            if verdict.anneal and self.anneal is not None:
+                self.anneal.start(i, step, verdict.anneal)
             if verdict.best:
                 self.best[i] = {k_: v.detach().clone() for k_, v in self.modules[i].state_dict().items()}
             self.stopped[i] = verdict.stop
@@ -273,13 +281,16 @@ def warmup_rsqrt(step: int, total: int, warmup: int) -> float:
 #: learning-rate schedules: factor of the peak rate at (step, total steps, warm-up steps)
 SCHEDULES = {"cosine": warmup_cosine,
              "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup),
-             "rsqrt": warmup_rsqrt}
+             "rsqrt": warmup_rsqrt,
+             # warm-up, then the peak rate until the monitor sees a plateau and each fit anneals on
+             # its own (``Anneal``): the converged budget's, so that no step depends on the cap
+             "plateau": lambda step, total, warmup: min(1.0, (step + 1) / warmup)}
 
 
 def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
              generators: tuple = (), phase=None, members: int = 0, on_log=None, betas=(0.9, 0.999),
-             schedule: str = "cosine"):
+             schedule: str = "cosine", anneal: "Anneal | None" = None):
     """The training loop every torch family shares: Adam (``betas``), a warm-up + ``schedule`` (one of
     ``SCHEDULES``; cosine decay by default), gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
@@ -292,7 +303,8 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     norm, and a list of one FitInfo per member is returned (a ``Diverged`` error in place of a
     member whose loss stopped being finite; the others train on, unaffected). ``lr`` may then be
     one rate per member: Adam's update (no weight decay) is linear in its rate, so the step is taken
-    at rate 1 (times the schedule) and each member's update scaled by its own rate.
+    at rate 1 (times the schedule) and each member's update scaled by its own rate. ``anneal``: each
+    fit's own decay (``Anneal``), started by ``on_log``'s caller when its score plateaus.
 
     On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
     is captured in a CUDA graph and replayed; the loss is read back once per ``log_every`` steps. A
@@ -313,7 +325,7 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
         raise ValueError(f"{len(lr)} learning rates for {members} members")
     factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
-              log=log, betas=tuple(betas), factor=factor)
+              log=log, betas=tuple(betas), factor=factor, anneal=anneal)
     if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
         return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
     return _fit_eager(params, loss_fn, **kw)
@@ -334,15 +346,38 @@ def clip_gradients(params: list, clip: float, members: int = 0) -> None:
         p.grad.mul_(coef.reshape(-1, *[1] * (p.dim() - 1)))
 
 
-class MemberRates:
-    """Per-member learning rates of a stacked fit: ``before()`` keeps the weights, the optimizer then
-    steps at rate 1 (times the schedule), and ``after()`` scales each member's update by its own rate
-    (Adam's update is linear in the rate). No host sync: capturable."""
+#: an annealed learning rate ends at this fraction of its peak
+ANNEAL_FLOOR = 0.05
 
-    def __init__(self, params: list, rates, device: str):
-        self.params = params
-        rates = torch.as_tensor(rates, dtype=torch.float32, device=device)
-        self.rates = [rates.reshape(-1, *[1] * (p.dim() - 1)) for p in params]
+
+class Anneal:
+    """Each fit's own learning-rate decay once its validation score plateaus (the ``plateau``
+    schedule): ``start(i, step, length)`` makes fit i's rate fall linearly from its peak to
+    ANNEAL_FLOOR of it over ``length`` steps from ``step``; ``factor(t)`` is every fit's factor at
+    step t (a number, or a 0-dim device tensor inside a captured step), computed on the device."""
+
+    def __init__(self, fits: int, device: str):
+        self.begin = torch.full((fits,), 1e12, device=device)  # far in the future: no decay yet
+        self.length = torch.ones(fits, device=device)
+
+    def start(self, i: int, step: int, length: int) -> None:
+        self.begin[i] = float(step)  # between steps (replays): the captured step reads the new values
+        self.length[i] = float(max(1, length))
+
+    def factor(self, t) -> torch.Tensor:
+        done = ((torch.as_tensor(t, dtype=torch.float32, device=self.begin.device) - self.begin) / self.length)
+        return (1.0 - (1.0 - ANNEAL_FLOOR) * done.clamp(0.0, 1.0))
+
+
+class MemberRates:
+    """Per-fit learning rates: ``before()`` keeps the weights, the optimizer then steps at rate 1
+    (times the schedule), and ``after(t)`` scales each fit's update by its own rate, times its
+    ``Anneal`` factor at step t where it has one (Adam's update is linear in the rate). Stacked
+    members are the first dimension of every parameter; a solo fit is one. No host sync: capturable."""
+
+    def __init__(self, params: list, rates, device: str, members: int, anneal: "Anneal | None" = None):
+        self.params, self.members, self.anneal = params, members, anneal
+        self.rates = torch.as_tensor(rates, dtype=torch.float32, device=device).reshape(-1)
         self.kept = [torch.empty_like(p) for p in params]
 
     @torch.no_grad()
@@ -350,8 +385,10 @@ class MemberRates:
         torch._foreach_copy_(self.kept, self.params)
 
     @torch.no_grad()
-    def after(self) -> None:
-        for p, kept, rate in zip(self.params, self.kept, self.rates):
+    def after(self, t=None) -> None:
+        rates = self.rates * self.anneal.factor(t) if self.anneal is not None else self.rates
+        for p, kept in zip(self.params, self.kept):
+            rate = rates.reshape(-1, *[1] * (p.dim() - 1)) if self.members else rates.reshape(())
             p.sub_(kept).mul_(rate).add_(kept)
 
 
@@ -390,8 +427,16 @@ class LossLog:
         return infos if self.members else infos[0]
 
 
-def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor):
-    rates = MemberRates(params, lr, device) if isinstance(lr, (list, tuple)) else None
+def _member_rates(params, lr, device, members, anneal):
+    """The per-fit rates (``MemberRates``) where fits differ in rate or anneal; None: one plain rate."""
+    if not isinstance(lr, (list, tuple)) and anneal is None:
+        return None
+    return MemberRates(params, lr if isinstance(lr, (list, tuple)) else [lr] * max(members, 1), device, members, anneal)
+
+
+def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
+               anneal=None):
+    rates = _member_rates(params, lr, device, members, anneal)
     opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
@@ -407,7 +452,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
             rates.before()
         opt.step()
         if rates:
-            rates.after()
+            rates.after(float(k))
         sched.step()
         if after_step is not None:
             after_step(k)
@@ -422,7 +467,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
 
 
 def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
-                 generators: tuple = (), phase=None):
+                 generators: tuple = (), phase=None, anneal=None):
     """``fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
 
     The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
@@ -432,7 +477,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
     they warm up the optimizer state and the kernels that capture needs), then the step is
     captured once and replayed to the phase's end."""
-    rates = MemberRates(params, lr, device) if isinstance(lr, (list, tuple)) else None
+    rates = _member_rates(params, lr, device, members, anneal)
     base = 1.0 if rates else lr
     sched = torch.tensor([base * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()
@@ -451,7 +496,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
             rates.before()
         opt.step()
         if rates:
-            rates.after()
+            rates.after(k_float)
         if after_step is not None:
             after_step(k_float)
         losses.index_copy_(0, k_long, loss.detach().reshape(1, -1).float())

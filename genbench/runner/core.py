@@ -40,7 +40,7 @@ from .scoring_pool import Scorer
 #: weights were kept, and the steps and seconds to first reach the data's floor band
 STOPPING_FIELDS = ("stop_reason", "kept_step", "kept_score", "kept_energy", "kept_hq_frac", "target_step", "target_s",
                    "target_step_energy", "target_s_energy", "target_step_support", "target_s_support", "eval_floor",
-                   "eval_floor_off", "eval_s")
+                   "eval_floor_off", "eval_s", "anneal_step")
 
 
 class Progress:

@@ -3,7 +3,9 @@ budget). A ``ValidationMonitor`` is handed to a model's ``fit(..., monitor=)``; 
 steps it scores the model's current samples against the validation sample (true points from their
 own stream of the seed: never the reference sample the tables use, nor the training set), keeps
 the curve, says which evaluation is the best so far (the model keeps those weights), and ends the
-fit when the validation score has not improved by more than its noise for a patience window.
+fit when the validation score has not improved by more than its noise for a patience window: there
+it anneals first (the learning rate decays over half as many steps again; the ``plateau`` schedule of
+the training base) and stops at the end of the decay.
 
 The validation score watches two metrics, each in units of its noise floor's spread: the energy
 distance to the validation sample (global shape, mode weights, dropped modes) and the fraction of
@@ -36,6 +38,9 @@ GROWTH = 1.15
 PATIENCE_EVALS = 5
 PATIENCE_FACTOR = 2.0
 MIN_STEPS = 2000
+#: at that plateau the fit anneals (its learning rate decays to a twentieth) over this fraction of
+#: the steps it has made, or up to its cap, and stops at the end of the decay
+ANNEAL_FRACTION = 0.5
 #: the data's floor band: floor mean + BAND x floor std
 BAND = 3.0
 #: the validation metrics: energy distance, and the fraction of samples off the support
@@ -82,6 +87,9 @@ class ValidationMonitor(Monitor):
     best_step: int | None = None
     best_score: float = math.inf
     best_noise: float = 0.0
+    anneal: bool = True  # at the plateau, anneal and stop after the decay (False: stop at the plateau)
+    anneal_from: int | None = None  # the step the decay began
+    anneal_to: int | None = None  # ... and ends
     stop_reason: str | None = None
     next_step: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -102,7 +110,7 @@ class ValidationMonitor(Monitor):
         return {"energy": energy, "hq_frac": 1.0 - off}, score, noise
 
     def due(self, step: int) -> bool:
-        return step >= self.next_step or step >= self.cap
+        return step >= self.next_step or step >= self.cap or (self.anneal_to is not None and step >= self.anneal_to)
 
     def evaluate(self, step: int, sample) -> Verdict:
         t0 = time.perf_counter()
@@ -121,15 +129,25 @@ class ValidationMonitor(Monitor):
         if best:
             self.best_score, self.best_noise, self.best_step = score, noise, step
         since = sum(1 for p in self.curve if p["step"] > self.best_step)
-        stop = (since >= PATIENCE_EVALS and step >= PATIENCE_FACTOR * self.best_step
-                and step >= MIN_STEPS)
+        plateau = (since >= PATIENCE_EVALS and step >= PATIENCE_FACTOR * self.best_step and step >= MIN_STEPS)
+        anneal = 0
+        if self.anneal_from is not None:  # annealing: the fit ends with its decay
+            stop = step >= self.anneal_to
+        elif plateau and self.anneal and step < self.cap:
+            windows = math.ceil(ANNEAL_FRACTION * step / self.log_every)  # ends on a window's end
+            stop, anneal = False, max(self.log_every, min(windows * self.log_every, self.cap - step))
+            self.anneal_from, self.anneal_to = step, step + anneal
+        else:
+            stop = plateau
         if stop:
             self.stop_reason = f"converged at step {step}"
         elif step >= self.cap:
             self.stop_reason = "cap reached"
         self.next_step = max(step + self.log_every, math.ceil(step * GROWTH))
+        if self.anneal_to is not None and step < self.anneal_to:
+            self.next_step = min(self.next_step, self.anneal_to)
         self.evaluating_s += time.perf_counter() - t0
-        return Verdict(best=best, stop=stop)
+        return Verdict(best=best, stop=stop, anneal=anneal)
 
     def bands(self) -> dict:
         """Each validation metric's floor band as a bound on the curve's own column."""
@@ -150,7 +168,8 @@ class ValidationMonitor(Monitor):
                "eval_floor_off_std": self.floor["off_support"][1],
                "stopped_step": self.curve[-1]["step"] if self.curve else None,
                "stop_reason": self.stop_reason or "cap reached", "kept_step": self.best_step,
-               "kept_score": None if self.best_step is None else self.best_score, "eval_s": self.evaluating_s}
+               "kept_score": None if self.best_step is None else self.best_score, "eval_s": self.evaluating_s,
+               "anneal_step": self.anneal_from}
         kept = next((p for p in self.curve if p["step"] == self.best_step), None)
         out |= {"kept_energy": kept and kept["energy"], "kept_hq_frac": kept and kept["hq_frac"]}
         for suffix, which in (("", ("energy", "hq_frac")), ("_energy", ("energy",)), ("_support", ("hq_frac",))):
