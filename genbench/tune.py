@@ -69,11 +69,11 @@ def draws(space: dict, n: int, seed: int) -> list[dict]:
     return [{name: s.value(float(x)) for (name, s), x in zip(space.items(), row)} for row in u]
 
 
-def trials(cls, n: int, studies: int, seed: int) -> list[Trial]:
-    """Each study's ``n`` trials of model class ``cls``: its defaults first, then n - 1 draws of its
-    space (study s uses scramble seed ``seed + s``)."""
+def trials(cls, n: int, studies: int, seed: int, budget: str = "default") -> list[Trial]:
+    """Each study's ``n`` trials of model class ``cls``: its defaults at ``budget`` first (the config
+    ``run --budget`` would train), then n - 1 draws of its space (study s scrambles with ``seed + s``)."""
     check_space(cls)
-    defaults = cls.Config()
+    defaults = cls(budget=budget).config
     out = []
     for s in range(studies):
         first = {k: _text(getattr(defaults, k)) for k in cls.search_space}
@@ -200,7 +200,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     plans = []
     for e in entries:
         unique = {}
-        for t in trials(e.cls, n_trials, studies, seed):
+        for t in trials(e.cls, n_trials, studies, seed, budget):
             unique.setdefault(t.key, t)
         for key, t in unique.items():
             plan = Plan(models=[e.name], datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
@@ -222,7 +222,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                                   for d in datasets}
     results = []
     for e in entries:
-        for t in trials(e.cls, n_trials, studies, seed):
+        for t in trials(e.cls, n_trials, studies, seed, budget):
             results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
                             "scores": by_key[(e.name, t.key)]})
     best = select(results)

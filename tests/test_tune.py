@@ -36,8 +36,9 @@ def test_draws_are_quasirandom_reproducible_and_nested():
 
 
 def test_the_defaults_are_trial_zero_of_every_study():
-    trials = tune.trials(VAE, 4, studies=2, seed=0)
-    defaults = VAE.Config()
+    trials = tune.trials(VAE, 4, studies=2, seed=0, budget="quick")
+    defaults = VAE(budget="quick").config  # the budget's preset included: what 'run --budget quick' trains
+    assert defaults.kl_warmup != VAE.Config().kl_warmup
     assert [(t.study, t.index) for t in trials] == [(s, i) for s in (0, 1) for i in range(4)]
     for t in trials:
         if t.index == 0:
@@ -116,7 +117,7 @@ def test_a_small_tune_resumes_without_redoing_finished_trials(cli, tmp_path):
     assert len(after) == 8 and all(after[k] == v for k, v in before.items())
     assert "5 of 8 trials were already done" in r.stderr
     results = json.loads((out / "tune.json").read_text())["trials"]
-    assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["lr"] == "0.002"
+    assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["kl_warmup"] == "100"
     chosen = _tuned(out)["configs"]["vae"]["ring8"]
     best = min(results, key=lambda t: t["scores"]["ring8"])
     assert chosen["trial"] == best["index"] and chosen["params"] == best["params"]
