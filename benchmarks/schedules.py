@@ -13,7 +13,8 @@ import torch
 
 from genbench import datasets, metrics
 from genbench.registry import resolve
-from genbench.runner.monitor import ValidationMonitor, validation_floor, validation_sample
+from genbench.runner.monitor import ValidationMonitor, validation_floor
+from genbench.scoring import validation_sample
 
 
 def main(model: str, schedule: str, cap: int) -> dict:

@@ -221,10 +221,14 @@ def _run(runner) -> list[dict]:
         raise fail(f"{e}; finished cells are kept, re-run to resume", EXIT_ENVIRONMENT) from None
 
 
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+
+
 def _finish(runner, df) -> None:
     """The run's notes, then its summary; exit 3 when some cells failed or diverged."""
-    for note in runner.notes:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
+    _notes(runner.notes)
     bad = df[df["status"] != "done"]
     if len(bad):
         counts = ", ".join(f"{n} {s}" for s, n in bad["status"].value_counts().items())
@@ -346,17 +350,16 @@ def tune(
             models=_list(models, "--models"), datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
             n_trials=trials, studies=studies, budget=budget, out=out_dir, device=device, threads=threads, jobs=jobs,
             seed=seed, run=_run)
+        from . import plots
+
+        written = plots.plot_tune({"trials": results}, out_dir / "figures")
     except UsageError as e:
         raise fail(str(e))
+    except RunDirError as e:  # names the file it could not write
+        raise fail(str(e), EXIT_ENVIRONMENT)
     except OSError as e:
-        raise fail(f"cannot write {out}: {e.strerror or e}", EXIT_ENVIRONMENT)
-    for note in notes:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
-    import json
-
-    from . import plots
-
-    written = plots.plot_tune(json.loads((tuned_file.parent / "tune.json").read_text()), tuned_file.parent / "figures")
+        raise fail(f"cannot write {out_dir}: {e.strerror or e}", EXIT_ENVIRONMENT)
+    _notes(notes)
     err.print(f"figures: {', '.join(str(p) for p in written)}", highlight=False, soft_wrap=True, markup=False)
     from rich.table import Table
 

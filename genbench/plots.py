@@ -207,6 +207,14 @@ def _minor_labels(ax) -> FuncFormatter:
     return FuncFormatter(fmt)
 
 
+def _loglog(ax) -> None:
+    """Both axes logarithmic, their major ticks labelled as plain numbers (0.05, not 5x10^-2)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def frontier(rd: RunDir, df: pd.DataFrame):
     """W2 against NFE per dataset: a line per model over its step counts (median, min-max over
     seeds); a model sampled at one step count is one point, and its legend entry says so."""
@@ -232,10 +240,7 @@ def frontier(rd: RunDir, df: pd.DataFrame):
                                c=colour(df, m), ls="none" if one else "-")
             name = f"{m} ({v})" if v else m
             entries.setdefault(name + (f": one point, NFE {int(s['nfe'].iloc[0])}" if one else ""), line)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        _loglog(ax)
         ax.yaxis.set_minor_formatter(_minor_labels(ax))
         ax.tick_params(axis="y", which="minor", labelsize=6)
         ax.set_xlabel("NFE per sample batch")
@@ -341,11 +346,8 @@ def learning_curves(rd: RunDir, df: pd.DataFrame):
                 if kept:
                     mark = ax.scatter(*zip(*kept), marker="*", s=60, c=colour(df, m), edgecolors="k", lw=0.5, zorder=3)
                     entries.setdefault("the evaluation kept (each seed)", mark)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            _loglog(ax)
             ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_xlabel("training step" if x_key == "step" else "training seconds (evaluation excluded)", fontsize=8)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(d, fontsize=9)
@@ -376,15 +378,20 @@ def figures(rd: RunDir, df: pd.DataFrame, notice: Callable[[str], None] = print)
     return out
 
 
-def plot_run(rd: RunDir, df: pd.DataFrame, out: Path, notice: Callable[[str], None] = print) -> list[Path]:
-    """Writes every figure it has data for into ``out`` (PNG, 110 dpi); returns the files written."""
+def _save(figs: dict, out: Path) -> list[Path]:
+    """Writes each figure (name -> figure) into ``out`` as PNG at 110 dpi and closes it; returns the files."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in figures(rd, df, notice).items():
+    for name, fig in figs.items():
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
     return written
+
+
+def plot_run(rd: RunDir, df: pd.DataFrame, out: Path, notice: Callable[[str], None] = print) -> list[Path]:
+    """Writes every figure it has data for into ``out``; returns the files written."""
+    return _save(figures(rd, df, notice), out)
 
 
 def text_outside(fig) -> list[str]:
@@ -478,10 +485,4 @@ def tune_figures(tune: dict) -> dict:
 
 def plot_tune(tune: dict, out: Path) -> list[Path]:
     """Writes the tuning figures into ``out``; returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fig in tune_figures(tune).items():
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(out / name)
-    return written
+    return _save(tune_figures(tune), out)

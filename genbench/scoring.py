@@ -57,6 +57,16 @@ def validation_sample(ds: Dataset, seed: int, n: int = N_VALIDATION) -> np.ndarr
     return ds.sample(n, [seed, 4])
 
 
+def validation_score(energy: float, off_support: float, floor: dict) -> float:
+    """A sample's validation score (lower is better): its energy distance to the validation sample
+    and its fraction of points off the support, each as its excess over the data's own value in
+    units of that value's spread (``floor``: {"energy": (mean, std), "off_support": (mean, std)},
+    as ``runner.monitor.validation_floor`` gives it), summed. The converged budget keeps and stops
+    by it during training; ``genbench tune`` selects trials by it from their rows."""
+    (e_mean, e_sd), (o_mean, o_sd) = floor["energy"], floor["off_support"]
+    return (energy - e_mean) / max(e_sd, 1e-12) + (off_support - o_mean) / o_sd
+
+
 def _validation(x, ref, ds: Dataset, *, seed, device):
     return {"val_energy": M.energy(M.check_points(x), validation_sample(ds, seed), device=device)}
 

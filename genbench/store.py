@@ -100,7 +100,7 @@ def _flat(row: dict) -> bool:
                                          and all(isinstance(x, scalar) for x in v.values())) for k, v in row.items())
 
 
-def _checksum(obj) -> str:
+def json_checksum(obj) -> str:
     """sha256 of ``obj``'s canonical JSON (sorted keys, as ``dumps`` writes it back)."""
     return sha256(dumps(json.loads(dumps(obj)), sort_keys=True).encode())
 
@@ -452,7 +452,7 @@ class RunDir:
         """Writes kind/<name>.json: the dict ``obj`` with a ``checksum`` of its own content (sha256
         of its canonical JSON), so that a record altered after it was written is not trusted
         (``load_json``); returns the file's sha256."""
-        return self._write_artefact(kind, name, ".json", dumps({**obj, "checksum": _checksum(obj)}).encode())
+        return self._write_artefact(kind, name, ".json", dumps({**obj, "checksum": json_checksum(obj)}).encode())
 
     def load_json(self, kind: str, name: str, sha: str | None = None, unchecked_ok: bool = False):
         """The dict saved as kind/<name>.json (its ``checksum`` removed), or None when it is missing,
@@ -471,7 +471,7 @@ class RunDir:
         if "checksum" not in obj:
             return obj if unchecked_ok else None
         checksum = obj.pop("checksum")
-        return obj if checksum == _checksum(obj) else None
+        return obj if checksum == json_checksum(obj) else None
 
     def cached_json(self, kind: str, name: str, ident: dict, compute):
         """``compute()``'s result, saved as kind/name.json beside ``ident`` and reused while the

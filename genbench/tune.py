@@ -18,14 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .api import UsageError, check_space
-from .store import atomic_write, dumps
+from .store import atomic_write, dumps, json_checksum
 
 #: points each trial samples per cell and scores (the validation sample's size)
 N_SAMPLES = 2000
@@ -87,17 +86,14 @@ def validation_scores(rows: list[dict], floors: dict) -> dict[tuple[str, int], f
     validation sample and the off-support fraction, each as its excess over the data's floor in
     units of the floor's spread (``floors``: (dataset, seed) -> runner.monitor.validation_floor),
     summed; infinite for a cell that did not finish. Reads only SELECTION_COLUMNS."""
+    from .scoring import validation_score
+
     out: dict[tuple[str, int], float] = {}
-    for row in rows:
+    for row in rows:  # one row per cell: a trial samples each model at its default step count
         key = (row["dataset"], int(row["seed"]))
         e, hq = row.get("val_energy"), row.get("hq_frac")
-        if row.get("status") != "done" or e is None or hq is None or not (math.isfinite(e) and math.isfinite(hq)):
-            out[key] = math.inf
-            continue
-        f = floors[key]
-        (e_mean, e_sd), (o_mean, o_sd) = f["energy"], f["off_support"]
-        score = (e - e_mean) / max(e_sd, 1e-12) + ((1.0 - hq) - o_mean) / o_sd
-        out[key] = min(out.get(key, math.inf), score) if key in out else score
+        ok = row.get("status") == "done" and e is not None and hq is not None and math.isfinite(e) and math.isfinite(hq)
+        out[key] = validation_score(e, 1.0 - hq, floors[key]) if ok else math.inf
     return out
 
 
@@ -122,13 +118,9 @@ def load_tuned(path: Path) -> dict:
     if not isinstance(data, dict) or data.get("kind") != TUNED_KIND or not isinstance(data.get("configs"), dict):
         raise UsageError(f"--tuned {path}: not a tuned file written by 'genbench tune'")
     body = {k: v for k, v in data.items() if k != "checksum"}
-    if data.get("checksum") != _checksum(body):
+    if data.get("checksum") != json_checksum(body):
         raise UsageError(f"--tuned {path}: its checksum does not match (edited or torn); tune again")
     return data
-
-
-def _checksum(body: dict) -> str:
-    return hashlib.sha256(dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def tuned_plan_fields(path: Path, models: list[str], datasets: list[str], seeds: list[int], budget: str) -> dict:
@@ -165,7 +157,7 @@ def write_results(out: Path, settings: dict, results: list[dict], best: dict) ->
             configs.setdefault(model, {})[dataset] = b
     body = {"kind": TUNED_KIND, "genbench_version": __version__, "settings": settings, "configs": configs}
     path = out / "tuned.json"
-    atomic_write(path, dumps(body | {"checksum": _checksum(body)}, indent=1).encode(), root=out)
+    atomic_write(path, dumps(body | {"checksum": json_checksum(body)}, indent=1).encode(), root=out)
     return path
 
 
@@ -188,7 +180,8 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     from . import datasets as ds_mod
     from .registry import resolve
     from .runner import Plan, Run
-    from .runner.monitor import validation_floor, validation_sample
+    from .runner.monitor import validation_floor
+    from .scoring import validation_sample
 
     if n_trials < 1 or studies < 1:
         raise UsageError(f"--trials {n_trials} --studies {studies}: both must be >= 1")
@@ -196,11 +189,11 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     for e in entries:
         if not getattr(e.cls, "search_space", None):
             raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
-        check_space(e.cls)
+    drawn = {e.name: trials(e.cls, n_trials, studies, seed, budget) for e in entries}  # each space checked
     plans = []
     for e in entries:
         unique = {}
-        for t in trials(e.cls, n_trials, studies, seed, budget):
+        for t in drawn[e.name]:
             unique.setdefault(t.key, t)
         for key, t in unique.items():
             plan = Plan(models=[e.name], datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
@@ -216,19 +209,15 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     reused = 0
     for e, t, runner in plans:
         rows = run(runner)
-        reused += any(re.fullmatch(rf"{len(rows)} of {len(rows)} cells were already done.*", n) for n in runner.notes)
+        reused += runner.todo == 0
         cells = validation_scores(rows, floors)
         by_key[(e.name, t.key)] = {d: float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
                                   for d in datasets}
-    results = []
-    for e in entries:
-        for t in trials(e.cls, n_trials, studies, seed, budget):
-            results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
-                            "scores": by_key[(e.name, t.key)]})
+    results = [{"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
+                "scores": by_key[(e.name, t.key)]} for e in entries for t in drawn[e.name]]
     best = select(results)
     settings = {"budget": plans[0][2].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
-                "seed": seed, "spaces": {mm: {f: r for m2, f, r, _ in space_table(entries) if m2 == mm}
-                                         for mm in (e.name for e in entries)}}
+                "seed": seed, "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
     notes = [f"{reused} of {len(plans)} trials were already done (their run dirs under {out / 'trials'} reused)"]
     return write_results(out, settings, results, best), results, best, notes

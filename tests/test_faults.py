@@ -133,12 +133,12 @@ def test_a_planted_pickle_runs_no_code_even_with_a_matching_checksum(gb, tmp_pat
     blob = pickle.dumps(Payload())
     (out / "checkpoints" / "gauss__ring8__s0.pt").write_bytes(blob)
     fit = out / "fits" / "gauss__ring8__s0.json"
-    from genbench.store import _checksum
+    from genbench.store import json_checksum
 
     rec = json.loads(fit.read_text())
     rec.pop("checksum")
     rec["checkpoint_sha256"] = hashlib.sha256(blob).hexdigest()
-    fit.write_text(json.dumps(rec | {"checksum": _checksum(rec)}))  # the record's own checksum forged too
+    fit.write_text(json.dumps(rec | {"checksum": json_checksum(rec)}))  # the record's own checksum forged too
     (out / "rows.jsonl").write_text("")
     r = gb("run", *QUICK, "--out", out)
     assert r.returncode == 0, r.stderr

@@ -11,8 +11,8 @@ import torch
 
 from genbench import datasets
 from genbench.api import Monitor, Verdict
-from genbench.runner.monitor import (MIN_STEPS, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor,
-                                     validation_sample)
+from genbench.runner.monitor import MIN_STEPS, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor
+from genbench.scoring import validation_sample
 
 RING8 = datasets.get("ring8")
 

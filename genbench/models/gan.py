@@ -63,6 +63,11 @@ class GANConfig:
                      choices={"schedule": ("constant", "cosine", "rsqrt", "plateau")})
 
 
+def _linear(x: torch.Tensor, layer: nn.Linear, detach: bool) -> torch.Tensor:
+    """``layer(x)``, with its weights cut from the graph where ``detach`` (the generator's term)."""
+    return F.linear(x, layer.weight.detach(), layer.bias.detach()) if detach else layer(x)
+
+
 class Maxout(nn.Module):
     """``pieces`` linear maps, their elementwise maximum (Goodfellow et al. 2013)."""
 
@@ -72,8 +77,7 @@ class Maxout(nn.Module):
         self.lin = nn.Linear(i, o * pieces)
 
     def forward(self, x: torch.Tensor, detach: bool = False) -> torch.Tensor:
-        w, b = (self.lin.weight.detach(), self.lin.bias.detach()) if detach else (self.lin.weight, self.lin.bias)
-        return F.linear(x, w, b).unflatten(-1, (self.o, self.pieces)).amax(-1)
+        return _linear(x, self.lin, detach).unflatten(-1, (self.o, self.pieces)).amax(-1)
 
 
 class SlotBatchNorm(nn.Module):
@@ -129,8 +133,7 @@ class GANNet(nn.Module):
         """D's logits of packed inputs [b, 2 pack]; ``detach``: with its weights cut from the graph."""
         for layer in self.d_hidden:
             x = layer(x, detach)
-        w, b = (self.d_out.weight.detach(), self.d_out.bias.detach()) if detach else (self.d_out.weight, self.d_out.bias)
-        return F.linear(x, w, b).squeeze(-1)
+        return _linear(x, self.d_out, detach).squeeze(-1)
 
     def forward(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``real`` [b, 2 pack] packed data, ``z`` [pack, b, latent]: the discriminator's loss plus the

@@ -22,7 +22,7 @@ stacked into one network and the loss vmapped over them, each member with its so
 clipping and shadows) and, on CUDA, the training step captured in a CUDA graph and replayed.
 The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), ``clip`` (1.0),
 ``warmup`` (200), ``log_every`` (50), Adam's ``beta1`` (0.9) and ``beta2`` (0.999), and ``schedule``
-(``cosine``: warm-up then cosine decay; ``constant``: warm-up then the peak rate) are read where it
+(one of ``SCHEDULES``; default ``cosine``, and ``plateau`` at the converged budget) are read where it
 has them.
 
 ``fit_loop``'s ``on_log(k)`` is called at the end of every logged window (evaluation during
@@ -278,13 +278,18 @@ def warmup_rsqrt(step: int, total: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) / math.sqrt(max(1.0, (step + 1) / (10 * warmup)))
 
 
+def warmup_constant(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then the peak rate."""
+    return min(1.0, (step + 1) / warmup)
+
+
 #: learning-rate schedules: factor of the peak rate at (step, total steps, warm-up steps)
 SCHEDULES = {"cosine": warmup_cosine,
-             "constant": lambda step, total, warmup: min(1.0, (step + 1) / warmup),
+             "constant": warmup_constant,
              "rsqrt": warmup_rsqrt,
              # warm-up, then the peak rate until the monitor sees a plateau and each fit anneals on
              # its own (``Anneal``): the converged budget's, so that no step depends on the cap
-             "plateau": lambda step, total, warmup: min(1.0, (step + 1) / warmup)}
+             "plateau": warmup_constant}
 
 
 def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,

@@ -143,6 +143,7 @@ class Run:
         self.plan = self.r.plan
         self.session = Session(self.r)
         self.store, self.ledger, self.notes = self.session.store, self.session.ledger, self.session.notes
+        self.todo: int | None = None  # the cells run() found to run (None: not run yet)
         self.ledger.check_settings()
 
     def run(self, progress: Progress | None = None) -> list[dict]:
@@ -157,7 +158,8 @@ class Run:
             keys = set(self.r.cells(self.r.units()))
             done = self.ledger.done_cells()
             self.ledger.note_done(keys, done)
-            s.progress.start(len(keys - done))  # the cells to run now
+            self.todo = len(keys - done)
+            s.progress.start(self.todo)  # the cells to run now
             self._execute(keys, done)
             return self.ledger.rows(keys)
         finally:

@@ -41,7 +41,8 @@ class FitStore:
         """The fit's evaluation during training (the converged budget, a model that offers it), or None."""
         if not (self.r.converged and model.monitored):
             return None
-        from .monitor import ValidationMonitor, validation_floor, validation_sample
+        from ..scoring import validation_sample
+        from .monitor import ValidationMonitor, validation_floor
 
         ds = ds_mod.get(unit.dataset)
         key = (unit.dataset, unit.seed)

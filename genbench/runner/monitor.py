@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import metrics
-from ..scoring import N_VALIDATION, validation_sample  # noqa: F401 - the monitor's validation sample
+from ..scoring import validation_score
 from ..api import Monitor, Verdict
 
 #: true samples scored against the validation sample for the metrics' noise floors
@@ -43,8 +43,6 @@ MIN_STEPS = 2000
 ANNEAL_FRACTION = 0.5
 #: the data's floor band: floor mean + BAND x floor std
 BAND = 3.0
-#: the validation metrics: energy distance, and the fraction of samples off the support
-METRICS = ("energy", "off_support")
 
 
 def off_support(ds, x: np.ndarray) -> float:
@@ -101,16 +99,12 @@ class ValidationMonitor(Monitor):
     def measure(self, x: np.ndarray) -> tuple[dict, float, float]:
         """The validation metrics of samples ``x`` (energy, and hq_frac as the tables name the
         on-support fraction), their score and the score's noise (its spread at these values)."""
-        n = len(self.val)
         energy, off = metrics.energy(x, self.val, device=self.device), off_support(self.ds, x)
-        (e_mean, e_sd), (o_mean, o_sd) = self.floor["energy"], self.floor["off_support"]
-        e_sd = max(e_sd, 1e-12)
-        score = (energy - e_mean) / e_sd + (off - o_mean) / o_sd
-        noise = math.sqrt(1.0 + (binomial_sd(off, n) / o_sd) ** 2)
-        return {"energy": energy, "hq_frac": 1.0 - off}, score, noise
+        noise = math.sqrt(1.0 + (binomial_sd(off, len(self.val)) / self.floor["off_support"][1]) ** 2)
+        return {"energy": energy, "hq_frac": 1.0 - off}, validation_score(energy, off, self.floor), noise
 
     def due(self, step: int) -> bool:
-        return step >= self.next_step or step >= self.cap or (self.anneal_to is not None and step >= self.anneal_to)
+        return step >= self.next_step or step >= self.cap  # next_step is at most a decay's end
 
     def evaluate(self, step: int, sample) -> Verdict:
         t0 = time.perf_counter()
