@@ -57,7 +57,10 @@ def _finish(fig, title: str | None = None, legend: list | None = None):
         ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.2)))
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, markerscale=1.5)
         bottom = (0.12 + 0.17 * -(-len(labels) // ncol)) / fig.get_figheight()
-    fig.tight_layout(rect=(0, bottom, 1, top))
+    # twice: the first pass resizes equal-aspect panels, and only the second sees the room their
+    # titles then need (with one pass a second row's titles were drawn over the first row's panels)
+    for _ in range(2):
+        fig.tight_layout(rect=(0, bottom, 1, top))
     return fig
 
 

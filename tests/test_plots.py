@@ -133,3 +133,26 @@ def test_the_text_check_sees_a_clipped_title():
     ax.set_title("a title far too long for a figure two inches wide, running off both of its edges")
     assert plots.text_outside(fig)
     plt.close(fig)
+
+
+def test_no_panel_title_is_drawn_over_another_panel():
+    """Equal-aspect panels on two rows with two-line titles, as the samples figure draws them for
+    one dataset and six models: after _finish no title overlaps another panel."""
+    import numpy as np
+
+    from genbench import plots
+
+    fig, flat = plots._grid(6, max_cols=4, w=2.9, h=3.3)
+    for i, ax in enumerate(flat):
+        ax.scatter(np.random.default_rng(i).normal(size=(200, 2))[:, 0], np.zeros(200), s=1)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xlim(-3, 3), ax.set_ylim(-3, 3), ax.set_aspect("equal")
+        ax.set_title(f"model {i} (1 step)\nW2 0.263 (floor 0.28), 8/8 modes", fontsize=7)
+    plots._finish(fig, "Samples (colour) over true data (grey) on ring8, seed 0")
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    for ax in flat:
+        title = ax.title.get_window_extent(r)
+        for other in flat:
+            if other is not ax:
+                assert not title.overlaps(other.get_window_extent(r)), (ax.get_title(), other.get_title())
