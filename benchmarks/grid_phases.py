@@ -8,6 +8,7 @@ drain is the wait for the scoring processes after the last cell.
     python benchmarks/grid_phases.py run --models diffusion,cm,vae,flow ... --out DIR > /dev/null
 """
 import collections
+import signal
 import sys
 import time
 
@@ -24,11 +25,19 @@ def timed(fn, label):
             key = label(*a, **k) if callable(label) else label
             T[key] += time.perf_counter() - t0
             N[key] += 1
+            if key.startswith("group "):  # each group as it ends: a run stopped early still says where it was
+                print(f"[{time.perf_counter() - START:7.1f} s] {key} fitted in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
     return wrapper
 
 
+START = time.perf_counter()
+
+
 def main() -> None:
-    start = time.perf_counter()
+    start = START
+    # a run stopped by `timeout` (SIGTERM) prints its split too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from genbench import store
     from genbench.cli import main as genbench
     from genbench.registry import resolve
@@ -37,6 +46,7 @@ def main() -> None:
     S, F, P = core.Session, fits.FitStore, scoring_pool.Scorer
     S.run_units = timed(S.run_units, "run_units (everything after setup)")
     F.fit_side_by_side = timed(F.fit_side_by_side, "fit side by side")
+    F.fit_group = timed(F.fit_group, lambda self, chunk: f"group {chunk[0][0].model} ({len(chunk)} fits)")
     F.fit_or_load = timed(F.fit_or_load, "fit or load alone")
     S.run_unit = timed(S.run_unit, "units (sampling, timing, dispatch)")
     P.evaluate = timed(P.evaluate, "evaluate (here, or its dispatch)")

@@ -165,7 +165,7 @@ class Diffusion(TorchGenerator):
     colour = "#1f77b4"
     Config = DiffusionConfig
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 20000},
-               "converged": {"train_steps": 40000}}  # converged: the cap; the validation curve stops it
+               "converged": {"train_steps": 80000}}  # converged: the cap; the validation curve stops it
     #: the tuning space (3 knobs, as every built-in): the learning rate, the batch, the training noise levels' centre
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "p_mean": Uniform(-2.4, -0.6)}
     multistep = True

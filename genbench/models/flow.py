@@ -102,7 +102,7 @@ class RealNVP(TorchGenerator):
     colour = "#9467bd"
     Config = FlowConfig
     budgets = {"quick": {"train_steps": 300}, "default": {}, "full": {"train_steps": 25000, "layers": 8},
-               "converged": {"train_steps": 50000, "layers": 8}}
+               "converged": {"train_steps": 100000, "layers": 8}}
     #: the tuning space: the learning rate, the batch, the coupling networks' width
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((128, 256, 512)), "hidden": Choice((32, 64, 128))}
 

@@ -75,7 +75,7 @@ class VAE(TorchGenerator):
     colour = "#2ca02c"
     Config = VAEConfig
     budgets = {"quick": {"train_steps": 300, "kl_warmup": 100}, "default": {}, "full": {"train_steps": 15000},
-               "converged": {"train_steps": 30000}}
+               "converged": {"train_steps": 120000}}
     #: the tuning space: the learning rate, the batch, the KL annealing's length
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "kl_warmup": IntRange(0, 2000)}
 

@@ -34,10 +34,13 @@ FIRST_STEP = 100
 #: stops before its cap stops at the same step, with the same weights kept, under a larger cap)
 GROWTH = 1.15
 #: stop once the best evaluation is this many evaluations old and the step at least this factor past
-#: it, and never before MIN_STEPS (early curves are noisy)
+#: it, and never before MIN_STEPS: early curves have flat stretches that later steps leave (on one
+#: H200, flows stopped at 3,000-8,000 steps kept 2-4x the validation score of their seed siblings
+#: that trained on; baselines/README.md, "The plateau schedule on two H200s"). A stacked fit's
+#: group trains until its last member stops, so the minimum costs its wall time nothing.
 PATIENCE_EVALS = 5
 PATIENCE_FACTOR = 2.0
-MIN_STEPS = 2000
+MIN_STEPS = 10_000
 #: at that plateau the fit anneals (its learning rate decays to a twentieth) over this fraction of
 #: the steps it has made, or up to its cap, and stops at the end of the decay
 ANNEAL_FRACTION = 0.5
@@ -128,12 +131,13 @@ class ValidationMonitor(Monitor):
         if self.anneal_from is not None:  # annealing: the fit ends with its decay
             stop = step >= self.anneal_to
         elif plateau and self.anneal and step < self.cap:
-            windows = math.ceil(ANNEAL_FRACTION * step / self.log_every)  # ends on a window's end
-            stop, anneal = False, max(self.log_every, min(windows * self.log_every, self.cap - step))
+            stop, anneal = False, max(self.log_every, min(self._anneal_length(step), self.cap - step))
             self.anneal_from, self.anneal_to = step, step + anneal
         else:
             stop = plateau
-        if stop:
+        if stop and self.anneal_to is not None and self.anneal_to - self.anneal_from < self._anneal_length(self.anneal_from):
+            self.stop_reason = f"cap reached while annealing (plateau at step {self.anneal_from})"  # a decay cut short
+        elif stop:
             self.stop_reason = f"converged at step {step}"
         elif step >= self.cap:
             self.stop_reason = "cap reached"
@@ -142,6 +146,10 @@ class ValidationMonitor(Monitor):
             self.next_step = min(self.next_step, self.anneal_to)
         self.evaluating_s += time.perf_counter() - t0
         return Verdict(best=best, stop=stop, anneal=anneal)
+
+    def _anneal_length(self, step: int) -> int:
+        """The decay's length from a plateau at ``step`` (ANNEAL_FRACTION of it, on a window's end)."""
+        return math.ceil(ANNEAL_FRACTION * step / self.log_every) * self.log_every
 
     def bands(self) -> dict:
         """Each validation metric's floor band as a bound on the curve's own column."""
