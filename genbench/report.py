@@ -21,7 +21,7 @@ CELL_COLUMNS = [
     *METRIC_COLUMNS, *FLOOR_COLUMNS, "metric_errors", "nll", "nll_bound", "elbo", "nll_note",
     "train_s", "teacher_train_s", "train_steps", "final_loss", "sample_s", "sample_s_min", "sample_s_iqr",
     "sample_calls", "sample_calls_per_block", "sample_min_time_s", "budget",
-    "device", "device_name", "host", "executor", "threads", "jobs", "torch_version", "cuda_version", "genbench_version",
+    "device", "device_name", "host", "executor", "threads", "jobs", "groups_at_once", "torch_version", "cuda_version", "genbench_version",
     "git_sha",
     "status", "error",
 ]

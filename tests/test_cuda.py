@@ -263,3 +263,31 @@ def test_an_anneal_in_a_captured_fit_is_the_eager_fits():
         fits.append(model)
     for a, b in zip(fits[0].net.state_dict().values(), fits[1].net.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)
+
+
+def test_groups_trained_at_once_on_streams_are_the_groups_trained_one_after_another(tmp_path):
+    """Every model's group at once, each on its own stream and captured from its own thread, with
+    evaluation during training (the converged budget at small caps): the same loss curves,
+    validation curves and kept steps as one group after another."""
+    import json
+
+    from genbench.runner import Plan, run
+
+    caps = {"diffusion": 1200, "cm-cd": 600, "vae": 1200, "flow": 600}
+    curves = {}
+    for at_once in (1, 4):
+        out = tmp_path / f"run{at_once}"
+        rows = run(Plan(models=["diffusion", "cm-cd", "vae", "flow"], datasets=["ring8", "moons"], seeds=[0, 1],
+                        steps_by_model={"diffusion": [4], "cm-cd": [1]}, budget="converged", n_samples=500,
+                        metrics=("energy",), floor_draws=2, device="cuda", groups_at_once=at_once, score_jobs=0,
+                        params={m: {"train_steps": str(c)} for m, c in caps.items()}, out=str(out)))
+        assert all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
+        assert {r["groups_at_once"] for r in rows} == {at_once}
+        curves[at_once] = {p.name: json.loads(p.read_text()) for p in sorted((out / "fits").glob("*.json"))}
+    assert curves[1].keys() == curves[4].keys() and len(curves[1]) == 16
+    for name, one in curves[1].items():
+        four = curves[4][name]
+        assert one["kept_step"] == four["kept_step"] and one["stop_reason"] == four["stop_reason"], name
+        torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor([p["score"] for p in one["eval_curve"]]),
+                                   torch.tensor([p["score"] for p in four["eval_curve"]]), rtol=1e-4, atol=1e-4)

@@ -278,3 +278,110 @@ def test_side_by_side_each_models_groups_fit_right_before_its_cells(tmp_path, mo
     one_by_one = check(dataclasses.replace(plan, side_by_side=False))
     Session(one_by_one).run_units(one_by_one.units(), set())
     assert calls == [("cells", m) for m in ["diffusion"] * 4 + ["vae"] * 4 + ["cm-cd"] * 4]
+
+
+def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, monkeypatch):
+    """With groups_at_once, every model's groups are fitted before any cell, that many at a time
+    in threads (here two overlap), and the student's group starts only after its teacher's ended."""
+    import threading
+    import time
+
+    from genbench.runner import Plan, Session, check, core, fits
+
+    spans, lock = {}, threading.Lock()
+    started = threading.Barrier(2, timeout=10)  # diffusion and vae must be in flight together
+
+    def fit_group(self, chunk):
+        model = chunk[0][0].model
+        with lock:
+            spans[model] = [time.perf_counter(), None]
+        if model in ("diffusion", "vae"):
+            started.wait()
+        time.sleep(0.05)
+        with lock:
+            spans[model][1] = time.perf_counter()
+
+    calls = []
+    monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
+    monkeypatch.setattr(core.Session, "run_unit", lambda self, unit, model, steps: calls.append(unit.model))
+    plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
+                steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
+                groups_at_once=2, out=str(tmp_path / "run"))
+    runner = check(plan)
+    Session(runner).run_units(runner.units(), set())
+    assert set(spans) == {"diffusion", "vae", "cm-cd"} and len(calls) == 12
+    assert spans["cm-cd"][0] >= spans["diffusion"][1]  # the teacher's group ended first
+    assert spans["vae"][0] < spans["diffusion"][1] and spans["diffusion"][0] < spans["vae"][1]  # they overlapped
+
+
+def test_a_group_that_raises_ends_the_run_without_hanging_the_others(tmp_path, monkeypatch):
+    """A run-dir error in one group's thread is raised in the run's thread once the others ended;
+    the student of a failed teacher is not started."""
+    from genbench.api import RunDirError
+    from genbench.runner import Plan, Session, check, fits
+
+    seen = []
+
+    def fit_group(self, chunk):
+        model = chunk[0][0].model
+        seen.append(model)
+        if model == "diffusion":
+            raise RunDirError("disk full")
+
+    monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
+    plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8"], seeds=[0, 1], device="cpu",
+                side_by_side=True, groups_at_once=3, out=str(tmp_path / "run"))
+    runner = check(plan)
+    with pytest.raises(RunDirError, match="disk full"):
+        Session(runner).fits.fit_side_by_side(runner.units(), set())
+    assert "cm-cd" not in seen and "diffusion" in seen
+
+
+def test_groups_fitted_at_once_are_the_groups_fitted_one_after_another(tmp_path):
+    """Real fits (quick budget, CPU): the same fit records and samples with groups at once as one
+    after another, the distilled model's teacher included; rows record the setting."""
+    import json
+
+    from genbench.runner import Plan, run
+
+    def go(at_once):
+        plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8"], seeds=[0, 1], budget="quick",
+                    steps_by_model={"diffusion": [2], "cm-cd": [1]}, n_samples=200, metrics=("energy",),
+                    floor_draws=2, device="cpu", side_by_side=True, groups_at_once=at_once, jobs=1, score_jobs=0,
+                    out=str(tmp_path / f"run{at_once}"))
+        rows = run(plan)
+        fits_dir = tmp_path / f"run{at_once}" / "fits"
+        losses = {p.name: json.loads(p.read_text())["losses"] for p in sorted(fits_dir.glob("*.json"))}
+        return {(r["model"], r["seed"]): (r["energy"], r["samples_sha256"], r["groups_at_once"]) for r in rows}, losses
+
+    one, one_losses = go(1)
+    three, three_losses = go(3)
+    assert one_losses == three_losses and len(one_losses) == 6
+    assert {k: v[:2] for k, v in one.items()} == {k: v[:2] for k, v in three.items()}
+    assert {v[2] for v in one.values()} == {1} and {v[2] for v in three.values()} == {3}
+
+
+def test_seeded_blocks_in_threads_draw_what_they_draw_alone():
+    """Groups trained at once build their networks from threads: a seeded block is not reseeded
+    by another thread's in its middle (it would be without the process-wide lock)."""
+    import threading
+    import time
+
+    import torch
+
+    from genbench.models.nets import seeded
+
+    def draw(seed):
+        with seeded(seed):
+            first = torch.randn(50)
+            time.sleep(0.02)  # another thread's block would seed torch's RNG here
+            return torch.cat([first, torch.randn(50)])
+
+    alone = {s: draw(s) for s in range(4)}
+    got = {}
+    threads = [threading.Thread(target=lambda s=s: got.__setitem__(s, draw(s))) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[s], alone[s]) for s in range(4))

@@ -8,12 +8,11 @@ depend on x precomputed, and (with Triton) its two thin layers as the kernels of
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .nets import TimeMLP
+from .nets import PROCESS_STATE, TimeMLP
 
 
 def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
@@ -34,11 +33,14 @@ def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
 
 def capture_step(fn, generators: tuple = ()) -> "torch.cuda.CUDAGraph":
     """``fn()`` captured in a CUDA graph (no warm-up: the caller has run it once already), with the
-    torch.Generators it draws from registered (each replay draws from their state then)."""
+    torch.Generators it draws from registered (each replay draws from their state then). The
+    capture is thread-local: other threads of the process (groups trained at once, each on its own
+    stream) go on launching and synchronising their own work meanwhile, but none captures or seeds
+    torch's global RNGs (``PROCESS_STATE``)."""
     graph = torch.cuda.CUDAGraph()
     for g in generators:
         graph.register_generator_state(g)
-    with torch.cuda.graph(graph):
+    with PROCESS_STATE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     return graph
 

@@ -3,6 +3,7 @@ standardiser, seeded construction and generators. The training loop is ``train.p
 from __future__ import annotations
 
 import contextlib
+import threading
 import copy
 import math
 
@@ -64,12 +65,17 @@ def ema_update(ema: list, online: list, decay) -> None:
         torch._foreach_lerp_(ema, online, 1.0 - decay)
 
 
+#: held while a block uses torch's process-wide state (the global RNGs in ``seeded``, a CUDA graph
+#: capture in ``graphs.capture_step``): groups trained at once in threads take turns there
+PROCESS_STATE = threading.RLock()
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: str = "cpu"):
     """Runs the block with torch's RNG seeded, restoring the caller's RNG state after (so weight
-    initialisation is reproducible without touching global RNG state)."""
+    initialisation is reproducible without touching global RNG state); one thread at a time."""
     devices = [torch.device(device)] if device.startswith("cuda") else []
-    with torch.random.fork_rng(devices=devices):
+    with PROCESS_STATE, torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 

@@ -43,7 +43,6 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..api import CONVERGED, Diverged, FitInfo, Generator
-from ..timing import synchronize
 from . import graphs
 from .nets import ema_update
 
@@ -258,6 +257,15 @@ def _decay(decay, t):
 
 
 # -- the loop ---------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    """Waits for the current stream's work (a fit's own: groups trained at once each have a stream
+    of their own, and one must not wait for, or stall on, the others')."""
+    if device.startswith("cuda"):
+        torch.cuda.current_stream().synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
 def at_most(value, bound: float):
     """``min(value, bound)`` of a number or a 0-dim tensor (a step-dependent value in a captured
     training step, see ``fit_loop``)."""
@@ -445,7 +453,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
     opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
-    synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     for k in range(steps):
         loss = loss_fn(k, k)
@@ -467,7 +475,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
             window = []
             if log.stop:
                 break
-    synchronize(device)
+    _sync(device)
     return log.result(time.perf_counter() - t0)
 
 
@@ -517,7 +525,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
             logged = k
         return log.stop
 
-    synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     side = torch.cuda.Stream()
     for i, (start, end) in enumerate(graphs.phase_segments(steps, phase)):
@@ -543,7 +551,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         del graph  # the phase's graph and its memory go before the next is captured
         if log.stop:
             break
-    synchronize(device)
+    _sync(device)
     return log.result(time.perf_counter() - t0)
 
 

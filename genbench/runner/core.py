@@ -67,17 +67,22 @@ class Session:
         """Fits (or reloads) each unit and measures its cells not in ``done``. Fitting side by
         side, each model's groups are fitted right before its cells are sampled (the teachers'
         models first, as the plan orders them), so the scoring processes score one model's cells
-        while the next model trains."""
+        while the next model trains; with ``groups_at_once`` above 1, every model's groups are
+        fitted first, that many at a time, and the cells are sampled and timed after them on a
+        quiet device."""
         r = self.r
         todo = {u: [c.steps for c in r.cells([u]) if c not in done] for u in units}
         if self.scorer.pool is not None:  # the floor draws go to the scoring processes before the first fit
             for dataset, seed in dict.fromkeys((u.dataset, u.seed) for u in units if todo[u]):
                 ds, _, ref, _ = r.data(dataset, seed)
                 self.scorer.floors_for(ds, seed, ref)
+        at_once = r.side_by_side and r.plan.groups_at_once > 1
+        if at_once:  # every model's groups first, that many at a time; the cells after them
+            self.fits.fit_side_by_side(units, done)
         names = dict.fromkeys(u.model for u in units)
         groups = [[u for u in units if u.model == name] for name in names] if r.side_by_side else [units]
         for mine in groups:
-            if r.side_by_side:
+            if r.side_by_side and not at_once:
                 self.fits.fit_side_by_side(mine, done)
             for unit in mine:
                 if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs

@@ -110,9 +110,66 @@ class FitStore:
             if record is None:  # one group per model and config (a tuned config is per dataset)
                 key = (unit.model, repr(sorted(model_params(self.r.plan, unit.model, unit.dataset).items())))
                 todo.setdefault(key, []).append((unit, refit))
-        for group in todo.values():
-            for at in range(0, len(group), MAX_SIDE_BY_SIDE):
-                self.fit_group(group[at:at + MAX_SIDE_BY_SIDE])
+        chunks = [group[at:at + MAX_SIDE_BY_SIDE] for group in todo.values()
+                  for at in range(0, len(group), MAX_SIDE_BY_SIDE)]
+        if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
+            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once)
+        else:
+            for chunk in chunks:
+                self.fit_group(chunk)
+
+    def fit_groups_at_once(self, chunks: list[list], at_once: int) -> None:
+        """``fit_group`` of each chunk, ``at_once`` of them at a time in threads of this process,
+        each on a CUDA stream of its own (the GPU runs one group's kernels between another's); a
+        student's group starts once its teacher's groups have ended. The threads are daemons and
+        joined with a timeout, so an interrupt is not held up by a group still training; the first
+        error a group raises (a run dir that cannot be written) is raised here once all have ended."""
+        import queue
+        import threading
+
+        import torch
+
+        models = [chunk[0][0].model for chunk in chunks]
+        teachers = [self.r.entry(m).cls.teacher for m in models]
+        # chunks come teachers' first, so a chunk's teachers were taken from the queue before it
+        needs = [[j for j in range(i) if models[j] == teachers[i]] for i in range(len(chunks))]
+        ended = [threading.Event() for _ in chunks]
+        errors: list[BaseException] = []
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(len(chunks)):
+            todo.put(i)
+        cuda = self.r.device.startswith("cuda")
+
+        def worker() -> None:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    for j in needs[i]:
+                        ended[j].wait()
+                    if not errors:
+                        if cuda:
+                            with torch.cuda.stream(torch.cuda.Stream(self.r.device)):
+                                self.fit_group(chunks[i])
+                                torch.cuda.current_stream().synchronize()
+                        else:
+                            self.fit_group(chunks[i])
+                except BaseException as e:  # noqa: BLE001 - raised in the run's thread below
+                    errors.append(e)
+                finally:
+                    ended[i].set()
+
+        threads = [threading.Thread(target=worker, daemon=True, name=f"genbench-group-{n}")
+                   for n in range(min(at_once, len(chunks)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        if errors:
+            raise errors[0]
 
     def fit_group(self, chunk: list[tuple[Unit, str | None]]) -> None:
         """One group fitted side by side; a group the GPU's memory cannot hold is split in halves."""

@@ -58,6 +58,7 @@ class Ledger:
             "threads": torch.get_num_threads(),
             "jobs": self.plan.jobs,
             "score_jobs": self.plan.score_jobs,
+            "groups_at_once": self.plan.groups_at_once,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if self.r.device.startswith("cuda") else None,
             "genbench_version": __version__,

@@ -79,6 +79,10 @@ class Plan:
     jobs: int = 0  # fit units run at once, each in its own process; 0: auto (Resolved.auto_jobs)
     score_jobs: int | None = None  # CPU processes scoring cells beside the fits; None: auto
     side_by_side: bool | None = None  # fit units of a model side by side where it can; None: on a GPU
+    #: side-by-side groups trained at once, each on a CUDA stream of its own (threads of the fit
+    #: process: tiny networks leave the GPU idle between kernels; a student's group waits for its
+    #: teacher's); 1: one after another. Their ``train_s`` then shares the GPU (rows record it).
+    groups_at_once: int = 1
     # where
     out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
     executor: str = "local"  # where fit units run: local (this machine's processes), ray or slurm
@@ -229,6 +233,8 @@ def check(plan: Plan) -> Resolved:
                          f"give 1..{cpu_cores()} (more threads than cores only slows each step)")
     if plan.jobs < 0:
         raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
+    if plan.groups_at_once < 1:
+        raise UsageError(f"--groups-at-once {plan.groups_at_once}: must be >= 1 (1: one group after another)")
     if plan.n_samples < 2:
         raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
     if plan.floor_draws < 2:
