@@ -62,6 +62,10 @@ def test_ct_curriculum_formula():
     assert [ct_discretisation(k, K) for k in (0, 999, 1000, 2999, 3000, 6999, 7000, 7999)] == \
         [11, 11, 21, 41, 81, 641, 1281, 1281]
     assert ct_discretisation(10**6, K) == 1281
+    # a fixed stage length: the same curriculum under any budget
+    assert [ct_discretisation(k, 60_000, stage=7500) for k in (0, 7499, 7500, 52_500)] == [11, 11, 21, 1281]
+    assert all(ct_discretisation(k, 60_000, stage=7500) == ct_discretisation(k, 120_000, stage=7500)
+               for k in range(0, 120_000, 500))
 
 
 def test_lognormal_level_probs_formula():

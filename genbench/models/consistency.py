@@ -66,9 +66,10 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (((a - b) ** 2).sum(1) + c * c).sqrt() - c
 
 
-def ct_discretisation(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
-    """iCT's curriculum: N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1))."""
-    k_prime = max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
+def ct_discretisation(k: int, total: int, s0: int = 10, s1: int = 1280, stage: int = 0) -> int:
+    """iCT's curriculum: N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1)),
+    or K' = ``stage`` steps where given (a curriculum that does not depend on the budget K)."""
+    k_prime = stage or max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (k // k_prime), s1) + 1
 
 
@@ -106,6 +107,10 @@ class ConsistencyConfig:
     # CT only
     s0: int = 10
     s1: int = 1280
+    #: steps per curriculum stage (N doubles each stage); 0: iCT's, the budget split into
+    #: log2(s1/s0) + 1 stages. The converged budget fixes it, so that a fit's path does not depend
+    #: on its cap (a doubled cap would otherwise stretch every stage).
+    stage_steps: int = 0
     p_mean: float = -1.1
     p_std: float = 2.0
 
@@ -113,7 +118,7 @@ class ConsistencyConfig:
         check_config(self, positive=("sigma_min", "sigma_max", "sigma_data", "hidden", "depth", "emb_dim", "lr",
                                      "batch", "train_steps", "tau_max", "default_steps", "grid_points", "s0", "s1",
                                      "p_std"),
-                     nonnegative=("bc_weight",), fraction=("ema_decay", "target_decay"),
+                     nonnegative=("bc_weight", "stage_steps"), fraction=("ema_decay", "target_decay"),
                      choices={"parametrization": PARAMETRIZATIONS, "distance": DISTANCES,
                               "teacher_solver": ONE_STEP})
         if not self.sigma_min < self.tau_max <= self.sigma_max:
@@ -325,8 +330,9 @@ class ConsistencyTraining(_Consistency):
     name = "cm-ct"
     colour = "#ff7f0e"
     Config = CTConfig
+    # converged: iCT's stages at a 60,000-step budget (7,500 steps each), whatever the cap
     budgets = {"quick": {"train_steps": 300, "batch": 256}, "default": {}, "full": {"train_steps": 30000},
-               "converged": {"train_steps": 60000}}
+               "converged": {"train_steps": 60000, "stage_steps": 7500}}
     #: the tuning space: the learning rate, the batch, the training noise levels' centre
     search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 384, 512, 1024)), "p_mean": Uniform(-2.0, -0.2)}
 
@@ -343,7 +349,7 @@ class ConsistencyTraining(_Consistency):
     def phase(self, k: int) -> int:
         """The discretisation N(k) of step k: the loss changes with k through it alone."""
         c = self.config
-        return ct_discretisation(k, c.train_steps, c.s0, c.s1)
+        return ct_discretisation(k, c.train_steps, c.s0, c.s1, c.stage_steps)
 
     def train_levels(self, N: int, device: str):
         """The N ascending noise levels of discretisation N and the CDF of iCT's level distribution
