@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 out="${OUT_DIR:-baselines/cuda-h200}"
 start=$(date +%s)
-${GENBENCH:-genbench} run --models diffusion,cm,vae,flow \
+${GENBENCH:-genbench} run --models diffusion,cm,vae,flow,gan \
   --datasets ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard --seeds 0,1,2 \
   --steps diffusion=1:2:5:10:20:50:100,cm-cd=1:2:4,cm-ct=1:2:4 --device cuda --threads 1 \
   --out "$out" "$@" > /dev/null
