@@ -336,9 +336,10 @@ def tune(
     budget: str = typer.Option("converged", help=f"Training budget of every trial: {CONVERGED} (default: selection at convergence), or {', '.join(BUDGETS)} (quick: smoke tests)."),
     device: str = typer.Option(_default("device"), help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(_default("threads"), help="CPU threads for torch."),
-    jobs: int = typer.Option(_default("jobs"), help="Fit units of a trial trained at once (as 'run --jobs')."),
+    jobs: int = typer.Option(_default("jobs"), help="Fit units trained at once, each in its own process (as 'run --jobs')."),
+    groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups of trials trained at once on a GPU, each on its own CUDA stream (as 'run --groups-at-once')."),
     seed: int = typer.Option(0, help="Seed of the quasirandom draws (study s scrambles with seed + s)."),
-    out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials/ (one run dir per trial), tune.json, tuned.json. Re-running resumes."),
+    out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials/MODEL (one run dir per model, its trials its models), tune.json, tuned.json. Re-running resumes."),
 ):
     """Equal-budget tuning: the same number of quasirandom trials for every model from the search
     space it declares (its defaults always trial 0), each scored on the validation sample (never the
@@ -350,7 +351,7 @@ def tune(
         tuned_file, results, best, notes = run_tune(
             models=_list(models, "--models"), datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
             n_trials=trials, studies=studies, budget=budget, out=out_dir, device=device, threads=threads, jobs=jobs,
-            seed=seed, run=_run)
+            seed=seed, run=_run, groups_at_once=groups_at_once)
         from . import plots
 
         written = plots.plot_tune({"trials": results}, out_dir / "figures")

@@ -1,9 +1,12 @@
 """Equal-budget tuning (``genbench tune``): every model gets the same number of trials from the
 search space it declares (``Generator.search_space``), drawn quasirandomly (scrambled Sobol points,
-``scipy.stats.qmc``), its defaults always trial 0 of each study; each trial is a ``genbench run``
-of the model with those settings over the tuning datasets and seeds, in its own run dir under
-``OUT/trials`` (a killed tune re-run finishes only what is missing: finished trials' cells are
-skipped by the runner); each trial is scored on the **validation sample only** (the energy
+``scipy.stats.qmc``), its defaults always trial 0 of each study; each model's trials are the models
+of one ``genbench run`` over the tuning datasets and seeds, in the run dir ``OUT/trials/MODEL`` (a
+killed tune re-run finishes only what is missing: finished cells are skipped by the runner), where
+trials that differ only in the model's member fields (``TorchGenerator.member_fields``: its
+learning rate, diffusion's noise-level centre) are fitted as one stacked network on a GPU, and a
+distilled model's teacher is trained once for all its trials; each trial is scored on the
+**validation sample only** (the energy
 distance to it and the fraction of samples off the support, each in units of the data's noise
 floor, as the converged budget's stopping rule scores them: ``SELECTION_COLUMNS``), never on the
 reference sample the tables use; the best trial per (model, dataset) and study is written to
@@ -171,12 +174,21 @@ def space_table(entries) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def trial_name(model: str, key: str) -> str:
+    """A trial's name in its model's run dir (its rows' model, its files' prefix)."""
+    return f"{model}~{key}"
+
+
 def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
-             out: Path, device: str, threads: int, jobs: int, seed: int, run) -> tuple[Path, list[dict], dict, list]:
-    """The tune: every trial's plan checked before anything trains (UsageError, one line), then each
-    trial run (``run(runner)`` runs one ``runner.Run`` and returns its rows) and scored on the
-    validation sample; writes tune.json and tuned.json into ``out``. Returns (the tuned file, the
-    trials' results, the best per (model, dataset, study), notes for the user)."""
+             out: Path, device: str, threads: int, jobs: int, seed: int, run,
+             groups_at_once: int = 1) -> tuple[Path, list[dict], dict, list]:
+    """The tune: one run per model (``OUT/trials/MODEL``) whose models are its trials (each a model
+    of its own there, named ``trial_name``, its config under ``params``; a student's teacher at its
+    defaults beside them), checked before anything trains (UsageError, one line); fitting side by
+    side, the trials that differ only in the model's member fields (its learning rate, ...) are one
+    stacked fit. ``run(runner)`` runs one ``runner.Run`` and returns its rows. Each trial is scored
+    on the validation sample; writes tune.json and tuned.json into ``out``. Returns (the tuned
+    file, the trials' results, the best per (model, dataset, study), notes for the user)."""
     from . import datasets as ds_mod
     from .registry import resolve
     from .runner import Plan, Run
@@ -190,34 +202,38 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
         if not getattr(e.cls, "search_space", None):
             raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
     drawn = {e.name: trials(e.cls, n_trials, studies, seed, budget) for e in entries}  # each space checked
-    plans = []
+    runs = []
     for e in entries:
-        unique = {}
-        for t in drawn[e.name]:
-            unique.setdefault(t.key, t)
-        for key, t in unique.items():
-            plan = Plan(models=[e.name], datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
-                        metrics=METRICS, floor_draws=2, params={e.name: t.params}, device=device, threads=threads,
-                        jobs=jobs, out=str(out / "trials" / e.name / key))
-            plans.append((e, t, Run(plan)))  # Run checks the plan: every trial is refused before any trains
+        unique = {trial_name(e.name, t.key): t for t in reversed(drawn[e.name])}  # a setting drawn twice runs once
+        names = list(reversed(unique))
+        teacher = [e.cls.teacher] if e.cls.teacher else []  # fitted once, for every trial
+        plan = Plan(models=teacher + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
+                    metrics=METRICS, floor_draws=2, params={n: unique[n].params for n in names},
+                    trials={n: e.name for n in names}, device=device, threads=threads, jobs=jobs,
+                    groups_at_once=groups_at_once, out=str(out / "trials" / e.name))
+        runs.append((e, names, Run(plan)))  # Run checks the plan: every model's trials are refused before any trains
     floors = {}
     for d in datasets:
         ds = ds_mod.get(d)
         for s in seeds:
             floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
     by_key: dict = {}
-    reused = 0
-    for e, t, runner in plans:
+    reused = total = 0
+    for e, names, runner in runs:
+        done = runner.ledger.done_cells()
+        finished = {n for n in names if all(c in done for c in runner.r.cells(
+            [u for u in runner.r.units() if u.model == n]))}
         rows = run(runner)
-        reused += runner.todo == 0
-        cells = validation_scores(rows, floors)
-        by_key[(e.name, t.key)] = {d: float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
-                                  for d in datasets}
+        reused, total = reused + len(finished), total + len(names)
+        for n in names:
+            cells = validation_scores([r for r in rows if r["model"] == n], floors)
+            by_key[(e.name, n.split("~", 1)[1])] = {d: float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
+                                                   for d in datasets}
     results = [{"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
                 "scores": by_key[(e.name, t.key)]} for e in entries for t in drawn[e.name]]
     best = select(results)
-    settings = {"budget": plans[0][2].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
+    settings = {"budget": runs[0][2].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
                 "seed": seed, "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
-    notes = [f"{reused} of {len(plans)} trials were already done (their run dirs under {out / 'trials'} reused)"]
+    notes = [f"{reused} of {total} trials were already done (their cells in {out / 'trials'} reused)"]
     return write_results(out, settings, results, best), results, best, notes

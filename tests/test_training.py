@@ -50,6 +50,24 @@ def test_members_side_by_side_each_train_at_their_own_learning_rate():
     assert not torch.equal(group[0].net.dec[0].weight, group[1].net.dec[0].weight)
 
 
+def test_diffusion_members_side_by_side_each_train_at_their_own_noise_levels():
+    """p_mean is a member field of diffusion (tuning trials that differ in it share a stacked fit):
+    each member's losses are its solo fit's at its own p_mean and learning rate."""
+    from genbench import datasets
+    from genbench.models.diffusion import Diffusion
+
+    data = [datasets.get("ring8").sample(4000, [s, 0]) for s in (0, 1)]
+    params = [{"train_steps": "30", "p_mean": "-2.2", "lr": "1e-3"}, {"train_steps": "30", "p_mean": "-0.8", "lr": "3e-3"}]
+    group = [Diffusion(budget="quick", params=p) for p in params]
+    infos = Diffusion.fit_side_by_side(group, data, device="cpu", seeds=[0, 1])
+    for info, d, seed, p in zip(infos, data, (0, 1), params):
+        alone = Diffusion(budget="quick", params=p).fit(d, seed=seed)
+        assert info.losses == pytest.approx(alone.losses, rel=1e-4)
+    with pytest.raises(ValueError, match="batch"):  # a field that is not a member field splits groups
+        Diffusion.fit_side_by_side([Diffusion(budget="quick", params={"batch": b}) for b in ("256", "512")], data,
+                                   device="cpu", seeds=[0, 1])
+
+
 def test_the_rsqrt_schedule_does_not_depend_on_the_total_and_decays():
     from genbench.models.train import SCHEDULES
 

@@ -109,12 +109,16 @@ def test_a_small_tune_resumes_without_redoing_finished_trials(cli, tmp_path):
     trials, re-run with 8, trains only the 3 missing (the first 5 trials' rows are untouched)."""
     out = tmp_path / "tune"
     assert cli("tune", "--models", "vae", "--trials", "5", *QUICK, "--out", str(out), timeout=900).returncode == 0
-    before = {p.parent.name: p.read_bytes() for p in (out / "trials" / "vae").glob("*/rows.jsonl")}
-    assert len(before) == 5
+    rows = out / "trials" / "vae" / "rows.jsonl"  # one run dir for the model, its trials its models
+    before = rows.read_bytes()
+    assert len({json.loads(line)["model"] for line in before.splitlines()}) == 5
+    fits = {p.name: p.read_bytes() for p in (out / "trials" / "vae" / "fits").glob("*.json")}
     r = cli("tune", "--models", "vae", "--trials", "8", *QUICK, "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr
-    after = {p.parent.name: p.read_bytes() for p in (out / "trials" / "vae").glob("*/rows.jsonl")}
-    assert len(after) == 8 and all(after[k] == v for k, v in before.items())
+    after = rows.read_bytes()
+    assert after.startswith(before)  # the first 5 trials' rows untouched, the 3 new ones appended
+    assert len({json.loads(line)["model"] for line in after.splitlines()}) == 8
+    assert all((out / "trials" / "vae" / "fits" / k).read_bytes() == v for k, v in fits.items())  # not refitted
     assert "5 of 8 trials were already done" in r.stderr
     results = json.loads((out / "tune.json").read_text())["trials"]
     assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["kl_warmup"] == "100"
@@ -171,3 +175,37 @@ def test_best_of_k_curves_fall_from_a_typical_trial_to_the_best():
     assert set(figs) == {"best_of_k.png", "trial_scores.png", "sensitivity.png"}
     for fig in figs.values():
         assert plots.text_outside(fig) == []
+
+
+def test_trials_that_differ_in_member_fields_are_one_stacked_fit_and_share_the_teacher(tmp_path, monkeypatch):
+    """A tune's run: trials are models of their own; fitting side by side, those that differ only in
+    member fields (diffusion: lr, p_mean) are one stacked fit, one with another batch its own, and
+    the distilled model's trials share one teacher fit per dataset and seed, fitted first."""
+    from genbench.models.consistency import ConsistencyDistillation
+    from genbench.models.diffusion import Diffusion
+    from genbench.runner import Plan, run
+
+    groups = []
+    for cls in (Diffusion, ConsistencyDistillation):
+        real = cls.fit_side_by_side.__func__
+
+        def spy(klass, models, *a, _real=real, **k):
+            groups.append(sorted(m.name for m in models))
+            return _real(klass, models, *a, **k)
+
+        monkeypatch.setattr(cls, "fit_side_by_side", classmethod(spy))
+    trials = {"diffusion~a": "diffusion", "diffusion~b": "diffusion", "diffusion~c": "diffusion",
+              "cm-cd~a": "cm-cd", "cm-cd~b": "cm-cd"}
+    params = {"diffusion~a": {"lr": "1e-3", "p_mean": "-2.0"}, "diffusion~b": {"lr": "3e-3", "p_mean": "-1.0"},
+              "diffusion~c": {"batch": "128"}, "cm-cd~a": {"lr": "1e-3"}, "cm-cd~b": {"lr": "2e-3"}}
+    rows = run(Plan(models=["diffusion", *trials], trials=trials, params=params, datasets=["ring8"], seeds=[0, 1],
+                    budget="quick", n_samples=200, metrics=tune.METRICS, floor_draws=2, device="cpu",
+                    side_by_side=True, jobs=1, score_jobs=0,
+                    out=str(tmp_path / "run")))
+    assert all(r["status"] == "done" for r in rows) and {r["model"] for r in rows} == {"diffusion", *trials}
+    # the teacher at its defaults differs from trials a and b in member fields only: one group with them
+    assert sorted(groups) == sorted([["diffusion", "diffusion", "diffusion~a", "diffusion~a", "diffusion~b",
+                                     "diffusion~b"], ["diffusion~c", "diffusion~c"],
+                                     ["cm-cd~a", "cm-cd~a", "cm-cd~b", "cm-cd~b"]])
+    fits = sorted(p.name for p in (tmp_path / "run" / "fits").glob("diffusion__*.json"))
+    assert fits == ["diffusion__ring8__s0.json", "diffusion__ring8__s1.json"]  # one teacher per dataset and seed

@@ -168,6 +168,8 @@ class Diffusion(TorchGenerator):
                "converged": {"train_steps": 80000}}  # converged: the cap; the validation curve stops it
     #: the tuning space (3 knobs, as every built-in): the learning rate, the batch, the training noise levels' centre
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "p_mean": Uniform(-2.4, -0.6)}
+    #: members of one stacked fit (tuning trials) may differ in these: p_mean reaches the loss as a draw
+    member_fields = ("lr", "p_mean")
     multistep = True
 
     def _build(self, device: str):
@@ -191,17 +193,20 @@ class Diffusion(TorchGenerator):
                      ema_decay=lambda t: at_most((1 + t) / (10 + t), cfg.ema_decay))
 
     def draws(self, x0: torch.Tensor, g: torch.Generator):
-        """One step's random draws: data indices, standard normals for the noise levels, noise."""
+        """One step's random draws: data indices, standard normals for the noise levels, noise; and
+        the fit's own p_mean (a member field: members of a stacked fit each train at their own)."""
         cfg, device = self.config, x0.device
+        if getattr(self, "_p_mean", None) is None or self._p_mean.device != x0.device:
+            self._p_mean = torch.tensor(float(cfg.p_mean), device=device)  # made once: no kernel per step
         return (torch.randint(len(x0), (cfg.batch,), generator=g, device=device),
                 torch.randn(cfg.batch, 1, generator=g, device=device),
-                torch.randn(cfg.batch, x0.shape[1], generator=g, device=device))
+                torch.randn(cfg.batch, x0.shape[1], generator=g, device=device), self._p_mean)
 
-    def loss(self, denoise, context, x0, i, e, z) -> torch.Tensor:
+    def loss(self, denoise, context, x0, i, e, z, p_mean) -> torch.Tensor:
         """Denoising score matching with EDM's weighting, |D(x + t z; t) - x|^2 / c_out(t)^2, on the
         data points ``x0[i]`` at EDM's lognormal levels t = exp(p_mean + p_std e)."""
         cfg = self.config
-        x, t = x0[i], (cfg.p_mean + cfg.p_std * e).exp()
+        x, t = x0[i], (p_mean + cfg.p_std * e).exp()
         _, c_out, _, _ = self.model.coefficients(t)
         return (((denoise(x + t * z, t) - x) / c_out) ** 2).sum(1).mean()
 

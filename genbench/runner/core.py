@@ -76,8 +76,10 @@ class Session:
             for dataset, seed in dict.fromkeys((u.dataset, u.seed) for u in units if todo[u]):
                 ds, _, ref, _ = r.data(dataset, seed)
                 self.scorer.floors_for(ds, seed, ref)
-        at_once = r.side_by_side and r.plan.groups_at_once > 1
-        if at_once:  # every model's groups first, that many at a time; the cells after them
+        # every model's groups first (that many at a time; a tune's trials of one family stacked
+        # across its trials), the cells after them
+        at_once = r.side_by_side and (r.plan.groups_at_once > 1 or bool(r.plan.trials))
+        if at_once:
             self.fits.fit_side_by_side(units, done)
         names = dict.fromkeys(u.model for u in units)
         groups = [[u for u in units if u.model == name] for name in names] if r.side_by_side else [units]

@@ -8,7 +8,7 @@ import dataclasses
 from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
-from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model, model_params
+from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
 
 
 class FitStore:
@@ -106,10 +106,12 @@ class FitStore:
                 continue
             if all(c in done for c in self.r.cells([unit])):
                 continue
-            record, refit = self.reuse(unit, self.r.model(unit.model, unit.dataset))
-            if record is None:  # one group per model and config (a tuned config is per dataset)
-                key = (unit.model, repr(sorted(model_params(self.r.plan, unit.model, unit.dataset).items())))
-                todo.setdefault(key, []).append((unit, refit))
+            model = self.r.model(unit.model, unit.dataset)
+            record, refit = self.reuse(unit, model)
+            if record is None:  # one group per family and config but for its member fields (a tuned
+                # config is per dataset; tuning trials differing in a learning rate share a group)
+                fields = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in type(model).member_fields}
+                todo.setdefault((type(model), repr(sorted(fields.items()))), []).append((unit, refit))
         chunks = [group[at:at + MAX_SIDE_BY_SIDE] for group in todo.values()
                   for at in range(0, len(group), MAX_SIDE_BY_SIDE)]
         if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
@@ -180,7 +182,7 @@ class FitStore:
         name = chunk[0][0].model
         entry = self.r.entry(name)
         self.progress.update(f"{name}: {len(chunk)} fits side by side")
-        models = [self.r.model(name, u.dataset) for u, _ in chunk]
+        models = [self.r.model(u.model, u.dataset) for u, _ in chunk]  # trials of a tune: models of their own
         datas = [self.r.data(u.dataset, u.seed)[1] for u, _ in chunk]
         kw, extras = {}, [{} for _ in chunk]
         infos = None

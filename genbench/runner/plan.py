@@ -71,6 +71,10 @@ class Plan:
     #: tuned configs (``run --tuned``): model -> dataset -> field -> value, under ``params``
     tuned: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     tuned_source: str | None = None  # the tuned file and its checksum, as rows record it
+    #: trials (``genbench tune``): a trial's name -> its model; each trial is a model of the run in
+    #: its own right (its rows, its files), its config that model's under ``params[trial]``, and
+    #: trials of one model that differ only in the model's ``member_fields`` fit side by side
+    trials: dict[str, str] = field(default_factory=dict)
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
     # resources
@@ -101,7 +105,10 @@ class Plan:
     def settings(self) -> dict:
         """What must match for a run dir to be resumed or extended."""
         return {"budget": self.budget, "n_samples": self.n_samples, "threads": self.threads,
-                "params": self.params, **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
+                # a trial's name pins its config (its key is the hash of its params): a tune extended
+                # with more trials extends its run dir, as a run extended with more models does
+                "params": {k: v for k, v in self.params.items() if k not in self.trials},
+                **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
                 "metrics": list(self.metrics), "floor_draws": self.floor_draws}
 
     def settings_hash(self) -> str:
@@ -249,7 +256,7 @@ def check(plan: Plan) -> Resolved:
     unknown_metrics = [m for m in plan.metrics if m not in scoring.METRICS]
     if unknown_metrics:
         raise UsageError(f"--metrics: unknown metric(s) {', '.join(unknown_metrics)}; valid: {', '.join(scoring.METRICS)}")
-    entries = tuple(resolve(list(plan.models)))
+    entries = tuple(_entries(plan))
     _check_teachers(entries)
     executor = make_executor(plan)  # checks the executor's options and that its package is installed
     device = resolve_device(plan.device, here=executor.local_device)
@@ -282,6 +289,17 @@ def check(plan: Plan) -> Resolved:
     out = plan.out.replace("{budget}", plan.budget).replace("{device}", device)
     executor.jobs = jobs  # the local executor's processes: known only now
     return dataclasses.replace(r, plan=dataclasses.replace(plan, jobs=jobs, score_jobs=score_jobs, out=out))
+
+
+def _entries(plan: Plan) -> list:
+    """The plan's models' registry entries; a trial's is its model's, under the trial's name."""
+    out = []
+    for name in plan.models:
+        if name in plan.trials:
+            out.append(dataclasses.replace(resolve([plan.trials[name]])[0], name=name))
+        else:
+            out += [e for e in resolve([name]) if e not in out]
+    return out
 
 
 def _check_teachers(entries) -> None:
