@@ -50,9 +50,9 @@ def test_members_side_by_side_each_train_at_their_own_learning_rate():
     assert not torch.equal(group[0].net.dec[0].weight, group[1].net.dec[0].weight)
 
 
-def test_diffusion_members_side_by_side_each_train_at_their_own_noise_levels():
-    """p_mean is a member field of diffusion (tuning trials that differ in it share a stacked fit):
-    each member's losses are its solo fit's at its own p_mean and learning rate."""
+def test_members_side_by_side_each_train_at_their_own_member_fields():
+    """Diffusion's p_mean and the VAE's KL warm-up are member fields (tuning trials that differ in
+    them share a stacked fit): each member's losses are its solo fit's at its own settings."""
     from genbench import datasets
     from genbench.models.diffusion import Diffusion
 
@@ -63,6 +63,12 @@ def test_diffusion_members_side_by_side_each_train_at_their_own_noise_levels():
     for info, d, seed, p in zip(infos, data, (0, 1), params):
         alone = Diffusion(budget="quick", params=p).fit(d, seed=seed)
         assert info.losses == pytest.approx(alone.losses, rel=1e-4)
+    from genbench.models.vae import VAE
+
+    vparams = [{"train_steps": "30", "kl_warmup": "0"}, {"train_steps": "30", "kl_warmup": "20", "lr": "4e-3"}]
+    vgroup = [VAE(budget="quick", params=p) for p in vparams]  # the VAE's KL warm-up is a member field too
+    for info, d, seed, p in zip(VAE.fit_side_by_side(vgroup, data, device="cpu", seeds=[0, 1]), data, (0, 1), vparams):
+        assert info.losses == pytest.approx(VAE(budget="quick", params=p).fit(d, seed=seed).losses, rel=1e-4)
     with pytest.raises(ValueError, match="batch"):  # a field that is not a member field splits groups
         Diffusion.fit_side_by_side([Diffusion(budget="quick", params={"batch": b}) for b in ("256", "512")], data,
                                    device="cpu", seeds=[0, 1])

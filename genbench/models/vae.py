@@ -78,6 +78,8 @@ class VAE(TorchGenerator):
                "converged": {"train_steps": 120000}}
     #: the tuning space: the learning rate, the batch, the KL annealing's length
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "kl_warmup": IntRange(0, 2000)}
+    #: members of one stacked fit (tuning trials) may differ in these: the warm-up reaches the loss as a draw
+    member_fields = ("lr", "kl_warmup")
 
     def _build(self, device: str):
         self.device = device
@@ -97,19 +99,22 @@ class VAE(TorchGenerator):
         return Setup(self.std.to(data), generator(seed + 1, device), self.net)
 
     def draws(self, x0: torch.Tensor, g: torch.Generator):
-        """One step's random draws: data indices and the points' reparametrisation noise."""
+        """One step's random draws: data indices and the points' reparametrisation noise; and the
+        fit's own KL warm-up length (a member field: members of a stacked fit each anneal over their own)."""
         c = self.config
+        if getattr(self, "_warmup", None) is None or self._warmup.device != x0.device:
+            self._warmup = torch.tensor(float(max(c.kl_warmup, 1)), device=x0.device)  # made once: no kernel per step
         return (torch.randint(len(x0), (c.batch,), generator=g, device=x0.device),
-                torch.randn(c.batch, c.latent, generator=g, device=x0.device))
+                torch.randn(c.batch, c.latent, generator=g, device=x0.device), self._warmup)
 
     def step_context(self, k, t):
-        """The KL weight at step t, annealed over the first kl_warmup steps."""
-        c = self.config
-        return at_most((t + 1) / c.kl_warmup, 1.0) if c.kl_warmup else 1.0
+        """The step count so far (t + 1), from which each fit's KL weight is computed."""
+        return t + 1
 
-    def loss(self, net, beta, x0, i, eps) -> torch.Tensor:
-        """The mean negative ELBO (KL weighted by ``beta``) of the data points ``x0[i]``."""
-        return net(x0[i], eps, beta).mean()
+    def loss(self, net, steps, x0, i, eps, warmup) -> torch.Tensor:
+        """The mean negative ELBO of the data points ``x0[i]``, its KL weighted by beta = steps /
+        warmup, at most 1 (annealed over the first kl_warmup steps; a warm-up of 0 or 1 is none)."""
+        return net(x0[i], eps, at_most(steps / warmup, 1.0)).mean()
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):
