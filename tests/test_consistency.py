@@ -210,3 +210,19 @@ def test_cd_fits_side_by_side_are_their_solo_fits():
         np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
         torch.testing.assert_close(member.sample(500, steps=2, seed=4), solo.sample(500, steps=2, seed=4),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_cd_members_side_by_side_each_move_their_target_at_their_own_decay(teacher_and_cd):
+    """The target network's decay is a member field of cm-cd (tuning trials that differ in it share a
+    stacked fit): each member's losses are its solo fit's, a decay of 0 (the online net's
+    stop-gradient) among them."""
+    teacher = teacher_and_cd[0]
+    data = two_modes(4000, 1)
+    params = [{"train_steps": "30", "target_decay": "0.0"}, {"train_steps": "30", "target_decay": "0.95", "lr": "3e-3"}]
+    group = [ConsistencyDistillation(budget="quick", params=p) for p in params]
+    infos = ConsistencyDistillation.fit_side_by_side(group, [data, data], device="cpu", seeds=[0, 1],
+                                                     teachers=[teacher, teacher])
+    for info, seed, p in zip(infos, (0, 1), params):
+        alone = ConsistencyDistillation(budget="quick", params=p).fit(data, seed=seed, teacher=teacher)
+        assert info.losses == pytest.approx(alone.losses, rel=1e-4)
+    assert infos[0].losses != pytest.approx(infos[1].losses, rel=1e-3)

@@ -256,6 +256,8 @@ class ConsistencyDistillation(_Consistency):
                "converged": {"train_steps": 30000}}
     #: the tuning space: the learning rate, the batch, the target network's decay
     search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 512, 1024)), "target_decay": Uniform(0.0, 0.99)}
+    #: members of one stacked fit (tuning trials) may differ in these: each member's target moves at its own decay
+    member_fields = ("lr", "target_decay")
 
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
         """Checks the teacher, builds the student (from the teacher's network where it starts from
@@ -278,12 +280,14 @@ class ConsistencyDistillation(_Consistency):
         if init:
             self.model.net.load_state_dict(pf.net.state_dict())
         self.ema = EMA(self.model, c.ema_decay)
-        self.target = EMA(self.model, c.target_decay) if c.target_decay > 0 else None
+        # the target copy theta^- (at decay 0 an exact copy of the online weights after each step:
+        # the stop-gradient of the online net), kept at every decay so that fits at several decays stack
+        self.target = EMA(self.model, c.target_decay)
         self.std = Standardizer.from_state({"mean": pf.mean, "scale": pf.scale}, device)
         self.grid = time_grid(c.grid_points - 1, c.sigma_min, c.sigma_max).flip(0).to(device)  # ascending t_1..t_N
         x0 = self.std.to(torch.as_tensor(data, dtype=torch.float32, device=device))
         return Setup(x0, generator(seed + 1, device), self.model, ema=self.ema.model, ema_decay=c.ema_decay,
-                     target=self.target.model if self.target else None, target_decay=c.target_decay,
+                     target=self.target.model, target_decay=c.target_decay,
                      frozen=pf.denoise)
 
     def draws(self, x0: torch.Tensor, g: torch.Generator):

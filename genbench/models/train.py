@@ -202,7 +202,7 @@ class TorchGenerator(Generator):
                             ema=[s.ema for s in setups] if s0.ema is not None else None,
                             ema_decay=lambda t: _decay(s0.ema_decay, t),
                             target=[s.target for s in setups] if s0.target is not None else None,
-                            target_decay=s0.target_decay, frozen=frozen, evaluate=keeper,
+                            target_decay=[s.target_decay for s in setups], frozen=frozen, evaluate=keeper,
                             anneal=keeper.anneal if keeper else None, **settings)
         if keeper:
             keeper.restore()
@@ -570,7 +570,7 @@ def stack_draws(per_member) -> tuple:
 
 def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, device: str,
                 cuda_graph: bool, generators: tuple, context=None, ema: list[nn.Module] | None = None,
-                ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | None = None,
+                ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | list | None = None,
                 frozen: list[nn.Module] | None = None, phase=None, evaluate: "Keeper | None" = None, **loop) -> list:
     """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
     parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
@@ -578,7 +578,7 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
     ``Member``) runs a member's networks, the context is shared by all members, and ``batch =
     draw(k, t)`` holds tensors stacked over the members. ``ema``: the members' EMA copies, moved
     towards the weights with ``ema_decay(t)`` after each step; ``target``: their target copies
-    (``member.target``), moved with ``target_decay``; ``frozen``: a network per member that is not
+    (``member.target``), moved with ``target_decay`` (one, or one per member); ``frozen``: a network per member that is not
     trained (``member.frozen``). The trained (and EMA and target) weights are loaded back into the
     modules. Returns ``fit_loop``'s per-member results, each FitInfo's ``train_s`` the group's wall
     time over the members (``extras``: the group's size and wall time)."""
@@ -587,7 +587,14 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
     if ema is not None:
         shadows["ema"] = (ema, {k: v.detach().clone() for k, v in params.items()}, ema_decay)
     if target is not None:
-        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()}, lambda t: target_decay)
+        decays = target_decay if isinstance(target_decay, (list, tuple)) else [target_decay]
+        if len(set(decays)) == 1:
+            decay = lambda t: decays[0]  # noqa: E731 - one decay for all: the plain update
+        else:  # each member's own decay (a member field): a [members] tensor, broadcast per parameter
+            per = torch.tensor([1.0 - d for d in decays], device=device)
+            decay = {k: 1.0 - per.reshape(-1, *[1] * (v.dim() - 1)) for k, v in params.items()}
+        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()},
+                             decay if callable(decay) else (lambda t, d=decay: d))
     frozen_state = ({}, {}) if frozen is None else tuple({k: v.detach() for k, v in d.items()} for d in _stack(frozen))
     shell, frozen_shell = modules[0], frozen[0] if frozen is not None else None
     target_params = shadows["target"][1] if target is not None else {}
@@ -602,7 +609,13 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
 
     def after_step(t):
         for _, weights, decay in shadows.values():
-            ema_update(list(weights.values()), list(params.values()), decay(t))
+            d = decay(t)
+            if isinstance(d, dict):  # per-member decays: ema <- d ema + (1 - d) online, member by member
+                with torch.no_grad():
+                    for k, w in weights.items():
+                        w.lerp_(params[k], 1.0 - d[k])
+            else:
+                ema_update(list(weights.values()), list(params.values()), d)
 
     def write_back(i: int) -> None:  # member i's trained (and EMA and target) weights into its modules
         with torch.no_grad():
