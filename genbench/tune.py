@@ -101,15 +101,36 @@ def validation_scores(rows: list[dict], floors: dict) -> dict[tuple[str, int], f
 
 
 def select(results: list[dict]) -> dict:
-    """The best trial per (model, dataset, study): the lowest mean validation score over the seeds
-    (a missing or failed cell scores infinity; ties go to the earlier trial, the defaults first)."""
+    """The best trial per (model, dataset, study): among the trials that reached the highest rung
+    on that dataset (``rungs``: successive halving's; one rung without it), the lowest mean
+    validation score over the seeds there (a missing or failed cell scores infinity; ties go to
+    the earlier trial, the defaults first)."""
     best: dict = {}
     for r in results:
-        for dataset, score in r["scores"].items():
+        rungs = r.get("rungs") or [{"steps": None, "scores": r["scores"]}]
+        for dataset in r["scores"]:
+            rung = max(i for i, g in enumerate(rungs) if dataset in g["scores"])
+            score = rungs[rung]["scores"][dataset]
             k = (r["model"], dataset, r["study"])
-            if k not in best or score < best[k]["score"]:
-                best[k] = {"params": r["params"], "score": score, "trial": r["index"], "study": r["study"]}
+            if k not in best or (-rung, score) < (-best[k]["rung"], best[k]["score"]):
+                best[k] = {"params": r["params"], "score": score, "trial": r["index"], "study": r["study"],
+                           "rung": rung, "steps": rungs[rung]["steps"]}
     return best
+
+
+def halving_rungs(n: int, eta: int, cap: int) -> list[tuple[int, int | None]]:
+    """Successive halving's rungs for ``n`` trials: (trials, training steps) per rung, each rung the
+    best 1/eta of the one before on eta times its steps, the last at the ``cap`` (the budget's
+    steps): for 32 trials and eta 3, 32 at cap/27, 11 at cap/9, 4 at cap/3, 2 at the cap. eta 0
+    (no halving): every trial at the budget's own steps (None)."""
+    if not eta:
+        return [(n, None)]
+    if eta < 2:
+        raise UsageError(f"--halving {eta}: must be 0 (off) or at least 2")
+    top = 0
+    while eta ** (top + 1) <= n:
+        top += 1
+    return [(math.ceil(n / eta ** r), max(1, cap // eta ** (top - r))) for r in range(top + 1)]
 
 
 def load_tuned(path: Path) -> dict:
@@ -174,21 +195,26 @@ def space_table(entries) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def trial_name(model: str, key: str) -> str:
-    """A trial's name in its model's run dir (its rows' model, its files' prefix)."""
-    return f"{model}~{key}"
+def trial_name(model: str, key: str, steps: int | None = None) -> str:
+    """A trial's name in its model's run dir (its rows' model, its files' prefix); at a rung of
+    successive halving, with the rung's steps."""
+    return f"{model}~{key}" + (f"~{steps}" if steps is not None else "")
 
 
 def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
              out: Path, device: str, threads: int, jobs: int, seed: int, run,
-             groups_at_once: int = 1) -> tuple[Path, list[dict], dict, list]:
-    """The tune: one run per model (``OUT/trials/MODEL``) whose models are its trials (each a model
-    of its own there, named ``trial_name``, its config under ``params``; a student's teacher at its
-    defaults beside them), checked before anything trains (UsageError, one line); fitting side by
-    side, the trials that differ only in the model's member fields (its learning rate, ...) are one
-    stacked fit. ``run(runner)`` runs one ``runner.Run`` and returns its rows. Each trial is scored
-    on the validation sample; writes tune.json and tuned.json into ``out``. Returns (the tuned
-    file, the trials' results, the best per (model, dataset, study), notes for the user)."""
+             groups_at_once: int = 1, halving: int = 0) -> tuple[Path, list[dict], dict, list]:
+    """The tune: per model and rung, one run (``OUT/trials/MODEL``) whose models are the rung's
+    trials (each a model of its own there, named ``trial_name``, its config under ``params``; a
+    student's teacher at its defaults beside them). Fitting side by side, the trials that differ
+    only in the model's member fields (its learning rate, ...) are one stacked fit. Without
+    ``halving`` there is one rung: every trial at the budget. With ``halving`` eta, successive
+    halving (``halving_rungs``): per dataset and study, the best 1/eta of a rung's trials on its
+    validation score go on to the next, at eta times the steps; the fits' paths do not depend on
+    their cap at the converged budget, so a rung's fit is the start of the next rung's. The first
+    rung's plans are checked before anything trains (UsageError, one line). ``run(runner)`` runs one
+    ``runner.Run`` and returns its rows. Writes tune.json and tuned.json into ``out``. Returns (the
+    tuned file, the trials' results, the best per (model, dataset, study), notes for the user)."""
     from . import datasets as ds_mod
     from .registry import resolve
     from .runner import Plan, Run
@@ -202,38 +228,77 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
         if not getattr(e.cls, "search_space", None):
             raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
     drawn = {e.name: trials(e.cls, n_trials, studies, seed, budget) for e in entries}  # each space checked
-    runs = []
-    for e in entries:
-        unique = {trial_name(e.name, t.key): t for t in reversed(drawn[e.name])}  # a setting drawn twice runs once
-        names = list(reversed(unique))
-        teacher = [e.cls.teacher] if e.cls.teacher else []  # fitted once, for every trial
-        plan = Plan(models=teacher + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
-                    metrics=METRICS, floor_draws=2, params={n: unique[n].params for n in names},
-                    trials={n: e.name for n in names}, device=device, threads=threads, jobs=jobs,
-                    groups_at_once=groups_at_once, out=str(out / "trials" / e.name))
-        runs.append((e, names, Run(plan)))  # Run checks the plan: every model's trials are refused before any trains
+    rungs = {e.name: halving_rungs(n_trials, halving, e.cls(budget=budget).config.train_steps) for e in entries}
+
+    def plan_for(e, want: dict) -> "Run":
+        """The run of one rung: ``want`` maps a trial's name to (its params, the datasets it trains on)."""
+        teacher = [e.cls.teacher] if e.cls.teacher else []  # fitted once, at its defaults, for every trial
+        names = list(want)
+        only = {n: tuple(d for d in datasets if d in ds) for n, (_, ds) in want.items() if set(ds) != set(datasets)}
+        return Run(Plan(models=teacher + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
+                        metrics=METRICS, floor_draws=2, params={n: p for n, (p, _) in want.items()},
+                        trials={n: e.name for n in names}, trial_datasets=only, device=device, threads=threads,
+                        jobs=jobs, groups_at_once=groups_at_once, out=str(out / "trials" / e.name)))
+
+    def rung_trials(e, r: int, alive: dict) -> dict:
+        """Rung r's trials of model e: name -> (params, datasets), from the alive (study, dataset) -> indices."""
+        steps = rungs[e.name][r][1]
+        want: dict = {}
+        for (study, d), idxs in alive.items():
+            for i in idxs:
+                t = drawn[e.name][study * n_trials + i]
+                params = t.params if steps is None else t.params | {"train_steps": str(steps)}
+                want.setdefault(trial_name(e.name, t.key, steps), (params, set()))[1].add(d)
+        return want
+
+    start = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
+    first = [(e, plan_for(e, rung_trials(e, 0, start[e.name]))) for e in entries]  # every model's refused first
     floors = {}
     for d in datasets:
         ds = ds_mod.get(d)
         for s in seeds:
             floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
-    by_key: dict = {}
-    reused = total = 0
-    for e, names, runner in runs:
-        done = runner.ledger.done_cells()
-        finished = {n for n in names if all(c in done for c in runner.r.cells(
-            [u for u in runner.r.units() if u.model == n]))}
-        rows = run(runner)
-        reused, total = reused + len(finished), total + len(names)
-        for n in names:
-            cells = validation_scores([r for r in rows if r["model"] == n], floors)
-            by_key[(e.name, n.split("~", 1)[1])] = {d: float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
-                                                   for d in datasets}
-    results = [{"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
-                "scores": by_key[(e.name, t.key)]} for e in entries for t in drawn[e.name]]
+    # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
+    reached: dict = {}
+    reused = total = fits = 0
+    for e, runner in first:
+        alive = start[e.name]
+        for r, (n_r, steps) in enumerate(rungs[e.name]):
+            if r:
+                runner = plan_for(e, rung_trials(e, r, alive))
+            done = runner.ledger.done_cells()
+            units = runner.r.units()
+            names = [n for n in runner.plan.models if n in runner.plan.trials]
+            finished = {n for n in names if all(c in done for c in runner.r.cells([u for u in units if u.model == n]))}
+            rows = run(runner)
+            reused, total = reused + len(finished), total + len(names)
+            fits += sum(1 for u in units if u.model in runner.plan.trials)
+            cell_scores = {n: validation_scores([row for row in rows if row["model"] == n], floors) for n in names}
+            for (study, d), idxs in alive.items():
+                for i in idxs:
+                    t = drawn[e.name][study * n_trials + i]
+                    cells = cell_scores[trial_name(e.name, t.key, steps)]
+                    score = float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
+                    rung = reached.setdefault((e.name, study, i), [])
+                    while len(rung) <= r:
+                        rung.append({"steps": rungs[e.name][len(rung)][1], "scores": {}})
+                    rung[r]["scores"][d] = score
+            if r + 1 < len(rungs[e.name]):  # the best of each (study, dataset) go on; ties: the earlier trial
+                keep = rungs[e.name][r + 1][0]
+                alive = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
+                         for k, idxs in alive.items()}
+    results = []
+    for e in entries:
+        for t in drawn[e.name]:
+            rung = reached[(e.name, t.study, t.index)]
+            results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
+                            "scores": rung[0]["scores"], **({"rungs": rung} if halving else {})})
     best = select(results)
-    settings = {"budget": runs[0][2].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
+    settings = {"budget": first[0][1].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
-                "seed": seed, "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
-    notes = [f"{reused} of {total} trials were already done (their cells in {out / 'trials'} reused)"]
+                "seed": seed, "halving": halving, "rungs": {m: [list(x) for x in v] for m, v in rungs.items()},
+                "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
+    notes = [f"{reused} of {total} trials were already done (their cells in {out / 'trials'} reused)",
+             f"{fits} fits in all" + (f" over {max(len(v) for v in rungs.values())} rungs of successive halving"
+                                      if halving else "")]
     return write_results(out, settings, results, best), results, best, notes

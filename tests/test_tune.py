@@ -209,3 +209,34 @@ def test_trials_that_differ_in_member_fields_are_one_stacked_fit_and_share_the_t
                                      ["cm-cd~a", "cm-cd~a", "cm-cd~b", "cm-cd~b"]])
     fits = sorted(p.name for p in (tmp_path / "run" / "fits").glob("diffusion__*.json"))
     assert fits == ["diffusion__ring8__s0.json", "diffusion__ring8__s1.json"]  # one teacher per dataset and seed
+
+
+def test_successive_halving_rungs():
+    assert tune.halving_rungs(32, 3, 27_000) == [(32, 1000), (11, 3000), (4, 9000), (2, 27_000)]
+    assert tune.halving_rungs(4, 2, 300) == [(4, 75), (2, 150), (1, 300)]
+    assert tune.halving_rungs(8, 0, 300) == [(8, None)]  # off: every trial at the budget's own steps
+    with pytest.raises(api.UsageError, match="halving 1"):
+        tune.halving_rungs(8, 1, 300)
+
+
+def test_a_halving_tune_promotes_the_best_per_dataset_and_selects_at_the_last_rung(cli, tmp_path):
+    """4 trials, eta 2, on two datasets (quick budget, CPU): each rung's trials are the best half of
+    the rung before on that dataset, fitted at twice the steps; the tuned config is the best at
+    the last rung, without the rung's steps in it."""
+    out = tmp_path / "tune"
+    r = cli("tune", "--models", "vae", "--datasets", "ring8,moons", "--trials", "4", "--halving", "2",
+            "--budget", "quick", "--device", "cpu", "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "14 fits in all over 3 rungs" in r.stderr
+    trials = json.loads((out / "tune.json").read_text())["trials"]
+    for d in ("ring8", "moons"):
+        for rung, keep in ((0, 2), (1, 1)):
+            at = [t for t in trials if len(t["rungs"]) > rung and d in t["rungs"][rung]["scores"]]
+            best = sorted(at, key=lambda t: (t["rungs"][rung]["scores"][d], t["index"]))[:keep]
+            assert {t["index"] for t in trials if len(t["rungs"]) > rung + 1 and d in t["rungs"][rung + 1]["scores"]} \
+                == {t["index"] for t in best}
+        chosen = _tuned(out)["configs"]["vae"][d]
+        last = [t for t in trials if len(t["rungs"]) == 3 and d in t["rungs"][2]["scores"]]
+        assert len(last) == 1 and chosen["trial"] == last[0]["index"] and "train_steps" not in chosen["params"]
+    fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "vae" / "fits").glob("*.json")}
+    assert len(fits) == 14 and all(f["steps"] == int(name.split("__")[0].rsplit("~", 1)[1]) for name, f in fits.items())

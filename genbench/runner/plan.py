@@ -75,6 +75,9 @@ class Plan:
     #: its own right (its rows, its files), its config that model's under ``params[trial]``, and
     #: trials of one model that differ only in the model's ``member_fields`` fit side by side
     trials: dict[str, str] = field(default_factory=dict)
+    #: a trial's datasets where it is not trained on every dataset of the plan (successive halving
+    #: promotes a trial per dataset)
+    trial_datasets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
     # resources
@@ -152,7 +155,9 @@ class Resolved:
     def units(self) -> list[Unit]:
         """Every fit unit, teachers' models first so that students find their checkpoint."""
         order = sorted(self.entries, key=lambda e: e.cls.teacher is not None)
-        return [Unit(e.name, d, s) for e in order for d in self.plan.datasets for s in self.plan.seeds]
+        only = self.plan.trial_datasets
+        return [Unit(e.name, d, s) for e in order for d in self.plan.datasets for s in self.plan.seeds
+                if e.name not in only or d in only[e.name]]
 
     def cells(self, units) -> list[Cell]:
         """The cells of fit units."""
