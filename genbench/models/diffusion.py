@@ -196,11 +196,9 @@ class Diffusion(TorchGenerator):
         """One step's random draws: data indices, standard normals for the noise levels, noise; and
         the fit's own p_mean (a member field: members of a stacked fit each train at their own)."""
         cfg, device = self.config, x0.device
-        if getattr(self, "_p_mean", None) is None or self._p_mean.device != x0.device:
-            self._p_mean = torch.tensor(float(cfg.p_mean), device=device)  # made once: no kernel per step
         return (torch.randint(len(x0), (cfg.batch,), generator=g, device=device),
                 torch.randn(cfg.batch, 1, generator=g, device=device),
-                torch.randn(cfg.batch, x0.shape[1], generator=g, device=device), self._p_mean)
+                torch.randn(cfg.batch, x0.shape[1], generator=g, device=device), self.member_value("p_mean", device))
 
     def loss(self, denoise, context, x0, i, e, z, p_mean) -> torch.Tensor:
         """Denoising score matching with EDM's weighting, |D(x + t z; t) - x|^2 / c_out(t)^2, on the

@@ -3,9 +3,9 @@ standardiser, seeded construction and generators. The training loop is ``train.p
 from __future__ import annotations
 
 import contextlib
-import threading
 import copy
 import math
+import threading
 
 import torch
 from torch import nn
@@ -56,8 +56,13 @@ class EMA:
 
 @torch.no_grad()
 def ema_update(ema: list, online: list, decay) -> None:
-    """``ema <- decay ema + (1 - decay) online`` for lists of tensors; ``decay`` a number or a 0-dim tensor."""
-    if isinstance(decay, torch.Tensor):
+    """``ema <- decay ema + (1 - decay) online`` for lists of tensors; ``decay`` a number, a 0-dim
+    tensor, or a list of one tensor per tensor that broadcasts against it (stacked members, each
+    at its own decay: [members, 1, ...])."""
+    if isinstance(decay, (list, tuple)):
+        for e, o, d in zip(ema, online, decay):
+            e.lerp_(o, 1.0 - d)
+    elif isinstance(decay, torch.Tensor):
         delta = torch._foreach_sub(online, ema)
         torch._foreach_mul_(delta, 1.0 - decay)
         torch._foreach_add_(ema, delta)

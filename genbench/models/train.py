@@ -120,6 +120,15 @@ class TorchGenerator(Generator):
     #: the step's phase: the loss changes with k only through it (None: one phase for the whole fit)
     phase: Callable[[int], Any] | None = None
 
+    def member_value(self, name: str, device) -> torch.Tensor:
+        """Config field ``name`` as a 0-dim tensor on ``device``, made once (no kernel per step): what
+        ``draws`` returns for ``loss`` where the field is a member field (each member its own)."""
+        cache = self.__dict__.setdefault("_member_values", {})
+        value = cache.get(name)
+        if value is None or value.device != torch.device(device):
+            value = cache[name] = torch.tensor(float(getattr(self.config, name)), device=device)
+        return value
+
     def step_context(self, k: int, t):
         """Values that every member of step k shares, passed to ``loss`` (default: None). Within a
         captured graph it is computed once per phase, with the phase's first k, and ``t`` is the
@@ -588,13 +597,11 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
         shadows["ema"] = (ema, {k: v.detach().clone() for k, v in params.items()}, ema_decay)
     if target is not None:
         decays = target_decay if isinstance(target_decay, (list, tuple)) else [target_decay]
-        if len(set(decays)) == 1:
-            decay = lambda t: decays[0]  # noqa: E731 - one decay for all: the plain update
-        else:  # each member's own decay (a member field): a [members] tensor, broadcast per parameter
-            per = torch.tensor([1.0 - d for d in decays], device=device)
-            decay = {k: 1.0 - per.reshape(-1, *[1] * (v.dim() - 1)) for k, v in params.items()}
-        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()},
-                             decay if callable(decay) else (lambda t, d=decay: d))
+        decay = decays[0]
+        if len(set(decays)) > 1:  # each member's own decay (a member field): per parameter, [members, 1, ...]
+            per = torch.tensor(decays, device=device)
+            decay = [per.reshape(-1, *[1] * (v.dim() - 1)) for v in params.values()]
+        shadows["target"] = (target, {k: v.detach().clone() for k, v in params.items()}, lambda t: decay)
     frozen_state = ({}, {}) if frozen is None else tuple({k: v.detach() for k, v in d.items()} for d in _stack(frozen))
     shell, frozen_shell = modules[0], frozen[0] if frozen is not None else None
     target_params = shadows["target"][1] if target is not None else {}
@@ -609,13 +616,7 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
 
     def after_step(t):
         for _, weights, decay in shadows.values():
-            d = decay(t)
-            if isinstance(d, dict):  # per-member decays: ema <- d ema + (1 - d) online, member by member
-                with torch.no_grad():
-                    for k, w in weights.items():
-                        w.lerp_(params[k], 1.0 - d[k])
-            else:
-                ema_update(list(weights.values()), list(params.values()), d)
+            ema_update(list(weights.values()), list(params.values()), decay(t))
 
     def write_back(i: int) -> None:  # member i's trained (and EMA and target) weights into its modules
         with torch.no_grad():

@@ -102,10 +102,8 @@ class VAE(TorchGenerator):
         """One step's random draws: data indices and the points' reparametrisation noise; and the
         fit's own KL warm-up length (a member field: members of a stacked fit each anneal over their own)."""
         c = self.config
-        if getattr(self, "_warmup", None) is None or self._warmup.device != x0.device:
-            self._warmup = torch.tensor(float(max(c.kl_warmup, 1)), device=x0.device)  # made once: no kernel per step
         return (torch.randint(len(x0), (c.batch,), generator=g, device=x0.device),
-                torch.randn(c.batch, c.latent, generator=g, device=x0.device), self._warmup)
+                torch.randn(c.batch, c.latent, generator=g, device=x0.device), self.member_value("kl_warmup", x0.device))
 
     def step_context(self, k, t):
         """The step count so far (t + 1), from which each fit's KL weight is computed."""
@@ -113,7 +111,8 @@ class VAE(TorchGenerator):
 
     def loss(self, net, steps, x0, i, eps, warmup) -> torch.Tensor:
         """The mean negative ELBO of the data points ``x0[i]``, its KL weighted by beta = steps /
-        warmup, at most 1 (annealed over the first kl_warmup steps; a warm-up of 0 or 1 is none)."""
+        warmup, at most 1 (annealed over the first kl_warmup steps; a warm-up of 0, whose quotient is
+        infinite, or 1 is none)."""
         return net(x0[i], eps, at_most(steps / warmup, 1.0)).mean()
 
     @torch.no_grad()

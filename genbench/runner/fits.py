@@ -131,10 +131,10 @@ class FitStore:
 
         import torch
 
-        models = [chunk[0][0].model for chunk in chunks]
-        teachers = [self.r.entry(m).cls.teacher for m in models]
-        # chunks come teachers' first, so a chunk's teachers were taken from the queue before it
-        needs = [[j for j in range(i) if models[j] == teachers[i]] for i in range(len(chunks))]
+        teachers = [self.r.entry(chunk[0][0].model).cls.teacher for chunk in chunks]
+        # a chunk waits for the chunks that hold its teacher's units; chunks come teachers' first,
+        # so those were taken from the queue before it
+        needs = [[j for j in range(i) if any(u.model == teachers[i] for u, _ in chunks[j])] for i in range(len(chunks))]
         ended = [threading.Event() for _ in chunks]
         errors: list[BaseException] = []
         todo: queue.SimpleQueue = queue.SimpleQueue()
