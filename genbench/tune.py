@@ -263,7 +263,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     reused = total = fits = 0
     for e, runner in first:
         alive = start[e.name]
-        for r, (n_r, steps) in enumerate(rungs[e.name]):
+        for r, (_, steps) in enumerate(rungs[e.name]):
             if r:
                 runner = plan_for(e, rung_trials(e, r, alive))
             done = runner.ledger.done_cells()
@@ -279,9 +279,9 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                     t = drawn[e.name][study * n_trials + i]
                     cells = cell_scores[trial_name(e.name, t.key, steps)]
                     score = float(sum(cells.get((d, s), math.inf) for s in seeds) / len(seeds))
-                    rung = reached.setdefault((e.name, study, i), [])
-                    while len(rung) <= r:
-                        rung.append({"steps": rungs[e.name][len(rung)][1], "scores": {}})
+                    rung = reached.setdefault((e.name, study, i), [])  # alive here: in every rung before
+                    if len(rung) == r:
+                        rung.append({"steps": steps, "scores": {}})
                     rung[r]["scores"][d] = score
             if r + 1 < len(rungs[e.name]):  # the best of each (study, dataset) go on; ties: the earlier trial
                 keep = rungs[e.name][r + 1][0]
