@@ -46,17 +46,20 @@ def _grid(n: int, max_cols: int = 4, w: float = 3.2, h: float = 3.0):
 
 def _finish(fig, title: str | None = None, legend: list | None = None):
     """Title and legend kept inside the canvas: the title wrapped to the figure's width, the
-    legend (handles, labels) in a row below the panels; then a tight layout around both."""
+    legend (handles, labels) in rows below the panels, the figure made taller by the legend's
+    rows (so that a long legend under one panel does not flatten it); then a tight layout."""
     top, bottom = 1.0, 0.0
-    if title:
-        lines = textwrap.wrap(title, width=int(fig.get_figwidth() * 11))
-        fig.suptitle("\n".join(lines), fontsize=10)
-        top = 1 - (0.15 + 0.17 * len(lines)) / fig.get_figheight()
     if legend:
         handles, labels = legend
         ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.2)))
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False, markerscale=1.5)
-        bottom = (0.12 + 0.17 * -(-len(labels) // ncol)) / fig.get_figheight()
+        below = 0.12 + 0.17 * -(-len(labels) // ncol)  # inches
+        fig.set_figheight(fig.get_figheight() + below)
+        bottom = below / fig.get_figheight()
+    if title:
+        lines = textwrap.wrap(title, width=int(fig.get_figwidth() * 11))
+        fig.suptitle("\n".join(lines), fontsize=10)
+        top = 1 - (0.15 + 0.17 * len(lines)) / fig.get_figheight()
     # twice: the first pass resizes equal-aspect panels, and only the second sees the room their
     # titles then need (with one pass a second row's titles were drawn over the first row's panels)
     for _ in range(2):

@@ -156,3 +156,18 @@ def test_no_panel_title_is_drawn_over_another_panel():
         for other in flat:
             if other is not ax:
                 assert not title.overlaps(other.get_window_extent(r)), (ax.get_title(), other.get_title())
+
+
+def test_a_long_legend_under_one_panel_does_not_flatten_it():
+    """One panel (one dataset, the default run) and seven legend rows below it: the figure grows by
+    the legend's rows, so the panel keeps most of the height it was given (it was squeezed to a
+    strip when the legend took its room)."""
+    from genbench import plots
+
+    fig, flat = plots._grid(1, max_cols=3, w=3.8, h=3.4)
+    lines = [flat[0].plot([1, 10], [0.3, 0.4], label=f"model {i}: one point, NFE 1")[0] for i in range(7)]
+    plots._finish(fig, "Sample quality against network evaluations (both axes log)",
+                  legend=(lines, [ln.get_label() for ln in lines]))
+    fig.canvas.draw()
+    height = flat[0].get_window_extent(fig.canvas.get_renderer()).height / fig.dpi
+    assert height > 0.5 * 3.4, height
