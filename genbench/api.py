@@ -80,6 +80,14 @@ class Monitor:
     def evaluate(self, step: int, sample) -> Verdict:
         raise NotImplementedError
 
+    def state(self) -> dict:
+        """What a fit stopped in its middle needs to continue this monitor (plain containers): its
+        curve, its best so far, its next evaluation. ``load_state`` takes it back."""
+        raise NotImplementedError
+
+    def load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class PFODEDenoiser:
@@ -127,6 +135,9 @@ class Generator:
     #: True where ``fit`` takes ``monitor=`` (evaluation during training, stopping, the best weights
     #: kept: the ``stopping`` capability, which the ``converged`` budget needs)
     monitored: ClassVar[bool] = False
+    #: True where ``fit`` (and ``fit_side_by_side``) take ``snapshots=`` (a fit stopped in its middle
+    #: continues from its last snapshot: the ``resumable`` capability; ``train.Snapshots``)
+    resumable: ClassVar[bool] = False
     #: the search space ``genbench tune`` draws trials from: config field -> ``LogUniform``,
     #: ``Uniform``, ``IntRange`` or ``Choice`` (the ``tuning`` capability; part of the published
     #: protocol, printed by ``genbench list``); empty: the model is not tuned
@@ -214,7 +225,7 @@ class Generator:
             ("one-step map", has("one_step_map")), ("checkpoint", has("state_dict") and has("load_state_dict")),
             ("evaluation", has("evaluate")), ("likelihood", cls.no_likelihood is None and has("evaluate")),
             ("pf-ode denoiser", has("pf_ode_denoiser")), ("side by side", has("fit_side_by_side")),
-            ("stopping", cls.monitored), ("tuning", bool(cls.search_space))) if ok]
+            ("stopping", cls.monitored), ("resumable", cls.resumable), ("tuning", bool(cls.search_space))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------

@@ -448,6 +448,27 @@ class RunDir:
         """The state dict of checkpoints/<name>.pt, read as data (``load_state``)."""
         return load_state(self.checkpoint_bytes(name, sha), device)
 
+    # -- mid-fit snapshots (partial/): a fit's state while it trains, gone once its fit is saved --
+    def save_partial(self, name: str, state: dict) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self.path / "partial" / f"{name}.pt", buf.getvalue(), root=self.path)
+
+    def load_partial(self, name: str, device: str):
+        """The snapshot partial/<name>.pt read as data (``load_state``), or None where there is none
+        (a torn or unreadable one raises: the caller says why it starts over)."""
+        p = self.path / "partial" / f"{name}.pt"
+        if not p.is_file():
+            return None
+        no_links(p, self.path)
+        return load_state(p.read_bytes(), device)
+
+    def drop_partial(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            (self.path / "partial" / f"{name}.pt").unlink()
+
     def save_json(self, kind: str, name: str, obj: dict) -> str:
         """Writes kind/<name>.json: the dict ``obj`` with a ``checksum`` of its own content (sha256
         of its canonical JSON), so that a record altered after it was written is not trusted

@@ -291,3 +291,53 @@ def test_groups_trained_at_once_on_streams_are_the_groups_trained_one_after_anot
         torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor([p["score"] for p in one["eval_curve"]]),
                                    torch.tensor([p["score"] for p in four["eval_curve"]]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "flow"])
+def test_a_captured_fit_stopped_in_its_middle_continues_to_the_same_fit(name, monkeypatch):
+    """A captured fit (side by side, with evaluation and its curriculum's phases) continued from a
+    mid-fit snapshot: the CUDA generators' states, Adam's device-side step and the schedule's
+    position are restored, so its losses and weights are those of the fit never stopped."""
+    from genbench.models.train import Snapshots
+    from genbench.registry import resolve
+    from genbench.runner import monitor as monitor_mod
+    from genbench.runner.monitor import ValidationMonitor, validation_floor
+    from genbench.scoring import validation_sample
+
+    monkeypatch.setattr(monitor_mod, "MIN_STEPS", 200)
+    ds = datasets.get("ring8")
+    cls = resolve([name])[0].cls
+    datas = [ds.sample(4000, [s, 0]) for s in (0, 1)]
+    params = {"train_steps": "600"} | ({"stage_steps": "150"} if name == "cm-ct" else {})
+
+    def monitors():
+        vals = [validation_sample(ds, s) for s in (0, 1)]
+        return [ValidationMonitor(ds, v, validation_floor(ds, s, v), cap=600, log_every=50, seed=s, device="cuda")
+                for s, v in zip((0, 1), vals)]
+
+    def fit(snapshots=None):
+        group = [cls(budget="converged", params=params) for _ in datas]
+        infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=[0, 1], monitors=monitors(),
+                                     **({"snapshots": snapshots} if snapshots else {}))
+        return group, infos
+
+    whole, infos = fit()
+    kept = []
+
+    class Stop(Exception):
+        pass
+
+    def save(state):
+        kept.append(state)
+        if len(kept) == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(Snapshots(None, save, every_s=0.0))
+    resumed, infos2 = fit(Snapshots(kept[-1], lambda s: None, every_s=0.0))
+    for a, b, i, j in zip(whole, resumed, infos, infos2):
+        assert i.losses == j.losses
+        from test_snapshots import _weights
+
+        sa, sb = _weights(a), _weights(b)
+        assert len(sa) > 2 and all(torch.equal(sa[k], sb[k]) for k in sa)

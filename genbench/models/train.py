@@ -106,6 +106,8 @@ class TorchGenerator(Generator):
     member_fields: tuple[str, ...] = ("lr",)
     #: fit takes monitor= (evaluation during training, stopping, the best weights kept)
     monitored = True
+    #: fit takes snapshots= (a fit stopped in its middle continues from its last snapshot)
+    resumable = True
 
     # -- the hooks ------------------------------------------------------------------------------
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
@@ -157,11 +159,18 @@ class TorchGenerator(Generator):
             self.config = config
 
     def fit(self, data, *, device: str = "cpu", seed: int = 0, teacher: Generator | None = None,
-            monitor=None) -> FitInfo:
+            monitor=None, snapshots: Snapshots | None = None) -> FitInfo:
         s = self.setup(data, device=device, seed=seed, teacher=teacher)
         settings = self._loop_settings() | {"device": device}
         keeper = Keeper([self], [s], [monitor], settings, device) if monitor is not None else None
         nets = Nets(s)
+        if snapshots is not None:  # the modules whole (buffers too: ActNorm's flag), then the evaluation's
+            modules = [m for m in (s.trained, s.ema, s.target) if m is not None]
+            snapshots.add("modules", lambda: [{k: v.to("cpu", copy=True) for k, v in m.state_dict().items()}
+                                              for m in modules],
+                          lambda saved: [m.load_state_dict(st) for m, st in zip(modules, saved, strict=True)])
+            if keeper:
+                keeper.snapshot_part(snapshots)
 
         def loss_fn(k, t):
             return self.loss(nets, self.step_context(k, t), s.x0, *self.draws(s.x0, s.generator))
@@ -173,14 +182,16 @@ class TorchGenerator(Generator):
                 ema_update(list(s.target.parameters()), list(s.trained.parameters()), s.target_decay)
 
         info = fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
-                        on_log=keeper.on_log if keeper else None, anneal=keeper.anneal if keeper else None, **settings)
+                        on_log=keeper.on_log if keeper else None, anneal=keeper.anneal if keeper else None,
+                        snapshots=snapshots, **settings)
         if keeper:
             keeper.restore()
         return info
 
     @classmethod
     def fit_side_by_side(cls, models: list["TorchGenerator"], datas: list, *, device: str, seeds: list[int],
-                         teachers: list | None = None, monitors: list | None = None) -> list:
+                         teachers: list | None = None, monitors: list | None = None,
+                         snapshots: Snapshots | None = None) -> list:
         """Fits ``models`` (one config, but for ``member_fields``) as one stacked network
         (``fit_stacked``), each member from its own ``setup`` (seeded weights, data, teacher), drawing
         from its own generator in its solo fit's order, with its own clipping, EMA and target."""
@@ -206,13 +217,15 @@ class TorchGenerator(Generator):
 
         settings = first._loop_settings() | {"device": device, "lr": [m.config.lr for m in models]}
         keeper = Keeper(models, setups, monitors, settings, device) if monitors is not None else None
+        if keeper and snapshots is not None:
+            keeper.snapshot_part(snapshots)
         infos = fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
                             draw, context=first.step_context, generators=tuple(s.generator for s in setups),
                             ema=[s.ema for s in setups] if s0.ema is not None else None,
                             ema_decay=lambda t: _decay(s0.ema_decay, t),
                             target=[s.target for s in setups] if s0.target is not None else None,
                             target_decay=[s.target_decay for s in setups], frozen=frozen, evaluate=keeper,
-                            anneal=keeper.anneal if keeper else None, **settings)
+                            anneal=keeper.anneal if keeper else None, snapshots=snapshots, **settings)
         if keeper:
             keeper.restore()
         return infos
@@ -260,9 +273,108 @@ class Keeper:
                 if best is not None:
                     module.load_state_dict(best)
 
+    def snapshot_part(self, snapshots: "Snapshots") -> None:
+        """Registers what a continued fit needs of the evaluation: each monitor's state, the best
+        weights kept, which fits stopped, the anneals begun."""
+        def state():
+            return {"monitors": [m.state() if m is not None else None for m in self.monitors],
+                    "best": [None if b is None else {k: v.to("cpu", copy=True) for k, v in b.items()} for b in self.best],
+                    "stopped": list(self.stopped),
+                    "anneal": None if self.anneal is None else _cpu([self.anneal.begin, self.anneal.length])}
+
+        def load(saved):
+            for m, st in zip(self.monitors, saved["monitors"], strict=True):
+                if m is not None:
+                    m.load_state(st)
+            device = next(iter(self.modules[0].parameters())).device if self.modules else "cpu"
+            self.best = [None if b is None else {k: v.to(device) for k, v in b.items()} for b in saved["best"]]
+            self.stopped = list(saved["stopped"])
+            if self.anneal is not None:
+                _copy_into([self.anneal.begin, self.anneal.length], saved["anneal"])
+
+        snapshots.add("keeper", state, load)
+
 
 def _decay(decay, t):
     return decay(t) if callable(decay) else decay
+
+
+class Snapshots:
+    """Mid-fit snapshots, so that a fit stopped in its middle (a killed worker, a command's time
+    limit) continues where it was instead of from step 0. The loop's whole state (step, weights,
+    optimizer, random generators, loss curve, and each registered part: EMA and target copies,
+    evaluation during training) is handed to ``save(state)`` at the end of a logged window once
+    ``every_s`` seconds have passed since the last; a fit given ``saved`` (a state ``save`` was
+    handed, read back) starts from it: the same steps, draws and weights as the fit that was not
+    stopped. The state holds tensors and plain containers only (read back as data)."""
+
+    def __init__(self, saved: dict | None, save: Callable[[dict], None], every_s: float = 60.0):
+        self.saved, self._save, self.every_s = saved, save, every_s
+        self.parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+        self.last = time.perf_counter()
+        self.resumed_at: int | None = None  # the step a fit continued from
+
+    def add(self, name: str, state: Callable[[], Any], load: Callable[[Any], None]) -> None:
+        """A part of the fit's state: ``state()`` what it saves, ``load(saved)`` what restores it."""
+        self.parts[name] = (state, load)
+
+    def restore(self) -> int:
+        """Loads every part from the saved state; returns the step to continue from (0: none saved)."""
+        if not self.saved:
+            return 0
+        for name, (_, load) in self.parts.items():
+            load(self.saved[name])
+        self.resumed_at = int(self.saved["step"])
+        return self.resumed_at
+
+    def due(self, step: int) -> None:
+        """At the end of a logged window (``step`` steps made): a snapshot where one is due."""
+        if time.perf_counter() - self.last >= self.every_s:
+            self._save({"step": step} | {name: state() for name, (state, _) in self.parts.items()})
+            self.last = time.perf_counter()
+
+
+def _cpu(tensors) -> list:
+    return [t.detach().to("cpu", copy=True) for t in tensors]
+
+
+def _copy_into(tensors, saved) -> None:
+    with torch.no_grad():
+        for t, v in zip(tensors, saved, strict=True):
+            t.copy_(v)
+
+
+def _optimizer_state(opt, params) -> list:
+    """Each parameter's optimizer state (Adam's moments and step), on the host; the parameter
+    groups (their learning rate: a device tensor in a captured step) stay the loop's own."""
+    return [{n: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+             for n, v in opt.state[p].items()} for p in params]
+
+
+def _load_optimizer_state(opt, params, saved: list) -> None:
+    for p, st in zip(params, saved, strict=True):
+        opt.state[p] = {n: v.to(p.device) if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+
+
+def _loop_part(snapshots, params, opt, generators, log, clock) -> int:
+    """Registers the loop's own state (weights, optimizer, generators, loss curve, training
+    seconds so far) with ``snapshots`` and restores every part; returns the step to start at."""
+    def state():
+        return {"params": _cpu(params), "opt": _optimizer_state(opt, params), "generators": [g.get_state() for g in generators],
+                "log": {"curves": log.curves, "diverged": log.diverged, "trained": log.trained, "paused": log.paused,
+                        "train_s": clock()}}
+
+    def load(saved):
+        _copy_into(params, saved["params"])
+        _load_optimizer_state(opt, params, saved["opt"])
+        for g, st in zip(generators, saved["generators"], strict=True):
+            g.set_state(st.to("cpu"))
+        d = saved["log"]
+        log.curves, log.diverged, log.trained = [list(c) for c in d["curves"]], list(d["diverged"]), int(d["trained"])
+        log.paused, log.before_s = float(d["paused"]), float(d["train_s"])
+
+    snapshots.add("loop", state, load)
+    return snapshots.restore()
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -312,7 +424,7 @@ SCHEDULES = {"cosine": warmup_cosine,
 def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
              generators: tuple = (), phase=None, members: int = 0, on_log=None, betas=(0.9, 0.999),
-             schedule: str = "cosine", anneal: "Anneal | None" = None):
+             schedule: str = "cosine", anneal: "Anneal | None" = None, snapshots: "Snapshots | None" = None):
     """The training loop every torch family shares: Adam (``betas``), a warm-up + ``schedule`` (one of
     ``SCHEDULES``; cosine decay by default), gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
@@ -327,6 +439,8 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     one rate per member: Adam's update (no weight decay) is linear in its rate, so the step is taken
     at rate 1 (times the schedule) and each member's update scaled by its own rate. ``anneal``: each
     fit's own decay (``Anneal``), started by ``on_log``'s caller when its score plateaus.
+    ``snapshots`` (``Snapshots``): the loop's state saved now and then, and a fit continued from a
+    saved one.
 
     On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
     is captured in a CUDA graph and replayed; the loss is read back once per ``log_every`` steps. A
@@ -347,10 +461,10 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
         raise ValueError(f"{len(lr)} learning rates for {members} members")
     factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
-              log=log, betas=tuple(betas), factor=factor, anneal=anneal)
+              log=log, betas=tuple(betas), factor=factor, anneal=anneal, snapshots=snapshots)
     if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
         return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
-    return _fit_eager(params, loss_fn, **kw)
+    return _fit_eager(params, loss_fn, generators=generators, **kw)
 
 
 def clip_gradients(params: list, clip: float, members: int = 0) -> None:
@@ -424,6 +538,7 @@ class LossLog:
         self.trained = 0  # steps made so far (the fit's steps, where on_log stopped it early)
         self.stop = False  # on_log asked the loop to stop
         self.paused = 0.0  # seconds spent in on_log (evaluation), left out of the training time
+        self.before_s = 0.0  # the loop's seconds before it was stopped and continued (Snapshots)
 
     def add(self, means: torch.Tensor, k: int) -> None:
         """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
@@ -442,7 +557,7 @@ class LossLog:
     def result(self, train_s: float):
         """One FitInfo per member (a Diverged in place of a member that diverged); ``train_s`` is the
         loop's wall time less the time spent evaluating."""
-        train_s = max(0.0, train_s - self.paused)
+        train_s = max(0.0, self.before_s + train_s - self.paused)
         infos = [Diverged(f"non-finite loss at step {d}") if d is not None else
                  FitInfo(steps=self.trained, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
                          log_every=self.log_every) for c, d in zip(self.curves, self.diverged)]
@@ -457,14 +572,21 @@ def _member_rates(params, lr, device, members, anneal):
 
 
 def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
-               anneal=None):
+               anneal=None, snapshots=None, generators: tuple = ()):
     rates = _member_rates(params, lr, device, members, anneal)
     opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
     _sync(device)
     t0 = time.perf_counter()
-    for k in range(steps):
+    start = 0
+    if snapshots is not None:
+        start = _loop_part(snapshots, params, opt, generators, log, lambda: log.before_s + time.perf_counter() - t0)
+        if start:  # the schedule at the step the fit continues from
+            sched.last_epoch = start
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * factor(start, steps, warmup)
+    for k in range(start, steps):
         loss = loss_fn(k, k)
         opt.zero_grad(set_to_none=True)
         (loss.sum() if members else loss).backward()
@@ -484,12 +606,14 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
             window = []
             if log.stop:
                 break
+            if snapshots is not None and k < steps - 1:
+                snapshots.due(k + 1)
     _sync(device)
     return log.result(time.perf_counter() - t0)
 
 
 def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
-                 generators: tuple = (), phase=None, anneal=None):
+                 generators: tuple = (), phase=None, anneal=None, snapshots=None):
     """``fit_loop`` on CUDA with the training step captured in a CUDA graph and replayed.
 
     The same step as the eager loop: Adam (fused, capturable, its learning rate a device tensor set
@@ -525,19 +649,29 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         k_long.add_(1)
         k_float.add_(1)
 
-    logged = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    first = 0
+    if snapshots is not None:
+        first = _loop_part(snapshots, params, opt, generators, log, lambda: log.before_s + time.perf_counter() - t0)
+        k_long.fill_(first)
+        k_float.fill_(first)
+        if first < steps:
+            lr_t.copy_(sched[first])
+    logged = first
 
     def log_upto(k: int) -> bool:  # the mean loss of each finished window, read back at its end; True: stop
         nonlocal logged
         if k - logged == log.log_every or k == steps:
             log.add(losses[logged:k].mean(0), k - 1)
             logged = k
+            if snapshots is not None and not log.stop and k < steps:
+                snapshots.due(k)
         return log.stop
 
-    _sync(device)
-    t0 = time.perf_counter()
     side = torch.cuda.Stream()
-    for i, (start, end) in enumerate(graphs.phase_segments(steps, phase)):
+    segments = [(max(a, first), b) for a, b in graphs.phase_segments(steps, phase) if b > first]
+    for i, (start, end) in enumerate(segments):
         eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -580,7 +714,8 @@ def stack_draws(per_member) -> tuple:
 def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, device: str,
                 cuda_graph: bool, generators: tuple, context=None, ema: list[nn.Module] | None = None,
                 ema_decay=None, target: list[nn.Module] | None = None, target_decay: float | list | None = None,
-                frozen: list[nn.Module] | None = None, phase=None, evaluate: "Keeper | None" = None, **loop) -> list:
+                frozen: list[nn.Module] | None = None, phase=None, evaluate: "Keeper | None" = None,
+                snapshots: Snapshots | None = None, **loop) -> list:
     """Fits ``modules`` (one per member, one structure) side by side as one stacked network: their
     parameters stacked along a first dimension (``torch.func.stack_module_state``), the loss
     ``member_loss(member, context(k, t), *batch)`` vmapped over the members, where ``member`` (a
@@ -626,10 +761,25 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
                 if set(missing) - set(dict(to.named_buffers())) - set(buffers):
                     raise RuntimeError(f"stacked fit: weights not written back: {missing}")
 
+    if snapshots is not None:  # the stacked buffers and shadows, and each module's own flags (ActNorm's)
+        flags = [{k: b for k, b in m.named_buffers() if not b.is_floating_point()} for m in modules]
+
+        def state():
+            return {"buffers": _cpu(buffers.values()), "shadows": {n: _cpu(w.values()) for n, (_, w, _) in shadows.items()},
+                    "flags": [_cpu(f.values()) for f in flags]}
+
+        def load(saved):
+            _copy_into(list(buffers.values()), saved["buffers"])
+            for n, (_, w, _) in shadows.items():
+                _copy_into(list(w.values()), saved["shadows"][n])
+            for f, v in zip(flags, saved["flags"], strict=True):
+                _copy_into(list(f.values()), v)
+
+        snapshots.add("stacked", state, load)
     on_log = (lambda k: evaluate.on_log(k, sync=write_back)) if evaluate is not None else None
     infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
                      cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), on_log=on_log,
-                     **loop)
+                     snapshots=snapshots, **loop)
     for i in range(len(modules)):
         write_back(i)
     for info in infos:

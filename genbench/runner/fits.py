@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import hashlib
+
 from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
 from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
+
+#: a fit (or a group of fits side by side) saves a snapshot of its state this often (seconds of its
+#: wall time): a run stopped in the middle of a fit continues it from there
+SNAPSHOT_EVERY_S = 60.0
 
 
 class FitStore:
@@ -54,6 +60,31 @@ class FitStore:
         return ValidationMonitor(ds, val, floor, cap=c.train_steps, log_every=getattr(c, "log_every", 50),
                                  seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu")
 
+    def snapshots(self, name: str, units: list[Unit], models: list[Generator]):
+        """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the
+        ``resumable`` capability, saved as partial/<name>.pt: a fit started with one continues from
+        it, where it belongs to the same units and configs (a snapshot that cannot be read, or of
+        other fits, is left and the fit starts over). None for a model without the capability."""
+        if not all(type(m).resumable for m in models):
+            return None
+        from ..models.train import Snapshots
+
+        key = hashlib.sha256(repr([(tuple(u), repr(m.config)) for u, m in zip(units, models)]).encode()).hexdigest()
+        saved = None
+        try:
+            saved = self.store.load_partial(name, self.r.device)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign snapshot: the fit starts over
+            self.notes.append(f"{name}: its mid-fit snapshot could not be read ({type(e).__name__}); trained from step 0")
+        if saved is not None and (not isinstance(saved, dict) or saved.get("key") != key):
+            saved = None
+        if saved is not None:
+            self.progress.update(f"{name}: continuing from step {saved.get('step')}")
+        return Snapshots(saved, lambda state: self.store.save_partial(name, {"key": key} | state), SNAPSHOT_EVERY_S)
+
+    @staticmethod
+    def _resumed(snapshots) -> dict:
+        return {"resumed_step": snapshots.resumed_at} if snapshots is not None and snapshots.resumed_at else {}
+
     def _stopping(self, model: Generator, monitor) -> dict:
         """The fit record's stopping fields: the monitor's record, or, at the converged budget, the
         fixed budget a model without evaluation trained."""
@@ -88,9 +119,14 @@ class FitStore:
             extras["teacher_train_s"] = self.fit_or_load(Unit(teacher_entry.name, *unit[1:]), teacher, train)["train_s"]
         self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: training")
         monitor = self.monitor(unit, model)
+        name = cell_name(*unit)
+        snapshots = self.snapshots(name, [unit], [model])
         info = model.fit(train, device=self.r.device, seed=unit.seed, **({"teacher": teacher} if teacher else {}),
-                         **({"monitor": monitor} if monitor is not None else {}))
-        return self.save(unit, model, info, extras | self._stopping(model, monitor), refit)
+                         **({"monitor": monitor} if monitor is not None else {}),
+                         **({"snapshots": snapshots} if snapshots is not None else {}))
+        record = self.save(unit, model, info, extras | self._stopping(model, monitor) | self._resumed(snapshots), refit)
+        self.store.drop_partial(name)
+        return record
 
     # -- side by side -----------------------------------------------------------------------------
     def fit_side_by_side(self, units: list[Unit], done: set) -> None:
@@ -185,7 +221,7 @@ class FitStore:
         models = [self.r.model(u.model, u.dataset) for u, _ in chunk]  # trials of a tune: models of their own
         datas = [self.r.data(u.dataset, u.seed)[1] for u, _ in chunk]
         kw, extras = {}, [{} for _ in chunk]
-        infos = None
+        infos = snapshots = partial = None
         try:
             teacher_entry = self.r.teacher(name)
             if teacher_entry is not None:  # each member's teacher, fitted or loaded (its group came first)
@@ -197,6 +233,11 @@ class FitStore:
             monitors = [self.monitor(u, m) for (u, _), m in zip(chunk, models)]
             if any(m is not None for m in monitors):
                 kw["monitors"] = monitors
+            units = [u for u, _ in chunk]
+            partial = f"{name}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
+            snapshots = self.snapshots(partial, units, models)
+            if snapshots is not None:
+                kw["snapshots"] = snapshots
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
                                                **kw)
         except torch.cuda.OutOfMemoryError:
@@ -210,11 +251,14 @@ class FitStore:
             return
         if infos is None:
             models = datas = None
+            if partial is not None:  # the halves are other groups
+                self.store.drop_partial(partial)
             torch.cuda.empty_cache()
             self.fit_group(chunk[:len(chunk) // 2])
             self.fit_group(chunk[len(chunk) // 2:])
             return
         for (u, refit), model, info, ex, monitor in zip(chunk, models, infos, extras, monitors):
             if not isinstance(info, BaseException):
-                self.save(u, model, info, ex | self._stopping(model, monitor), refit)
+                self.save(u, model, info, ex | self._stopping(model, monitor) | self._resumed(snapshots), refit)
+        self.store.drop_partial(partial)
 

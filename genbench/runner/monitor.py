@@ -147,6 +147,19 @@ class ValidationMonitor(Monitor):
         self.evaluating_s += time.perf_counter() - t0
         return Verdict(best=best, stop=stop, anneal=anneal)
 
+    #: what ``state`` keeps: everything an evaluation changes
+    _STATE = ("curve", "best_step", "best_score", "best_noise", "anneal_from", "anneal_to", "stop_reason", "next_step",
+              "evaluating_s")
+
+    def state(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE} | {"elapsed_s": time.perf_counter() - self.started}
+
+    def load_state(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        self.curve = [dict(p) for p in self.curve]
+        self.started = time.perf_counter() - float(state["elapsed_s"])  # the time stopped is not the fit's
+
     def _anneal_length(self, step: int) -> int:
         """The decay's length from a plateau at ``step`` (ANNEAL_FRACTION of it, on a window's end)."""
         return math.ceil(ANNEAL_FRACTION * step / self.log_every) * self.log_every

@@ -1,0 +1,162 @@
+"""Mid-fit snapshots: a fit stopped in its middle continues from its last snapshot, to the same
+weights, loss curve, validation curve and kept checkpoint as the fit that was never stopped; a run
+killed in the middle of a fit continues it on the re-run; a snapshot of other fits, or one that
+cannot be read, is not used."""
+import json
+
+import pytest
+import torch
+
+from genbench import datasets
+from genbench.models.train import Snapshots
+from genbench.runner import monitor as monitor_mod
+from genbench.runner.monitor import ValidationMonitor, validation_floor
+from genbench.scoring import validation_sample
+
+RING8 = datasets.get("ring8")
+
+
+class Stop(Exception):
+    """The kill: raised by the snapshot save after the n-th snapshot."""
+
+
+def _monitor(seed=0, cap=600):
+    val = validation_sample(RING8, seed)
+    return ValidationMonitor(RING8, val, validation_floor(RING8, seed, val), cap=cap, log_every=50, seed=seed)
+
+
+def _killed_after(n: int):
+    """Snapshots every window whose save keeps the state and stops the fit after the n-th."""
+    kept = []
+
+    def save(state):
+        kept.append(state)
+        if len(kept) == n:
+            raise Stop
+
+    return Snapshots(None, save, every_s=0.0), kept
+
+
+def _weights(model, prefix=""):
+    """Every tensor of a model's checkpoint (nested dicts flattened)."""
+    out = {}
+    for k, v in (model.state_dict() if prefix == "" else model).items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + k] = v.clone()
+        elif isinstance(v, dict):
+            out |= _weights(v, prefix + k + ".")
+    return out
+
+
+@pytest.fixture
+def short_patience(monkeypatch):
+    """Stops possible early, so that the fits below anneal and stop before their cap."""
+    monkeypatch.setattr(monitor_mod, "MIN_STEPS", 150)
+
+
+@pytest.mark.parametrize("name,params", [("diffusion", {"default_steps": "20"}), ("cm-ct", {"stage_steps": "100"}), ("flow", {})])
+def test_a_fit_stopped_in_its_middle_continues_to_the_same_fit(name, params, short_patience):
+    """Diffusion (an EMA copy), cm-ct (a target copy, curriculum phases), the flow (ActNorm's flag)."""
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    data = RING8.sample(4000, [0, 0])
+    make = lambda: cls(budget="converged", params={"train_steps": "400"} | params)  # noqa: E731
+
+    whole, m_whole = make(), _monitor(cap=400)
+    info = whole.fit(data, seed=0, monitor=m_whole)
+
+    first, kept = _killed_after(3)
+    with pytest.raises(Stop):
+        make().fit(data, seed=0, monitor=_monitor(cap=400), snapshots=first)
+    assert kept[-1]["step"] == 150
+    resumed, m_resumed = make(), _monitor(cap=400)
+    again = Snapshots(kept[-1], lambda state: None, every_s=0.0)
+    info2 = resumed.fit(data, seed=0, monitor=m_resumed, snapshots=again)
+
+    assert again.resumed_at == 150
+    assert info2.losses == info.losses and info2.steps == info.steps
+    strip = lambda c: [{k: v for k, v in p.items() if k != "train_s"} for p in c]  # noqa: E731 - wall clock
+    assert strip(m_resumed.curve) == strip(m_whole.curve)
+    assert m_resumed.record()["kept_step"] == m_whole.record()["kept_step"]
+    assert m_resumed.record()["stop_reason"] == m_whole.record()["stop_reason"]
+    a, b = _weights(whole), _weights(resumed)
+    assert len(a) > 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(short_patience):
+    from genbench.models.vae import VAE
+
+    datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
+    make = lambda: [VAE(budget="converged", params={"train_steps": "400", "lr": lr}) for lr in ("3e-3", "1e-3")]  # noqa: E731
+
+    whole = make()
+    infos = VAE.fit_side_by_side(whole, datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)])
+    snaps, kept = _killed_after(3)
+    with pytest.raises(Stop):
+        VAE.fit_side_by_side(make(), datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)],
+                             snapshots=snaps)
+    resumed = make()
+    infos2 = VAE.fit_side_by_side(resumed, datas, device="cpu", seeds=[0, 1],
+                                  monitors=[_monitor(0, 400), _monitor(1, 400)],
+                                  snapshots=Snapshots(kept[-1], lambda s: None, every_s=0.0))
+    for x, y, i, j in zip(whole, resumed, infos, infos2):
+        assert i.losses == j.losses
+        a, b = _weights(x), _weights(y)
+        assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_in_the_middle_of_a_fit_continues_it(tmp_path, monkeypatch, short_patience):
+    """In one process: the first run stops (as a killed one would) right after the fit's second
+    snapshot; the re-run continues the fit from that step (its record says so) and writes the rows
+    of a run that was never stopped."""
+    from genbench.runner import fits as fits_mod
+    from genbench.runner.core import run
+    from genbench.runner.plan import Plan
+
+    monkeypatch.setattr(fits_mod, "SNAPSHOT_EVERY_S", 0.0)
+    plan = lambda out: Plan(models=("vae",), datasets=("ring8",), seeds=(0,), device="cpu", budget="converged",  # noqa: E731
+                            params={"vae": {"train_steps": "300"}}, n_samples=300, floor_draws=2, score_jobs=0,
+                            out=str(out))
+    saves = []
+    real = fits_mod.RunDir.save_partial
+
+    def save_then_die(self, name, state):
+        real(self, name, state)
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fits_mod.RunDir, "save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(plan(tmp_path / "a"))
+    assert list((tmp_path / "a" / "partial").glob("*.pt"))
+    monkeypatch.setattr(fits_mod.RunDir, "save_partial", real)
+    rows = run(plan(tmp_path / "a"))
+    record = json.loads((tmp_path / "a" / "fits" / "vae__ring8__s0.json").read_text())
+    assert record["resumed_step"] == saves[1] == 100
+    assert not list((tmp_path / "a" / "partial").glob("*.pt"))  # gone once the fit is saved
+    whole = run(plan(tmp_path / "b"))
+    for key in ("w2", "energy", "hq_frac", "kept_step", "train_steps", "final_loss"):
+        assert rows[0][key] == whole[0][key], key
+
+
+def test_a_snapshot_of_other_fits_or_unreadable_is_not_used(tmp_path, monkeypatch):
+    from genbench.runner import fits as fits_mod
+    from genbench.runner.fits import FitStore
+    from genbench.runner.plan import Plan, Unit, check
+    from genbench.store import RunDir
+
+    monkeypatch.setattr(fits_mod, "SNAPSHOT_EVERY_S", 0.0)
+    r = check(Plan(models=("vae",), datasets=("ring8",), seeds=(0,), device="cpu", out=str(tmp_path / "run")))
+    notes = []
+    store = RunDir(tmp_path / "run")
+    fits = FitStore(store, r, type("P", (), {"update": lambda self, d: None})(), notes)
+    unit, model = Unit("vae", "ring8", 0), r.model("vae", "ring8")
+    snaps = fits.snapshots("x", [unit], [model])
+    snaps.add("part", lambda: {"w": torch.ones(2)}, lambda saved: None)
+    snaps.due(100)
+    assert fits.snapshots("x", [unit], [model]).saved["step"] == 100  # its own: used
+    assert fits.snapshots("x", [Unit("vae", "ring8", 1)], [model]).saved is None  # another unit's
+    (tmp_path / "run" / "partial" / "x.pt").write_bytes(b"torn")
+    assert fits.snapshots("x", [unit], [model]).saved is None and "could not be read" in notes[-1]
