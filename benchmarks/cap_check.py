@@ -24,6 +24,7 @@ def rows(run: Path) -> pd.DataFrame:
     df = pd.DataFrame([json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines() if line.strip()])
     df = df[df.status == "done"].copy()
     df["c2st_dev"] = (df["c2st"] - 0.5).abs()  # the classifier test: 0.5 is the data's
+    df["steps"] = df["steps"].fillna(0).astype(int)  # one-network samplers have no step count (a key)
     return df
 
 
