@@ -291,8 +291,10 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     for e in entries:
         for t in drawn[e.name]:
             rung = reached[(e.name, t.study, t.index)]
+            # each dataset's score at the furthest rung the trial reached there (what selection reads)
+            furthest = {d: g["scores"][d] for g in rung for d in g["scores"]}
             results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
-                            "scores": rung[0]["scores"], **({"rungs": rung} if halving else {})})
+                            "scores": furthest, **({"rungs": rung} if halving else {})})
     best = select(results)
     settings = {"budget": first[0][1].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
