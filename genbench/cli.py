@@ -162,16 +162,17 @@ def run(
                     side_by_side=side_by_side, groups_at_once=groups_at_once, params=_params(param),
                     out=str(out) if out else _default("out"), executor=executor, address=address,
                     retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
-        runner = Run(plan)  # validates everything before anything is trained or written
-        if tuned is not None:
+        if tuned is not None:  # the tuned configs join the plan before its run dir is checked
             from dataclasses import replace
 
+            from .runner.plan import check
             from .tune import tuned_plan_fields
 
-            r = runner.r
+            r = check(plan)  # the models and the budget 'auto' resolves to
             fields = tuned_plan_fields(tuned, [e.name for e in r.entries], list(plan.datasets), list(plan.seeds),
                                        r.plan.budget)
-            runner = Run(replace(plan, budget=r.plan.budget, **fields))
+            plan = replace(plan, budget=r.plan.budget, **fields)
+        runner = Run(plan)  # validates everything (the run dir's settings too) before anything is trained or written
         if plugins:
             err.print(f"note: no --models given: every registered model runs, plugins included: "
                       f"{', '.join(plugins)}; choose with --models", highlight=False, markup=False, soft_wrap=True)

@@ -142,6 +142,10 @@ def test_run_tuned_uses_each_datasets_config_and_refuses_other_settings(cli, tmp
 
     state = torch.load(next((run / "checkpoints").glob("*.pt")), weights_only=True)
     assert {k: str(state["config"][k]) for k in chosen} == chosen  # the fit used the tuned config
+    again = cli("run", "--models", "vae", "--datasets", "ring8", "--seeds", "7", "--budget", "quick", "--device", "cpu",
+                "--n-samples", "300", "--floor-draws", "2", "--tuned", str(tuned), "--out", str(run), timeout=600)
+    assert again.returncode == 0, again.stderr  # the same tuned run resumes: nothing left to do
+    assert len((run / "rows.jsonl").read_text().splitlines()) == 1
     refused = {
         "--seeds 0": ("--seeds", "0"),  # a tuning seed
         "budget": ("--budget", "default"),
