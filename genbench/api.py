@@ -80,6 +80,10 @@ class Monitor:
     def evaluate(self, step: int, sample) -> Verdict:
         raise NotImplementedError
 
+    def diverged(self, step: int) -> None:
+        """The fit's loss stopped being finite at ``step`` after a best evaluation: the fit ends
+        there with the weights kept (the monitor records why). Default: nothing to record."""
+
     def state(self) -> dict:
         """What a fit stopped in its middle needs to continue this monitor (plain containers): its
         curve, its best so far, its next evaluation. ``load_state`` takes it back."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from genbench import datasets
-from genbench.api import Monitor, Verdict
+from genbench.api import FitInfo, Monitor, Verdict
 from genbench.runner.monitor import MIN_STEPS, PATIENCE_EVALS, ValidationMonitor, binomial_sd, validation_floor
 from genbench.scoring import validation_sample
 
@@ -237,3 +237,74 @@ def test_the_auto_budget_is_converged_on_a_gpu_and_default_on_the_cpu(monkeypatc
     gpu = plan_mod.check(plan_mod.Plan(models=("vae",), device="cuda"))
     assert gpu.plan.budget == "converged" and gpu.converged and gpu.plan.out == "results/converged-cuda"
     assert gpu.configs["vae"] == dataclasses.asdict(plan_mod.make_model(gpu.entries[0], gpu.plan).config)
+
+
+class EveryWindowBest(Monitor):
+    """Evaluates every window and calls each evaluation the best; records a divergence."""
+
+    def __init__(self):
+        self.samples, self.diverged_at = [], None
+
+    def due(self, step):
+        return True
+
+    def evaluate(self, step, sample):
+        self.samples.append(sample(200, 7).clone())
+        return Verdict(best=True, stop=False)
+
+    def diverged(self, step):
+        self.diverged_at = step
+
+
+def _nan_after(cls, calls: int):
+    """``cls`` whose loss turns non-finite after ``calls`` calls (one per training step)."""
+    class NaNAfter(cls):
+        def loss(self, *a):
+            self._calls = getattr(self, "_calls", 0) + 1
+            loss = super().loss(*a)
+            return loss * float("nan") if self._calls > calls else loss
+
+    return NaNAfter
+
+
+def test_a_fit_whose_loss_diverges_after_a_kept_best_ends_with_it():
+    """Its kept weights are the last evaluation's before the divergence, and the fit is not a
+    diverged one; without a kept best (no monitor) it is."""
+    from genbench.api import Diverged
+    from genbench.models.vae import VAE
+
+    data = RING8.sample(4000, [0, 0])
+    model, monitor = _nan_after(VAE, 120)(budget="quick", params={"train_steps": "400"}), EveryWindowBest()
+    info = model.fit(data, seed=0, monitor=monitor)
+    assert monitor.diverged_at == 150 and info.steps == 150 and math.isfinite(info.final_loss)
+    assert len(monitor.samples) == 2  # steps 50 and 100: the window of the divergence is not evaluated
+    torch.testing.assert_close(model.sample_now(200, 7), monitor.samples[-1])
+    with pytest.raises(Diverged):
+        _nan_after(VAE, 120)(budget="quick", params={"train_steps": "400"}).fit(data, seed=0)
+
+
+def test_a_member_whose_loss_diverges_after_a_kept_best_ends_with_it_and_the_others_train_on():
+    from genbench.models.vae import VAE
+
+    class Poisoned(VAE):
+        """Its loss times a per-member draw: 1, or non-finite after 120 steps for a poisoned member."""
+
+        def draws(self, x0, g):
+            self._calls = getattr(self, "_calls", 0) + 1
+            bad = getattr(self, "poisoned", False) and self._calls > 120
+            return (*super().draws(x0, g), torch.tensor(float("nan") if bad else 1.0))
+
+        def loss(self, nets, context, x0, *draws):
+            return super().loss(nets, context, x0, *draws[:-1]) * draws[-1]
+
+    datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
+    group = [Poisoned(budget="quick", params={"train_steps": "300"}) for _ in datas]
+    group[1].poisoned = True
+    monitors = [EveryWindowBest(), EveryWindowBest()]
+    infos = Poisoned.fit_side_by_side(group, datas, device="cpu", seeds=[0, 1], monitors=monitors)
+    assert monitors[1].diverged_at == 150 and monitors[0].diverged_at is None
+    assert all(isinstance(i, FitInfo) for i in infos) and infos[0].steps == 300
+    for member, monitor in zip(group, monitors):
+        x = member.sample_now(200, 7)
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, monitor.samples[-1])

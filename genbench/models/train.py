@@ -183,7 +183,7 @@ class TorchGenerator(Generator):
 
         info = fit_loop(s.trained.parameters(), loss_fn, after_step=after_step, generators=(s.generator,),
                         on_log=keeper.on_log if keeper else None, anneal=keeper.anneal if keeper else None,
-                        snapshots=snapshots, **settings)
+                        on_diverge=keeper.on_diverge if keeper else None, snapshots=snapshots, **settings)
         if keeper:
             keeper.restore()
         return info
@@ -266,6 +266,15 @@ class Keeper:
                 self.best[i] = {k_: v.detach().clone() for k_, v in self.modules[i].state_dict().items()}
             self.stopped[i] = verdict.stop
         return all(self.stopped)
+
+    def on_diverge(self, i: int, step: int) -> bool:
+        """Fit i's loss stopped being finite at ``step``: where it has kept a best evaluation, it
+        ends with those weights (True); else it is a diverged fit (False)."""
+        if self.best[i] is None or self.monitors[i] is None:
+            return False
+        self.monitors[i].diverged(step)
+        self.stopped[i] = True
+        return True
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -362,7 +371,7 @@ def _loop_part(snapshots, params, opt, generators, log, clock) -> int:
     def state():
         return {"params": _cpu(params), "opt": _optimizer_state(opt, params), "generators": [g.get_state() for g in generators],
                 "log": {"curves": log.curves, "diverged": log.diverged, "trained": log.trained, "paused": log.paused,
-                        "train_s": clock()}}
+                        "ended": sorted(log.ended), "train_s": clock()}}
 
     def load(saved):
         _copy_into(params, saved["params"])
@@ -371,7 +380,7 @@ def _loop_part(snapshots, params, opt, generators, log, clock) -> int:
             g.set_state(st.to("cpu"))
         d = saved["log"]
         log.curves, log.diverged, log.trained = [list(c) for c in d["curves"]], list(d["diverged"]), int(d["trained"])
-        log.paused, log.before_s = float(d["paused"]), float(d["train_s"])
+        log.paused, log.before_s, log.ended = float(d["paused"]), float(d["train_s"]), set(d["ended"])
 
     snapshots.add("loop", state, load)
     return snapshots.restore()
@@ -424,7 +433,8 @@ SCHEDULES = {"cosine": warmup_cosine,
 def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float = 1.0,
              after_step=None, log_every: int = 50, device: str = "cpu", cuda_graph: bool = True,
              generators: tuple = (), phase=None, members: int = 0, on_log=None, betas=(0.9, 0.999),
-             schedule: str = "cosine", anneal: "Anneal | None" = None, snapshots: "Snapshots | None" = None):
+             schedule: str = "cosine", anneal: "Anneal | None" = None, snapshots: "Snapshots | None" = None,
+             on_diverge=None):
     """The training loop every torch family shares: Adam (``betas``), a warm-up + ``schedule`` (one of
     ``SCHEDULES``; cosine decay by default), gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
@@ -440,7 +450,8 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     at rate 1 (times the schedule) and each member's update scaled by its own rate. ``anneal``: each
     fit's own decay (``Anneal``), started by ``on_log``'s caller when its score plateaus.
     ``snapshots`` (``Snapshots``): the loop's state saved now and then, and a fit continued from a
-    saved one.
+    saved one. ``on_diverge(i, step)``: fit i's loss stopped being finite; True where it ends with
+    weights kept earlier (``Keeper.on_diverge``) rather than as a diverged fit.
 
     On CUDA with ``cuda_graph`` the step (batch draw, loss, backward, clipping, Adam, ``after_step``)
     is captured in a CUDA graph and replayed; the loss is read back once per ``log_every`` steps. A
@@ -452,7 +463,7 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     alike (``at_most``)."""
     params = [p for p in params if p.requires_grad]
     warmup = max(1, min(warmup, steps // 10))
-    log = LossLog(steps, log_every, members, on_log)
+    log = LossLog(steps, log_every, members, on_log, on_diverge)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if isinstance(lr, (list, tuple)) and len(set(lr)) == 1:
@@ -531,21 +542,26 @@ class MemberRates:
 class LossLog:
     """The loss curve(s) of a fit: the mean of each window of ``log_every`` steps, per member."""
 
-    def __init__(self, steps: int, log_every: int, members: int = 0, on_log=None):
+    def __init__(self, steps: int, log_every: int, members: int = 0, on_log=None, on_diverge=None):
         self.steps, self.log_every, self.members, self.on_log = steps, log_every, members, on_log
+        self.on_diverge = on_diverge  # (i, step) -> True where fit i ends with its kept weights instead
         self.curves: list[list[float]] = [[] for _ in range(max(members, 1))]
         self.diverged: list[int | None] = [None] * max(members, 1)
         self.trained = 0  # steps made so far (the fit's steps, where on_log stopped it early)
         self.stop = False  # on_log asked the loop to stop
         self.paused = 0.0  # seconds spent in on_log (evaluation), left out of the training time
         self.before_s = 0.0  # the loop's seconds before it was stopped and continued (Snapshots)
+        self.ended: set[int] = set()  # fits whose loss diverged after a kept best (they end with it)
 
     def add(self, means: torch.Tensor, k: int) -> None:
         """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
         for i, v in enumerate(means.reshape(-1).tolist()):
             self.curves[i].append(v)
-            if not math.isfinite(v) and self.diverged[i] is None:
-                self.diverged[i] = k
+            if not math.isfinite(v) and self.diverged[i] is None and i not in self.ended:
+                if self.on_diverge is not None and self.on_diverge(i, k + 1):
+                    self.ended.add(i)  # it ends with its kept weights: not a diverged fit
+                else:
+                    self.diverged[i] = k
         if not self.members and self.diverged[0] is not None:
             raise Diverged(f"non-finite loss at step {k}")
         self.trained = k + 1
@@ -559,7 +575,8 @@ class LossLog:
         loop's wall time less the time spent evaluating."""
         train_s = max(0.0, self.before_s + train_s - self.paused)
         infos = [Diverged(f"non-finite loss at step {d}") if d is not None else
-                 FitInfo(steps=self.trained, final_loss=c[-1] if c else float("nan"), train_s=train_s, losses=c,
+                 FitInfo(steps=self.trained, final_loss=next((v for v in reversed(c) if math.isfinite(v)), float("nan")),
+                         train_s=train_s, losses=c,
                          log_every=self.log_every) for c, d in zip(self.curves, self.diverged)]
         return infos if self.members else infos[0]
 
@@ -779,7 +796,7 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
     on_log = (lambda k: evaluate.on_log(k, sync=write_back)) if evaluate is not None else None
     infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
                      cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), on_log=on_log,
-                     snapshots=snapshots, **loop)
+                     on_diverge=evaluate.on_diverge if evaluate is not None else None, snapshots=snapshots, **loop)
     for i in range(len(modules)):
         write_back(i)
     for info in infos:

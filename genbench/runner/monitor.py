@@ -147,6 +147,10 @@ class ValidationMonitor(Monitor):
         self.evaluating_s += time.perf_counter() - t0
         return Verdict(best=best, stop=stop, anneal=anneal)
 
+    def diverged(self, step: int) -> None:
+        # the kept step is the row's kept_step (a reason holds one step, so the report can group reasons)
+        self.stop_reason = f"diverged (non-finite loss at step {step}; the best weights before it kept)"
+
     #: what ``state`` keeps: everything an evaluation changes
     _STATE = ("curve", "best_step", "best_score", "best_noise", "anneal_from", "anneal_to", "stop_reason", "next_step",
               "evaluating_s")
