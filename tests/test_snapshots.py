@@ -106,18 +106,20 @@ def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(sho
         assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_run_killed_in_the_middle_of_a_fit_continues_it(tmp_path, monkeypatch, short_patience):
-    """In one process: the first run stops (as a killed one would) right after the fit's second
-    snapshot; the re-run continues the fit from that step (its record says so) and writes the rows
-    of a run that was never stopped."""
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_a_run_killed_in_the_middle_of_a_fit_continues_it(tmp_path, monkeypatch, short_patience, side_by_side):
+    """In one process: the first run stops (as a killed one would) right after the fit's (or the
+    group of fits side by side's) second snapshot; the re-run continues it from that step (the fit
+    records say so) and writes the rows of a run that was never stopped."""
     from genbench.runner import fits as fits_mod
     from genbench.runner.core import run
     from genbench.runner.plan import Plan
 
     monkeypatch.setattr(fits_mod, "SNAPSHOT_EVERY_S", 0.0)
-    plan = lambda out: Plan(models=("vae",), datasets=("ring8",), seeds=(0,), device="cpu", budget="converged",  # noqa: E731
+    seeds = (0, 1) if side_by_side else (0,)
+    plan = lambda out: Plan(models=("vae",), datasets=("ring8",), seeds=seeds, device="cpu", budget="converged",  # noqa: E731
                             params={"vae": {"train_steps": "300"}}, n_samples=300, floor_draws=2, score_jobs=0,
-                            out=str(out))
+                            side_by_side=side_by_side, out=str(out))
     saves = []
     real = fits_mod.RunDir.save_partial
 
@@ -133,12 +135,16 @@ def test_a_run_killed_in_the_middle_of_a_fit_continues_it(tmp_path, monkeypatch,
     assert list((tmp_path / "a" / "partial").glob("*.pt"))
     monkeypatch.setattr(fits_mod.RunDir, "save_partial", real)
     rows = run(plan(tmp_path / "a"))
-    record = json.loads((tmp_path / "a" / "fits" / "vae__ring8__s0.json").read_text())
-    assert record["resumed_step"] == saves[1] == 100
+    for seed in seeds:
+        record = json.loads((tmp_path / "a" / "fits" / f"vae__ring8__s{seed}.json").read_text())
+        assert record["resumed_step"] == saves[1] == 100
+        assert record.get("side_by_side", 0) == (len(seeds) if side_by_side else 0)
     assert not list((tmp_path / "a" / "partial").glob("*.pt"))  # gone once the fit is saved
     whole = run(plan(tmp_path / "b"))
-    for key in ("w2", "energy", "hq_frac", "kept_step", "train_steps", "final_loss"):
-        assert rows[0][key] == whole[0][key], key
+    assert len(rows) == len(whole) == len(seeds)
+    for a, b in zip(sorted(rows, key=lambda r: r["seed"]), sorted(whole, key=lambda r: r["seed"])):
+        for key in ("w2", "energy", "hq_frac", "kept_step", "train_steps", "final_loss"):
+            assert a[key] == b[key], key
 
 
 def test_a_snapshot_of_other_fits_or_unreadable_is_not_used(tmp_path, monkeypatch):
