@@ -166,3 +166,11 @@ def test_a_snapshot_of_other_fits_or_unreadable_is_not_used(tmp_path, monkeypatc
     assert fits.snapshots("x", [Unit("vae", "ring8", 1)], [model]).saved is None  # another unit's
     (tmp_path / "run" / "partial" / "x.pt").write_bytes(b"torn")
     assert fits.snapshots("x", [unit], [model]).saved is None and "could not be read" in notes[-1]
+
+
+def test_a_snapshot_without_every_part_of_the_fit_starts_it_over():
+    loaded = []
+    snaps = Snapshots({"step": 50, "loop": {}}, lambda state: None)
+    snaps.add("loop", lambda: {}, loaded.append)
+    snaps.add("keeper", lambda: {}, loaded.append)  # a part the saved state does not have
+    assert snaps.restore() == 0 and loaded == [] and snaps.resumed_at is None

@@ -329,8 +329,8 @@ class Snapshots:
 
     def restore(self) -> int:
         """Loads every part from the saved state; returns the step to continue from (0: none saved)."""
-        if not self.saved:
-            return 0
+        if not self.saved or not all(name in self.saved for name in self.parts):
+            return 0  # none, or of a fit with other parts: the fit starts over
         for name, (_, load) in self.parts.items():
             load(self.saved[name])
         self.resumed_at = int(self.saved["step"])

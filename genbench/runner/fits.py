@@ -69,7 +69,10 @@ class FitStore:
             return None
         from ..models.train import Snapshots
 
-        key = hashlib.sha256(repr([(tuple(u), repr(m.config)) for u, m in zip(units, models)]).encode()).hexdigest()
+        from .. import __version__
+
+        key = hashlib.sha256(repr([__version__, *((tuple(u), repr(m.config)) for u, m in zip(units, models))]).encode()
+                             ).hexdigest()
         saved = None
         try:
             saved = self.store.load_partial(name, self.r.device)
