@@ -68,6 +68,15 @@ def load_state(data: bytes, device: str):
     return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
 
 
+def torch_bytes(state) -> bytes:
+    """``torch.save`` of a state (tensors and plain containers) into bytes."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -430,11 +439,7 @@ class RunDir:
             return None
 
     def save_checkpoint(self, name: str, state: dict) -> str:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        return self._write_artefact("checkpoints", name, ".pt", buf.getvalue())
+        return self._write_artefact("checkpoints", name, ".pt", torch_bytes(state))
 
     def checkpoint_bytes(self, name: str, sha: str | None) -> bytes:
         """The bytes of checkpoints/<name>.pt; raises ValueError when it is missing or does not
@@ -450,11 +455,7 @@ class RunDir:
 
     # -- mid-fit snapshots (partial/): a fit's state while it trains, gone once its fit is saved --
     def save_partial(self, name: str, state: dict) -> None:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(self.path / "partial" / f"{name}.pt", buf.getvalue(), root=self.path)
+        atomic_write(self.path / "partial" / f"{name}.pt", torch_bytes(state), root=self.path)
 
     def load_partial(self, name: str, device: str):
         """The snapshot partial/<name>.pt read as data (``load_state``), or None where there is none

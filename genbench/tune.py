@@ -108,9 +108,8 @@ def select(results: list[dict]) -> dict:
     best: dict = {}
     for r in results:
         rungs = r.get("rungs") or [{"steps": None, "scores": r["scores"]}]
-        for dataset in r["scores"]:
+        for dataset, score in r["scores"].items():  # the score at the furthest rung reached there
             rung = max(i for i, g in enumerate(rungs) if dataset in g["scores"])
-            score = rungs[rung]["scores"][dataset]
             k = (r["model"], dataset, r["study"])
             if k not in best or (-rung, score) < (-best[k]["rung"], best[k]["score"]):
                 best[k] = {"params": r["params"], "score": score, "trial": r["index"], "study": r["study"],

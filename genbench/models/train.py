@@ -295,8 +295,7 @@ class Keeper:
             for m, st in zip(self.monitors, saved["monitors"], strict=True):
                 if m is not None:
                     m.load_state(st)
-            device = next(iter(self.modules[0].parameters())).device if self.modules else "cpu"
-            self.best = [None if b is None else {k: v.to(device) for k, v in b.items()} for b in saved["best"]]
+            self.best = list(saved["best"])  # on the host: ``restore`` loads them into the modules
             self.stopped = list(saved["stopped"])
             if self.anneal is not None:
                 _copy_into([self.anneal.begin, self.anneal.length], saved["anneal"])
@@ -365,13 +364,14 @@ def _load_optimizer_state(opt, params, saved: list) -> None:
         opt.state[p] = {n: v.to(p.device) if isinstance(v, torch.Tensor) else v for n, v in st.items()}
 
 
-def _loop_part(snapshots, params, opt, generators, log, clock) -> int:
-    """Registers the loop's own state (weights, optimizer, generators, loss curve, training
-    seconds so far) with ``snapshots`` and restores every part; returns the step to start at."""
+def _loop_part(snapshots, params, opt, generators, log, t0: float) -> int:
+    """Registers the loop's own state (weights, optimizer, generators, loss curve, the loop's
+    seconds so far: before it was continued, and since ``t0``) with ``snapshots`` and restores
+    every part; returns the step to start at."""
     def state():
         return {"params": _cpu(params), "opt": _optimizer_state(opt, params), "generators": [g.get_state() for g in generators],
                 "log": {"curves": log.curves, "diverged": log.diverged, "trained": log.trained, "paused": log.paused,
-                        "ended": sorted(log.ended), "train_s": clock()}}
+                        "ended": sorted(log.ended), "train_s": log.before_s + time.perf_counter() - t0}}
 
     def load(saved):
         _copy_into(params, saved["params"])
@@ -598,7 +598,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
     t0 = time.perf_counter()
     start = 0
     if snapshots is not None:
-        start = _loop_part(snapshots, params, opt, generators, log, lambda: log.before_s + time.perf_counter() - t0)
+        start = _loop_part(snapshots, params, opt, generators, log, t0)
         if start:  # the schedule at the step the fit continues from
             sched.last_epoch = start
             for group, base in zip(opt.param_groups, sched.base_lrs):
@@ -670,11 +670,9 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     t0 = time.perf_counter()
     first = 0
     if snapshots is not None:
-        first = _loop_part(snapshots, params, opt, generators, log, lambda: log.before_s + time.perf_counter() - t0)
-        k_long.fill_(first)
+        first = _loop_part(snapshots, params, opt, generators, log, t0)
+        k_long.fill_(first)  # the step continued from (the captured step reads its rate from it)
         k_float.fill_(first)
-        if first < steps:
-            lr_t.copy_(sched[first])
     logged = first
 
     def log_upto(k: int) -> bool:  # the mean loss of each finished window, read back at its end; True: stop

@@ -4,9 +4,9 @@ fitted side by side in groups, whose checkpoints the unit-by-unit pass then reus
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 
+from .. import __version__
 from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
@@ -68,8 +68,6 @@ class FitStore:
         if not all(type(m).resumable for m in models):
             return None
         from ..models.train import Snapshots
-
-        from .. import __version__
 
         key = hashlib.sha256(repr([__version__, *((tuple(u), repr(m.config)) for u, m in zip(units, models))]).encode()
                              ).hexdigest()
