@@ -126,3 +126,20 @@ def test_a_plateau_verdict_anneals_the_fit_and_its_updates_shrink():
         model.fit(data, seed=0, monitor=AnnealAt100(anneal))
         moved[anneal] = (snapshots[-1] - snapshots[-2]).abs().mean().item()  # the last window's movement
     assert moved[True] < 0.5 * moved[False]
+
+
+def test_per_member_products_are_the_broadcast_products_to_the_bit():
+    """``PerMember`` multiplies stacked tensors by one value per member through one flat buffer: the
+    same products as a broadcast multiply per tensor (the stacked step's clipping and member rates)."""
+    from genbench.models.train import PerMember
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, *shape, generator=g) for shape in ((5,), (4, 6), (2, 1, 3))]
+    values = torch.rand(3, generator=g) * 7
+    expected = [t * values.reshape(-1, *[1] * (t.dim() - 1)) for t in tensors]
+    spread = PerMember(tensors, 3)
+    spread.mul_(tensors, values)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+    spread.mul_(tensors, torch.zeros(3))  # the buffer is refilled on every call
+    assert all(not t.any() for t in tensors)

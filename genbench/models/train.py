@@ -478,9 +478,29 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     return _fit_eager(params, loss_fn, generators=generators, **kw)
 
 
-def clip_gradients(params: list, clip: float, members: int = 0) -> None:
+class PerMember:
+    """Multiplies stacked tensors (the members the first dimension of each, shaped like ``like``) by
+    one value per member in one gather and one multi-tensor kernel, whatever the number of tensors:
+    the values spread to every element of a flat buffer whose slices have the tensors' shapes. (A
+    broadcast multiply per tensor is a kernel per tensor, and a captured step of tiny networks is
+    bound by its kernel count.) The same products as the broadcast, to the bit."""
+
+    def __init__(self, like: list, members: int):
+        sizes = [p.numel() for p in like]
+        device = like[0].device
+        self.index = torch.cat([torch.arange(members, device=device).repeat_interleave(n // members) for n in sizes])
+        self.flat = torch.empty(sum(sizes), device=device, dtype=like[0].dtype)
+        self.views = [v.view(p.shape) for v, p in zip(self.flat.split(sizes), like)]
+
+    def mul_(self, tensors: list, values: torch.Tensor) -> None:
+        torch.index_select(values.to(self.flat.dtype), 0, self.index, out=self.flat)
+        torch._foreach_mul_(tensors, self.views)
+
+
+def clip_gradients(params: list, clip: float, members: int = 0, spread: PerMember | None = None) -> None:
     """``clip_grad_norm_``: of the whole model, or with ``members`` of each member's slice (the
-    first dimension of every parameter) by its own norm. Makes no host sync (capturable)."""
+    first dimension of every parameter) by its own norm. Makes no host sync (capturable).
+    ``spread``: a ``PerMember`` over the parameters (made once per fit; made here without one)."""
     if not members:
         torch.nn.utils.clip_grad_norm_(params, clip)
         return
@@ -489,8 +509,7 @@ def clip_gradients(params: list, clip: float, members: int = 0) -> None:
     # bound by its kernel count)
     norms = torch.stack(torch._foreach_norm([p.grad[i] for i in range(members) for p in params]))
     coef = (clip / (torch.linalg.vector_norm(norms.reshape(members, -1), dim=1) + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(coef.reshape(-1, *[1] * (p.dim() - 1)))
+    (spread or PerMember(params, members)).mul_([p.grad for p in params], coef)
 
 
 #: an annealed learning rate ends at this fraction of its peak
@@ -526,6 +545,7 @@ class MemberRates:
         self.params, self.members, self.anneal = params, members, anneal
         self.rates = torch.as_tensor(rates, dtype=torch.float32, device=device).reshape(-1)
         self.kept = [torch.empty_like(p) for p in params]
+        self.spread = PerMember(params, members) if members else None
 
     @torch.no_grad()
     def before(self) -> None:
@@ -534,9 +554,12 @@ class MemberRates:
     @torch.no_grad()
     def after(self, t=None) -> None:
         rates = self.rates * self.anneal.factor(t) if self.anneal is not None else self.rates
-        for p, kept in zip(self.params, self.kept):
-            rate = rates.reshape(-1, *[1] * (p.dim() - 1)) if self.members else rates.reshape(())
-            p.sub_(kept).mul_(rate).add_(kept)
+        torch._foreach_sub_(self.params, self.kept)
+        if self.spread is not None:
+            self.spread.mul_(self.params, rates)
+        else:
+            torch._foreach_mul_(self.params, rates.reshape(()))
+        torch._foreach_add_(self.params, self.kept)
 
 
 class LossLog:
@@ -591,6 +614,7 @@ def _member_rates(params, lr, device, members, anneal):
 def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
                anneal=None, snapshots=None, generators: tuple = ()):
     rates = _member_rates(params, lr, device, members, anneal)
+    spread = PerMember(params, members) if members and clip else None
     opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
@@ -608,7 +632,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
         opt.zero_grad(set_to_none=True)
         (loss.sum() if members else loss).backward()
         if clip:
-            clip_gradients(params, clip, members)
+            clip_gradients(params, clip, members, spread)
         if rates:
             rates.before()
         opt.step()
@@ -641,6 +665,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     they warm up the optimizer state and the kernels that capture needs), then the step is
     captured once and replayed to the phase's end."""
     rates = _member_rates(params, lr, device, members, anneal)
+    spread = PerMember(params, members) if members and clip else None
     base = 1.0 if rates else lr
     sched = torch.tensor([base * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()
@@ -654,7 +679,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         loss = loss_fn(k, k_float)
         (loss.sum() if members else loss).backward()
         if clip:
-            clip_gradients(params, clip, members)
+            clip_gradients(params, clip, members, spread)
         if rates:
             rates.before()
         opt.step()
