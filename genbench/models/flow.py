@@ -30,18 +30,27 @@ from .train import Setup, TorchGenerator
 
 
 class StackableCoupling(AffineCouplingTransform):
-    """nflows' affine coupling with its forward output assembled out of place (``index_copy``)
-    instead of by index assignment, which ``torch.vmap`` cannot batch: the same values, and a layer
-    that fits side by side. (The inverse, used by sampling, is nflows' own.)"""
+    """nflows' affine coupling whose forward, on two features, splits the columns and concatenates
+    them back (views and one ``cat``) instead of indexing them by tensors and assembling the output
+    by index assignment: the same values, a layer that ``torch.vmap`` can batch (it cannot batch
+    index assignment), and about ten fewer kernels a coupling in a training step (nflows' index,
+    zeros and two ``index_copy``, and their backward), which is what a captured step of a tiny flow
+    is bound by. (The inverse, used by sampling, is nflows' own.)"""
+
+    def __init__(self, mask, transform_net_create_fn, unconditional_transform=None):
+        super().__init__(mask, transform_net_create_fn, unconditional_transform)
+        mask = torch.as_tensor(mask).tolist()
+        #: on the host: whether the first of two columns is transformed (None: not two features)
+        self.first_moves = mask[0] > 0 if len(mask) == 2 else None
 
     def forward(self, inputs, context=None):
-        if inputs.dim() != 2 or inputs.shape[1] != self.features or self.unconditional_transform is not None:
+        if self.first_moves is None or inputs.dim() != 2 or self.unconditional_transform is not None:
             return super().forward(inputs, context)
-        identity = inputs[:, self.identity_features]
+        first, second = inputs.split(1, dim=1)
+        moved, identity = (first, second) if self.first_moves else (second, first)
         transform, logabsdet = self._coupling_transform_forward(
-            inputs=inputs[:, self.transform_features], transform_params=self.transform_net(identity, context))
-        out = torch.zeros_like(inputs).index_copy(1, self.identity_features, identity)
-        return out.index_copy(1, self.transform_features, transform), logabsdet
+            inputs=moved, transform_params=self.transform_net(identity, context))
+        return torch.cat((transform, identity) if self.first_moves else (identity, transform), dim=1), logabsdet
 
 
 class UnboundedAffineCoupling(StackableCoupling):
@@ -53,6 +62,26 @@ class UnboundedAffineCoupling(StackableCoupling):
         raw = transform_params[:, self.num_transform_features :, ...]
         shift = transform_params[:, : self.num_transform_features, ...]
         return torch.exp(self.s_max * torch.tanh(raw / self.s_max)), shift
+
+    def _coupling_transform_forward(self, inputs, transform_params):
+        """nflows' forward with the log-scale used as it is computed (nflows takes the log of the
+        scale again: a log and its backward more per coupling)."""
+        shift, raw = transform_params.split(self.num_transform_features, dim=1)  # nflows' order; split's
+        log_scale = self.s_max * torch.tanh(raw / self.s_max)  # backward is one cat (a slice's: zeros and a copy)
+        return torch.addcmul(shift, inputs, torch.exp(log_scale)), log_scale.reshape(len(inputs), -1).sum(1)
+
+
+class LeanActNorm(ActNorm):
+    """nflows' ActNorm, on 2D inputs in fewer kernels: ``shift + exp(log_scale) x`` as one
+    ``addcmul``, and the log-determinant (the same for every point) one sum expanded over the batch
+    rather than multiplied by a vector of ones. The same values and parameters."""
+
+    def forward(self, inputs, context=None):
+        if inputs.dim() != 2:
+            return super().forward(inputs, context)
+        if self.training and not self.initialized:
+            self._initialize(inputs)
+        return torch.addcmul(self.shift, inputs, torch.exp(self.log_scale)), self.log_scale.sum().expand(len(inputs))
 
 
 @dataclass
@@ -114,7 +143,7 @@ class RealNVP(TorchGenerator):
         transforms = []
         for i in range(c.layers):
             if c.actnorm:
-                transforms.append(ActNorm(2))
+                transforms.append(LeanActNorm(2))
             mask = torch.tensor([1, 0] if i % 2 == 0 else [0, 1])
             transforms.append(cls(mask, lambda i_, o_: ResidualNet(i_, o_, c.hidden, num_blocks=c.blocks, activation=F.silu)))
         self.device = device
