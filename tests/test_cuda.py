@@ -289,8 +289,12 @@ def test_groups_trained_at_once_on_streams_are_the_groups_trained_one_after_anot
         four = curves[4][name]
         assert one["kept_step"] == four["kept_step"] and one["stop_reason"] == four["stop_reason"], name
         torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.tensor([p["score"] for p in one["eval_curve"]]),
-                                   torch.tensor([p["score"] for p in four["eval_curve"]]), rtol=1e-4, atol=1e-4)
+        # the validation curves: the energy to float precision; the support fraction to a sample or
+        # two of the 500 (a loss equal to 1e-5, not to the bit, can move a sample across the
+        # support's edge, and the score counts a sample as a couple of units)
+        for key, tol in (("energy", dict(rtol=1e-3, atol=1e-5)), ("hq_frac", dict(rtol=0, atol=2.5 / 500))):
+            torch.testing.assert_close(torch.tensor([p[key] for p in one["eval_curve"]]),
+                                       torch.tensor([p[key] for p in four["eval_curve"]]), **tol, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("name", ["diffusion", "cm-ct", "flow"])
