@@ -60,6 +60,8 @@ def main() -> None:
     print(f"all: {tot.cells} cells, doubled cap better beyond 2 SE in {tot.better} ({tot.better / tot.cells:.1%}), "
           f"worse in {tot.worse} ({tot.worse / tot.cells:.1%}), identical in {tot.identical}")
     print(t[t.better > 0].sort_values("better", ascending=False).head(20).to_string(index=False))
+    print("worse:")
+    print(t[t.worse > 0].sort_values("worse", ascending=False).head(20).to_string(index=False))
 
 
 if __name__ == "__main__":
