@@ -470,6 +470,12 @@ class RunDir:
         with contextlib.suppress(OSError):
             (self.path / "partial" / f"{name}.pt").unlink()
 
+    def tidy_partial(self) -> None:
+        """Removes partial/ where it is empty (every fit saved): called at a run's end, under its
+        lock, when nothing writes snapshots any more; a folder still holding one is kept."""
+        with contextlib.suppress(OSError):
+            (self.path / "partial").rmdir()
+
     def save_json(self, kind: str, name: str, obj: dict) -> str:
         """Writes kind/<name>.json: the dict ``obj`` with a ``checksum`` of its own content (sha256
         of its canonical JSON), so that a record altered after it was written is not trusted

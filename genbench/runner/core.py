@@ -168,6 +168,7 @@ class Run:
             self.todo = len(keys - done)
             s.progress.start(self.todo)  # the cells to run now
             self._execute(keys, done)
+            self.store.tidy_partial()  # the snapshots' folder, once every fit in it is saved
             return self.ledger.rows(keys)
         finally:
             self.store.unlock()
