@@ -244,7 +244,8 @@ def report_cmd(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'genbench run' (or folders of them)."),
     format: str = typer.Option("md", "--format", help="md (tables aggregated over seeds, per device), csv (one row per cell) or html (one self-contained page: sortable, filterable tables and every figure)."),
     out: Optional[str] = typer.Option(None, help="Write to this file instead of printing."),
-    compare: Optional[Path] = typer.Option(None, help="A baseline run dir (e.g. baselines/cpu): per-cell deltas, regressions beyond the seed-to-seed spread flagged."),
+    compare: Optional[Path] = typer.Option(None, help="A baseline run dir (e.g. baselines/cpu): per-cell deltas, regressions beyond the seed-to-seed spread flagged, and (md) each dataset's ranking of the cells in both, its reversals named."),
+    rank_by: str = typer.Option("c2st", "--rank-by", help="With --compare: the metric the rankings order cells by (c2st by its distance from 0.5; w2, energy, mode_tv lower first; the others higher first)."),
 ):
     """Tables from run directories: Markdown aggregated over seeds, or CSV with one row per cell."""
     try:
@@ -265,13 +266,30 @@ def report_cmd(
             raise UsageError(f"{', '.join(map(str, run_dirs))}: no finished cells to compare (every row failed)")
         df = report.tidy(rows)
         cmp = report.compare(df, report.tidy(base_rows)) if base_rows is not None else None
+        ranks = None
+        if cmp is not None and format == "md":
+            from .scoring import METRICS, NO_FLOOR
+
+            columns = sorted({c for m in METRICS.values() for c in m.columns} - NO_FLOOR)
+            if rank_by not in columns:
+                raise UsageError(f"--rank-by {rank_by!r} is not a metric column; valid: {', '.join(columns)}")
+            both = [d for d in (df, report.tidy(base_rows)) if rank_by in d and d[rank_by].notna().any()]
+            if len(both) == 2:
+                ranks = report.rank_changes(df, report.tidy(base_rows), rank_by)
+            else:
+                err.print(f"no rankings: the rows of one side hold no {rank_by} (--rank-by another metric)")
     except UsageError as e:
         raise fail(str(e))
     if cmp is not None:
         text = cmp.to_csv(index=False) if format == "csv" else (
             f"# {', '.join(map(str, run_dirs))} against {compare}\n\n" + cmp.to_markdown(index=False, floatfmt=".4g") + "\n")
         bad = int(cmp["flag"].str.startswith("REGRESSION").sum())
-        err.print(f"{len(cmp)} cells compared, {bad} flagged as regressions")
+        summary = f"{len(cmp)} cells compared, {bad} flagged as regressions"
+        if ranks is not None:
+            text += report.rankings_markdown(*ranks, rank_by, compare)
+            summary += (f"; {len(ranks[1])} pair(s) of cells reordered by {rank_by}, "
+                        f"{sum('beyond' in line for line in ranks[1])} beyond the seed spread")
+        err.print(summary)
     elif format == "html":
         text = _html_page(run_dirs, df)
     else:

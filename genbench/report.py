@@ -431,6 +431,66 @@ def compare(run: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+#: metrics for which lower is better (the rest: higher; c2st ranks by its distance from 0.5)
+LOWER_BETTER = ("w2", "sinkhorn", "energy", "mode_tv", "val_energy", "c2st", "pacgan_rkl")
+
+
+def rank_changes(run: pd.DataFrame, base: pd.DataFrame, metric: str = "c2st") -> tuple[pd.DataFrame, list[str]]:
+    """Per dataset, the cells (model and step count) both run sets hold, ranked by ``metric``'s
+    seed mean (best first; c2st by its distance from 0.5) in the baseline and in the run. Returns
+    the table (dataset, cell, rank and value in each) and one line per pair of cells whose order
+    the run reverses, marked "beyond the seed spread" where both orders are (each difference over
+    twice the standard error of the difference of the seed means) and "within the seed spread"
+    otherwise: a reversal of two cells that neither run separates is noise, not a new ranking."""
+    def summary(d: pd.DataFrame) -> pd.DataFrame:
+        ok = d[(d["status"] == "done") & d[metric].notna()].copy() if metric in d else d.iloc[0:0]
+        if not len(ok):
+            raise UsageError(f"no finished cell has {metric!r} to rank by")
+        value = (ok[metric].astype(float) - 0.5).abs() if metric == "c2st" else ok[metric].astype(float)
+        ok = ok.assign(value=value if metric in LOWER_BETTER else -value,
+                       cell=ok["model"] + ok["steps"].map(lambda k: "" if pd.isna(k) else f" ({int(k)} step{'' if k == 1 else 's'})"))
+        g = ok.groupby(["dataset", "cell"])["value"]
+        return pd.DataFrame({"mean": g.mean(), "se": g.std().fillna(0) / np.sqrt(g.size())})
+
+    a, b = summary(base), summary(run)
+    both = a.add_suffix("_base").join(b.add_suffix("_run"), how="inner")
+    shown = (lambda v: v + 0.5) if metric == "c2st" else (lambda v: v if metric in LOWER_BETTER else -v)
+    table, lines = [], []
+    for dataset, g in both.groupby(level="dataset", sort=True):
+        g = g.droplevel("dataset")
+        rank_base, rank_run = g["mean_base"].rank(method="min"), g["mean_run"].rank(method="min")
+        for cell in g.index:
+            table.append({"dataset": dataset, "cell": cell, "rank_base": int(rank_base[cell]),
+                          f"{metric}_base": shown(g.at[cell, "mean_base"]), "rank_run": int(rank_run[cell]),
+                          f"{metric}_run": shown(g.at[cell, "mean_run"])})
+        cells = list(g.sort_values("mean_run").index)
+        for i, ahead in enumerate(cells):
+            for behind in cells[i + 1:]:
+                if not g.at[ahead, "mean_base"] > g.at[behind, "mean_base"]:
+                    continue
+                sep = [abs(g.at[ahead, f"mean_{s}"] - g.at[behind, f"mean_{s}"])
+                       > 2 * np.hypot(g.at[ahead, f"se_{s}"], g.at[behind, f"se_{s}"]) for s in ("base", "run")]
+                lines.append(f"{dataset}: {ahead} now ahead of {behind} ({metric} "
+                             f"{shown(g.at[ahead, 'mean_run']):.4g} against {shown(g.at[behind, 'mean_run']):.4g}; "
+                             f"in the baseline {shown(g.at[ahead, 'mean_base']):.4g} against "
+                             f"{shown(g.at[behind, 'mean_base']):.4g}): "
+                             + ("beyond the seed spread" if all(sep) else "within the seed spread"))
+    return pd.DataFrame(table), lines
+
+
+def rankings_markdown(table: pd.DataFrame, lines: list[str], metric: str, base_name) -> str:
+    """``rank_changes``' result as Markdown: each dataset's order in the baseline and in the run,
+    then the reversals."""
+    orders = [{"dataset": d, f"baseline ({base_name})": ", ".join(g.sort_values(["rank_base", "cell"])["cell"]),
+               "this run": ", ".join(g.sort_values(["rank_run", "cell"])["cell"])}
+              for d, g in table.groupby("dataset", sort=True)]
+    beyond = [line for line in lines if line.endswith("beyond the seed spread")]
+    out = [f"\n## Rankings by {metric}, best first\n", pd.DataFrame(orders).to_markdown(index=False), "",
+           f"{len(lines)} pair(s) of cells reordered; {len(beyond)} beyond the seed spread (both runs separate the "
+           "two cells by more than twice the standard error of their difference)" + (":" if beyond else ".")]
+    return "\n".join(out + [f"- {line.rsplit(': ', 1)[0]}" for line in beyond]) + "\n"
+
+
 def marked_columns(g: pd.DataFrame) -> list[str]:
     """The metric columns whose mean over ``g``'s seeds lies outside the floor band."""
     return [c for c in _shown_metrics(g) if f"{c}_floor" in g

@@ -88,3 +88,31 @@ def test_the_convergence_table_counts_seeds_in_the_band_and_their_time():
     assert table["reached the data"] == "2/3" and table["energy in band"] == "3/3" and table["support in band"] == "2/3"
     assert table["steps to reach"] == "400" and table["seconds to reach"] == "3"
     assert table["stopped"] == "2 converged, 1 cap reached"
+
+
+def test_rank_changes_name_only_reversals_both_runs_separate():
+    """Two models on two datasets: on ring8 the run reverses a clear order (beyond the seed spread),
+    on moons a near tie (within it); c2st ranks by its distance from 0.5 (0.45 is as far as 0.55)."""
+    def rows(values: dict) -> pd.DataFrame:
+        out = []
+        for (model, dataset), c2sts in values.items():
+            for seed, c in enumerate(c2sts):
+                out.append({"model": model, "dataset": dataset, "seed": seed, "steps": 1, "c2st": c, "w2": 0.3,
+                            "status": "done", "device_name": "x"})
+        return report.tidy(out)
+
+    base = rows({("a", "ring8"): [0.52, 0.53, 0.52], ("b", "ring8"): [0.70, 0.71, 0.69],
+                 ("a", "moons"): [0.550, 0.560, 0.540], ("b", "moons"): [0.552, 0.562, 0.542]})
+    run = rows({("a", "ring8"): [0.80, 0.81, 0.79], ("b", "ring8"): [0.44, 0.45, 0.45],
+                ("a", "moons"): [0.553, 0.563, 0.543], ("b", "moons"): [0.551, 0.561, 0.541]})
+    table, lines = report.rank_changes(run, base, "c2st")
+    ring8 = table[table["dataset"] == "ring8"].set_index("cell")
+    assert ring8["rank_base"].to_dict() == {"a (1 step)": 1, "b (1 step)": 2}
+    assert ring8["rank_run"].to_dict() == {"a (1 step)": 2, "b (1 step)": 1}  # |0.447 - 0.5| beats |0.80 - 0.5|
+    assert len(lines) == 2
+    assert lines[0].startswith("moons: b (1 step) now ahead of a (1 step)") and lines[0].endswith("within the seed spread")
+    assert lines[1].startswith("ring8: b (1 step) now ahead of a (1 step)") and lines[1].endswith("beyond the seed spread")
+    md = report.rankings_markdown(table, lines, "c2st", "base")
+    assert "1 beyond the seed spread" in md and "- ring8: b (1 step) now ahead" in md and "- moons" not in md
+    _, none = report.rank_changes(base, base, "c2st")
+    assert none == []
