@@ -132,7 +132,7 @@ def run(
     jobs: int = typer.Option(_default("jobs"), help="Fit units trained at once, each in its own process; 0 = auto: cores / threads on the CPU, 1 on a GPU."),
     score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
     side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
-    groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups (one per model) trained at once in the fit process, each on its own CUDA stream; a student's group waits for its teacher's. Rows record it: their train_s then shares the device."),
+    groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups (one per model) trained at once in the fit process, each on its own CUDA stream; a student's group waits for its teacher's; each group's cells are sampled and scored as it ends, and timed after the last group. Rows record it: their train_s then shares the device."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[str] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
     executor: str = typer.Option(_default("executor"), help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench\\[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench\\[slurm]'). The run's process alone writes the run dir."),

@@ -281,8 +281,10 @@ def test_side_by_side_each_models_groups_fit_right_before_its_cells(tmp_path, mo
 
 
 def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, monkeypatch):
-    """With groups_at_once, every model's groups are fitted before any cell, that many at a time
-    in threads (here two overlap), and the student's group starts only after its teacher's ended."""
+    """With groups_at_once, every model's groups are fitted that many at a time in threads (here
+    two overlap), the student's group starts only after its teacher's ended, each group's cells are
+    sampled (untimed) in the run's thread as soon as it ends, while the others train, and every
+    cell is timed after the last group."""
     import threading
     import time
 
@@ -297,21 +299,33 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
             spans[model] = [time.perf_counter(), None]
         if model in ("diffusion", "vae"):
             started.wait()
-        time.sleep(0.05)
+        time.sleep(0.05 if model != "cm-cd" else 1.0)  # the student trains while its teacher's cells are sampled
         with lock:
             spans[model][1] = time.perf_counter()
 
-    calls = []
+    sampled, timed = [], []
+
+    def run_unit(self, unit, model, steps, timed=True):
+        assert not timed and threading.current_thread() is threading.main_thread()
+        sampled.append((unit.model, time.perf_counter()))
+        return [({"sample_s": None}, k, None) for k in steps]
+
     monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
-    monkeypatch.setattr(core.Session, "run_unit", lambda self, unit, model, steps: calls.append(unit.model))
+    monkeypatch.setattr(core.Session, "run_unit", run_unit)
+    monkeypatch.setattr(core.Session, "time_unit", lambda self, unit, cells: timed.append((unit.model, time.perf_counter())))
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 groups_at_once=2, out=str(tmp_path / "run"))
     runner = check(plan)
     Session(runner).run_units(runner.units(), set())
-    assert set(spans) == {"diffusion", "vae", "cm-cd"} and len(calls) == 12
+    assert set(spans) == {"diffusion", "vae", "cm-cd"} and len(sampled) == len(timed) == 12
     assert spans["cm-cd"][0] >= spans["diffusion"][1]  # the teacher's group ended first
     assert spans["vae"][0] < spans["diffusion"][1] and spans["diffusion"][0] < spans["vae"][1]  # they overlapped
+    for model, t in sampled:  # each group's cells sampled once it ended; the teacher's while its student trains
+        assert t >= spans[model][1]
+    assert min(t for m, t in sampled if m == "diffusion") < spans["cm-cd"][1]
+    last_fit = max(end for _, end in spans.values())
+    assert all(t >= last_fit for _, t in timed)  # every cell timed on a quiet device
 
 
 def test_a_group_that_raises_ends_the_run_without_hanging_the_others(tmp_path, monkeypatch):
@@ -344,21 +358,23 @@ def test_groups_fitted_at_once_are_the_groups_fitted_one_after_another(tmp_path)
 
     from genbench.runner import Plan, run
 
-    def go(at_once):
+    def go(at_once, score_jobs=0):
         plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8"], seeds=[0, 1], budget="quick",
                     steps_by_model={"diffusion": [2], "cm-cd": [1]}, n_samples=200, metrics=("energy",),
-                    floor_draws=2, device="cpu", side_by_side=True, groups_at_once=at_once, jobs=1, score_jobs=0,
-                    out=str(tmp_path / f"run{at_once}"))
+                    floor_draws=2, device="cpu", side_by_side=True, groups_at_once=at_once, jobs=1,
+                    score_jobs=score_jobs, out=str(tmp_path / f"run{at_once}-{score_jobs}"))
         rows = run(plan)
-        fits_dir = tmp_path / f"run{at_once}" / "fits"
+        assert all(r["status"] == "done" and r["sample_s"] > 0 and r["nfe"] >= 1 for r in rows), [(r["status"], r.get("sample_s"), r.get("error")) for r in rows]  # timed, later
+        fits_dir = tmp_path / f"run{at_once}-{score_jobs}" / "fits"
         losses = {p.name: json.loads(p.read_text())["losses"] for p in sorted(fits_dir.glob("*.json"))}
         return {(r["model"], r["seed"]): (r["energy"], r["samples_sha256"], r["groups_at_once"]) for r in rows}, losses
 
     one, one_losses = go(1)
-    three, three_losses = go(3)
-    assert one_losses == three_losses and len(one_losses) == 6
-    assert {k: v[:2] for k, v in one.items()} == {k: v[:2] for k, v in three.items()}
-    assert {v[2] for v in one.values()} == {1} and {v[2] for v in three.values()} == {3}
+    for score_jobs in (0, 2):  # rows held back until timed: scored here, or by scoring processes
+        three, three_losses = go(3, score_jobs)
+        assert one_losses == three_losses and len(one_losses) == 6
+        assert {k: v[:2] for k, v in one.items()} == {k: v[:2] for k, v in three.items()}
+        assert {v[2] for v in one.values()} == {1} and {v[2] for v in three.values()} == {3}
 
 
 def test_seeded_blocks_in_threads_draw_what_they_draw_alone():

@@ -132,3 +132,31 @@ def test_the_flows_lean_layers_compute_nflows_own_transforms(monkeypatch):
         kinds.add(type(layer).__name__)
         x = ours.detach()
     assert kinds == {"LeanActNorm", "UnboundedAffineCoupling"}
+
+
+def test_nfe_counts_only_the_counting_threads_calls():
+    """Groups train in other threads while a finished group's cells are sampled: their module calls
+    are neither counted nor taken for undeclared work (the hooks are process-wide)."""
+    import threading
+    import time
+
+    net, other = torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    stop, busy = threading.Event(), threading.Event()
+
+    def train_elsewhere():
+        while not stop.is_set():
+            other(torch.zeros(1, 2))
+            busy.set()
+
+    t = threading.Thread(target=train_elsewhere)
+    t.start()
+    try:
+        busy.wait(5)
+        with NFECounter(net) as counter:
+            for _ in range(100):
+                net(torch.zeros(1, 2))
+                time.sleep(0.001)  # the other thread runs its calls between ours
+    finally:
+        stop.set()
+        t.join()
+    assert counter.count == 100 and not counter.undeclared

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import RunDirError
+from ..api import Diverged, RunDirError
 from ..store import RunDir, atomic_write, cell_name, check_out_dir
-from .cell import measure
+from .cell import measure, time_cell
 from .executors import Task
 from .fits import FitStore
 from .ledger import Ledger, safe_variant
@@ -67,9 +67,11 @@ class Session:
         """Fits (or reloads) each unit and measures its cells not in ``done``. Fitting side by
         side, each model's groups are fitted right before its cells are sampled (the teachers'
         models first, as the plan orders them), so the scoring processes score one model's cells
-        while the next model trains; with ``groups_at_once`` above 1, every model's groups are
-        fitted first, that many at a time, and the cells are sampled and timed after them on a
-        quiet device."""
+        while the next model trains; with ``groups_at_once`` above 1 (or a tune's trials), every
+        model's groups are fitted first, that many at a time, each group's cells sampled and sent
+        to scoring as soon as it ends (the scoring processes work while the other groups train),
+        and every cell timed after the last group, on a quiet device; a row is written once it is
+        both scored and timed."""
         r = self.r
         todo = {u: [c.steps for c in r.cells([u]) if c not in done] for u in units}
         if self.scorer.pool is not None:  # the floor draws go to the scoring processes before the first fit
@@ -77,23 +79,34 @@ class Session:
                 ds, _, ref, _ = r.data(dataset, seed)
                 self.scorer.floors_for(ds, seed, ref)
         # every model's groups first (that many at a time; a tune's trials of one family stacked
-        # across its trials), the cells after them
+        # across its trials), their cells sampled as each ends and timed after them all
         at_once = r.side_by_side and (r.plan.groups_at_once > 1 or bool(r.plan.trials))
+        sampled: dict[Unit, list] = {}  # unit -> its cells sampled, to be timed
+
+        def sample_ended(ended: list[Unit]) -> None:
+            for unit in ended:
+                if todo.get(unit) and unit not in sampled:
+                    sampled[unit] = self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit], timed=False)
+
         if at_once:
-            self.fits.fit_side_by_side(units, done)
+            self.fits.fit_side_by_side(units, done, on_ended=sample_ended)
         names = dict.fromkeys(u.model for u in units)
         groups = [[u for u in units if u.model == name] for name in names] if r.side_by_side else [units]
         for mine in groups:
             if r.side_by_side and not at_once:
                 self.fits.fit_side_by_side(mine, done)
             for unit in mine:
-                if todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
+                if unit in sampled:
+                    self.time_unit(unit, sampled.pop(unit))
+                elif todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
                     self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit])
         self.scorer.drain(block=True)
 
-    def run_unit(self, unit: Unit, model, steps: list) -> None:
+    def run_unit(self, unit: Unit, model, steps: list, timed: bool = True) -> list:
         """One fit unit: its model fitted or reloaded, evaluated, and each of its cells measured,
-        scored and written."""
+        scored and written. ``timed=False``: the cells are sampled and sent to scoring but not
+        timed; returns them (row, steps, a divergence to record or None) for ``time_unit``, and
+        each row waits for its timing before it is written."""
         ds, train, ref, test = self.r.data(unit.dataset, unit.seed)
         base = self.ledger.base_row(*unit)
         try:
@@ -105,11 +118,12 @@ class Session:
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
             for k in steps:
                 self.ledger.write(base | {"steps": k, "variant": safe_variant(model)}, e)
-            return
+            return []
         note = {"nll_note": model.no_likelihood} if model.no_likelihood else {}
         self.progress.update(f"{unit.dataset} seed {unit.seed}: noise floors")
         floors = self.scorer.floors_for(ds, unit.seed, ref)
         late = lambda: evaluation() | floors()  # noqa: E731 - what a row gets once it has arrived
+        untimed = []
         for k in steps:
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: sampling"
                                  + (f" {k} steps" if k else ""))
@@ -121,8 +135,12 @@ class Session:
                           "fit_sha256": record.get("fit_sha256"), **note,
                           **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
             try:
-                x = self.sample_cell(model, ds, unit.seed, k, ref, row)
-                self.scorer.submit(row, x, ref, ds, unit.seed, late)
+                x = self.sample_cell(model, ds, unit.seed, k, ref, row, timed=timed)
+                if timed:
+                    self.scorer.submit(row, x, ref, ds, unit.seed, late)
+                else:
+                    self.scorer.submit(row, x, ref, ds, unit.seed, late, ready=lambda row=row: "sample_s" in row)
+                    untimed.append((row, k, None))
             except RunDirError:
                 raise
             except Exception as e:  # noqa: BLE001 - the row is still written whole, floors included
@@ -130,13 +148,46 @@ class Session:
                     row |= floors()
                 with contextlib.suppress(Exception):
                     row |= evaluation()
-                self.ledger.write(row, e)
+                if not timed and isinstance(e, Diverged):  # timed first, as a cell measured whole is
+                    untimed.append((row, k, e))
+                else:
+                    self.ledger.write(row, e)
+        return untimed
 
-    def sample_cell(self, model, ds, seed: int, k, ref, row: dict) -> np.ndarray:
-        """Measures one cell into ``row`` (cell.measure), saves its samples and returns them."""
+    def time_unit(self, unit: Unit, cells: list) -> None:
+        """Times the cells ``run_unit(timed=False)`` sampled, on the unit's model reloaded from its
+        checkpoint; each row is written once its scores have arrived (a diverged cell at once)."""
+        p = self.r.plan
+        model = self.r.model(unit.model, unit.dataset)
+        try:
+            self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
+        except RunDirError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the cells keep their scores, without a time
+            self.notes.append(f"{unit.model} on {unit.dataset} seed {unit.seed}: not timed ({type(e).__name__}: {e})")
+            model = None
+        for row, k, error in cells:
+            self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: timing" + (f" {k} steps" if k else ""))
+            try:
+                if model is None:
+                    raise RuntimeError("the model could not be reloaded")
+                time_cell(model, unit.seed, k, row, n=p.n_samples, device=self.r.device, min_calls=p.repeats,
+                          min_time=p.min_time_s)
+            except Exception as e:  # noqa: BLE001 - an untimed cell is still written, its time empty
+                row["sample_s"] = None
+                if model is not None:
+                    self.notes.append(f"{cell_name(unit.model, unit.dataset, unit.seed, k)}: not timed "
+                                      f"({type(e).__name__}: {e})")
+            if error is not None:
+                self.ledger.write(row, error)
+        self.scorer.drain()
+
+    def sample_cell(self, model, ds, seed: int, k, ref, row: dict, timed: bool = True) -> np.ndarray:
+        """Measures one cell into ``row`` (cell.measure; ``timed=False``: not its time), saves its
+        samples and returns them."""
         p = self.r.plan
         x, arrays = measure(model, ds, seed, k, ref, row, n=p.n_samples, device=self.r.device,
-                            metrics=list(p.metrics), min_calls=p.repeats, min_time=p.min_time_s)
+                            metrics=list(p.metrics), min_calls=p.repeats, min_time=p.min_time_s, timed=timed)
         row["samples_sha256"] = self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
         return x
 

@@ -130,12 +130,13 @@ class FitStore:
         return record
 
     # -- side by side -----------------------------------------------------------------------------
-    def fit_side_by_side(self, units: list[Unit], done: set) -> None:
+    def fit_side_by_side(self, units: list[Unit], done: set, on_ended=None) -> None:
         """The units that fit side by side and must be fitted, in groups of one model (a student's
         group after its teachers', each member given its own teacher), as one stacked network
         each; their checkpoints and fit records are then what the unit-by-unit pass reuses. A
         member that diverged, or a group that failed, is left to that pass (fitted alone, its
-        failure recorded as a solo fit's)."""
+        failure recorded as a solo fit's). ``on_ended(units)``: called in this thread with each
+        group's units once the group has ended (while other groups may still train)."""
         todo: dict[str, list] = {}
         for unit in units:  # teachers' units come first: their groups are fitted first
             entry = self.r.entry(unit.model)
@@ -152,17 +153,21 @@ class FitStore:
         chunks = [group[at:at + MAX_SIDE_BY_SIDE] for group in todo.values()
                   for at in range(0, len(group), MAX_SIDE_BY_SIDE)]
         if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
-            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once)
+            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended)
         else:
             for chunk in chunks:
                 self.fit_group(chunk)
+                if on_ended is not None:
+                    on_ended([u for u, _ in chunk])
 
-    def fit_groups_at_once(self, chunks: list[list], at_once: int) -> None:
+    def fit_groups_at_once(self, chunks: list[list], at_once: int, on_ended=None) -> None:
         """``fit_group`` of each chunk, ``at_once`` of them at a time in threads of this process,
         each on a CUDA stream of its own (the GPU runs one group's kernels between another's); a
         student's group starts once its teacher's groups have ended. The threads are daemons and
         joined with a timeout, so an interrupt is not held up by a group still training; the first
-        error a group raises (a run dir that cannot be written) is raised here once all have ended."""
+        error a group raises (a run dir that cannot be written) is raised here once all have ended.
+        ``on_ended(units)`` runs here, in the calling thread, for each group that ended without an
+        error, while the others train on."""
         import queue
         import threading
 
@@ -204,9 +209,24 @@ class FitStore:
                    for n in range(min(at_once, len(chunks)))]
         for t in threads:
             t.start()
+        handled: set[int] = set()
+
+        def hand_over() -> None:
+            for i in range(len(chunks)):
+                if i not in handled and ended[i].is_set():
+                    handled.add(i)
+                    if on_ended is not None and not errors:
+                        on_ended([u for u, _ in chunks[i]])
+
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
+                try:
+                    hand_over()
+                except BaseException as e:  # noqa: BLE001 - the run stops once the groups have ended
+                    errors.append(e)
+        if not errors:
+            hand_over()
         if errors:
             raise errors[0]
 

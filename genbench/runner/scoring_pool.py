@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from concurrent.futures import Future
 
 from .. import datasets as ds_mod
 from .. import scoring
@@ -53,25 +54,32 @@ class Scorer:
     def _score_async(self, x, ref, ds_name: str, seed: int):
         return self._submit(score_task, x, ref, ds_name, list(self.plan.metrics), seed)
 
-    def submit(self, row: dict, x, ref, ds, seed: int, late) -> None:
+    def submit(self, row: dict, x, ref, ds, seed: int, late, ready=None) -> None:
         """Scores a cell's samples ``x`` into ``row`` and writes it with ``late()`` (its floors and
-        evaluation) added: now, or when the scoring processes have scored it."""
+        evaluation) added: now, or when the scoring processes have scored it. ``ready``: where given,
+        the row waits until it says True as well (a cell sampled before it is timed)."""
         if self.pool is not None:
             again = lambda: self._score_async(x, ref, ds.name, seed)  # noqa: E731 - once more, if a worker dies
-            self.pending.append((row, again(), late, again))
+            self.pending.append((row, again(), late, again, ready))
             self.drain()
             return
         values, errors = scoring.score(x, ref, ds, list(self.plan.metrics), seed=seed, device=self.r.metric_device)
+        if ready is not None and not ready():
+            scored = Future()
+            scored.set_result((values, errors))
+            self.pending.append((row, scored, late, None, ready))
+            return
         self.write(row | values | {"metric_errors": errors or None} | late(), None)
 
     def drain(self, block: bool = False) -> None:
-        """Writes the rows whose scores have arrived (all of them with ``block``). A cell whose
-        scoring process died is scored once more (in a fresh pool); a second death is its error."""
+        """Writes the rows whose scores have arrived and that are ready (all of them with ``block``).
+        A cell whose scoring process died is scored once more (in a fresh pool); a second death is
+        its error."""
         while True:
             waiting = []
-            for row, result, late, again in self.pending:
-                if not (block or result.done()):
-                    waiting.append((row, result, late, again))
+            for row, result, late, again, ready in self.pending:
+                if not block and not (result.done() and (ready is None or ready())):
+                    waiting.append((row, result, late, again, ready))
                     continue
                 try:
                     try:
@@ -79,7 +87,7 @@ class Scorer:
                     except BrokenProcessPool:
                         if again is None:
                             raise
-                        waiting.append((row, again(), late, None))
+                        waiting.append((row, again(), late, None, ready))
                         continue
                     row |= values | {"metric_errors": errors or None} | late()
                 except RunDirError:
