@@ -487,7 +487,8 @@ def rankings_markdown(table: pd.DataFrame, lines: list[str], metric: str, base_n
     beyond = [line for line in lines if line.endswith("beyond the seed spread")]
     out = [f"\n## Rankings by {metric}, best first\n", pd.DataFrame(orders).to_markdown(index=False), "",
            f"{len(lines)} pair(s) of cells reordered; {len(beyond)} beyond the seed spread (both runs separate the "
-           "two cells by more than twice the standard error of their difference)" + (":" if beyond else ".")]
+           "two cells by more than twice the standard error of their difference)" + (":" if beyond else ".")
+           if lines else "No pair of cells is reordered."]
     return "\n".join(out + [f"- {line.rsplit(': ', 1)[0]}" for line in beyond]) + "\n"
 
 
