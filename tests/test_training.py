@@ -51,8 +51,8 @@ def test_members_side_by_side_each_train_at_their_own_learning_rate():
 
 
 def test_members_side_by_side_each_train_at_their_own_member_fields():
-    """Diffusion's p_mean and the VAE's KL warm-up are member fields (tuning trials that differ in
-    them share a stacked fit): each member's losses are its solo fit's at its own settings."""
+    """Diffusion's and cm-ct's p_mean and the VAE's KL warm-up are member fields (tuning trials that
+    differ in them share a stacked fit): each member's losses are its solo fit's at its own settings."""
     from genbench import datasets
     from genbench.models.diffusion import Diffusion
 
@@ -69,6 +69,14 @@ def test_members_side_by_side_each_train_at_their_own_member_fields():
     vgroup = [VAE(budget="quick", params=p) for p in vparams]  # the VAE's KL warm-up is a member field too
     for info, d, seed, p in zip(VAE.fit_side_by_side(vgroup, data, device="cpu", seeds=[0, 1]), data, (0, 1), vparams):
         assert info.losses == pytest.approx(VAE(budget="quick", params=p).fit(d, seed=seed).losses, rel=1e-4)
+    from genbench.models.consistency import ConsistencyTraining
+
+    cparams = [{"train_steps": "40", "p_mean": "-1.1"}, {"train_steps": "40", "p_mean": "-0.4", "lr": "2e-3"}]
+    cgroup = [ConsistencyTraining(budget="quick", params=p) for p in cparams]  # cm-ct's level centre too
+    for info, d, seed, p in zip(ConsistencyTraining.fit_side_by_side(cgroup, data, device="cpu", seeds=[0, 1]), data,
+                                (0, 1), cparams):
+        assert info.losses == pytest.approx(ConsistencyTraining(budget="quick", params=p).fit(d, seed=seed).losses,
+                                            rel=1e-4)
     with pytest.raises(ValueError, match="batch"):  # a field that is not a member field splits groups
         Diffusion.fit_side_by_side([Diffusion(budget="quick", params={"batch": b}) for b in ("256", "512")], data,
                                    device="cpu", seeds=[0, 1])

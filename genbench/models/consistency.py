@@ -73,7 +73,7 @@ def ct_discretisation(k: int, total: int, s0: int = 10, s1: int = 1280, stage: i
     return min(s0 * 2 ** (k // k_prime), s1) + 1
 
 
-def lognormal_level_probs(sigmas: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+def lognormal_level_probs(sigmas: torch.Tensor, p_mean, p_std: float) -> torch.Tensor:
     """iCT's discretised lognormal: p(i) ∝ erf((ln s_{i+1} - P_mean)/(sqrt2 P_std)) - erf((ln s_i - P_mean)/(sqrt2 P_std))
     over the N - 1 adjacent pairs of the ascending grid ``sigmas``."""
     e = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2) * p_std))
@@ -342,6 +342,9 @@ class ConsistencyTraining(_Consistency):
                "converged": {"train_steps": 60000, "stage_steps": 7500, "lr": 3e-4}}
     #: the tuning space: the learning rate, the batch, the training noise levels' centre
     search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 384, 512, 1024)), "p_mean": Uniform(-2.0, -0.2)}
+    #: members of one stacked fit (tuning trials) may differ in these: each member draws its levels
+    #: from its own p_mean's distribution
+    member_fields = ("lr", "p_mean")
 
     def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
         """The network and its EMA built from the seed, the data standardised to sigma_data."""
@@ -358,14 +361,12 @@ class ConsistencyTraining(_Consistency):
         c = self.config
         return ct_discretisation(k, c.train_steps, c.s0, c.s1, c.stage_steps)
 
-    def train_levels(self, N: int, device: str):
-        """The N ascending noise levels of discretisation N and the CDF of iCT's level distribution
-        over their N - 1 adjacent pairs (cached per N)."""
+    def train_levels(self, N: int, device: str) -> torch.Tensor:
+        """The N ascending noise levels of discretisation N (cached per N)."""
         cache = self.__dict__.setdefault("_train_levels", {})
         if N not in cache:
             c = self.config
-            s = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)
-            cache[N] = (s, lognormal_level_probs(s, c.p_mean, c.p_std).cumsum(0).to(device))
+            cache[N] = time_grid(N - 1, c.sigma_min, c.sigma_max).flip(0).to(device)
         return cache[N]
 
     def step_context(self, k, t):
@@ -378,13 +379,15 @@ class ConsistencyTraining(_Consistency):
         c, device = self.config, x0.device
         return (torch.randint(len(x0), (c.batch,), generator=g, device=device),
                 torch.rand(c.batch, 1, generator=g, device=device),
-                torch.randn(c.batch, x0.shape[1], generator=g, device=device))
+                torch.randn(c.batch, x0.shape[1], generator=g, device=device),
+                self.member_value("p_mean", device, torch.float64))
 
-    def loss(self, f, levels, x0, i, u, z) -> torch.Tensor:
+    def loss(self, f, sig, x0, i, u, z, p_mean) -> torch.Tensor:
         """iCT's loss: d(f(x + s' z, s'), sg f(x + s z, s)) / (s' - s), the same z for both, on the
-        data points x = ``x0[i]``, with the pair of adjacent ``levels`` (sig, cdf) that u falls in
-        by inverse CDF."""
-        sig, cdf = levels
+        data points x = ``x0[i]``, with the pair of adjacent levels ``sig`` that u falls in by
+        inverse CDF of iCT's level distribution at ``p_mean`` (the member's own, side by side: a few
+        kernels a step over the N levels, in float64 as a cached CDF would be)."""
+        cdf = lognormal_level_probs(sig, p_mean, self.config.p_std).cumsum(0)
         j = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
         x, s_i, s_next = x0[i], sig[j], sig[j + 1]
         with torch.no_grad():

@@ -122,13 +122,13 @@ class TorchGenerator(Generator):
     #: the step's phase: the loss changes with k only through it (None: one phase for the whole fit)
     phase: Callable[[int], Any] | None = None
 
-    def member_value(self, name: str, device) -> torch.Tensor:
+    def member_value(self, name: str, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Config field ``name`` as a 0-dim tensor on ``device``, made once (no kernel per step): what
         ``draws`` returns for ``loss`` where the field is a member field (each member its own)."""
         cache = self.__dict__.setdefault("_member_values", {})
-        value = cache.get(name)
+        value = cache.get((name, dtype))
         if value is None or value.device != torch.device(device):
-            value = cache[name] = torch.tensor(float(getattr(self.config, name)), device=device)
+            value = cache[(name, dtype)] = torch.tensor(float(getattr(self.config, name)), device=device, dtype=dtype)
         return value
 
     def step_context(self, k: int, t):
