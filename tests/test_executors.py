@@ -328,6 +328,18 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
     assert all(t >= last_fit for _, t in timed)  # every cell timed on a quiet device
 
 
+def test_a_unit_whose_fit_failed_is_not_refitted_to_be_timed(tmp_path, monkeypatch):
+    """Its rows were written as errors when its group ended: the timing pass has nothing to do."""
+    from genbench.runner import Plan, Session, check, fits
+
+    calls = []
+    monkeypatch.setattr(fits.FitStore, "fit_or_load", lambda self, *args, **kwargs: calls.append(args))
+    runner = check(Plan(models=["vae"], datasets=["ring8"], seeds=[0], device="cpu", out=str(tmp_path / "run")))
+    session = Session(runner)
+    session.time_unit(runner.units()[0], [])
+    assert calls == [] and session.notes == []
+
+
 def test_a_group_that_raises_ends_the_run_without_hanging_the_others(tmp_path, monkeypatch):
     """A run-dir error in one group's thread is raised in the run's thread once the others ended;
     the student of a failed teacher is not started."""

@@ -157,6 +157,8 @@ class Session:
     def time_unit(self, unit: Unit, cells: list) -> None:
         """Times the cells ``run_unit(timed=False)`` sampled, on the unit's model reloaded from its
         checkpoint; each row is written once its scores have arrived (a diverged cell at once)."""
+        if not cells:  # a unit whose fit failed: its rows are written, nothing to time (or to refit)
+            return
         p = self.r.plan
         model = self.r.model(unit.model, unit.dataset)
         try:
