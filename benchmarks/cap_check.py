@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-#: lower is better for these; higher for the others
-LOWER = {"w2", "energy", "c2st_dev", "mode_tv", "val_energy"}
+from genbench.report import LOWER_BETTER
+
+#: lower is better for these (the report's, and c2st's distance from 0.5); higher for the others
+LOWER = {*LOWER_BETTER, "c2st_dev"}
 METRICS = ["w2", "energy", "precision", "recall", "density", "coverage", "c2st_dev", "hq_frac", "modes_captured",
            "mode_tv"]
 

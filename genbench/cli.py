@@ -265,17 +265,15 @@ def report_cmd(
         if base_rows is not None and not any(r.get("status") == "done" for r in rows):
             raise UsageError(f"{', '.join(map(str, run_dirs))}: no finished cells to compare (every row failed)")
         df = report.tidy(rows)
-        cmp = report.compare(df, report.tidy(base_rows)) if base_rows is not None else None
+        base = report.tidy(base_rows) if base_rows is not None else None
+        cmp = report.compare(df, base) if base is not None else None
         ranks = None
         if cmp is not None and format == "md":
-            from .scoring import METRICS, NO_FLOOR
-
-            columns = sorted({c for m in METRICS.values() for c in m.columns} - NO_FLOOR)
+            columns = sorted(set(report.METRIC_COLUMNS) - report.NO_FLOOR)
             if rank_by not in columns:
                 raise UsageError(f"--rank-by {rank_by!r} is not a metric column; valid: {', '.join(columns)}")
-            both = [d for d in (df, report.tidy(base_rows)) if rank_by in d and d[rank_by].notna().any()]
-            if len(both) == 2:
-                ranks = report.rank_changes(df, report.tidy(base_rows), rank_by)
+            if all(rank_by in d and d[rank_by].notna().any() for d in (df, base)):
+                ranks = report.rank_changes(df, base, rank_by)
             else:
                 err.print(f"no rankings: the rows of one side hold no {rank_by} (--rank-by another metric)")
     except UsageError as e:
@@ -288,7 +286,7 @@ def report_cmd(
         if ranks is not None:
             text += report.rankings_markdown(*ranks, rank_by, compare)
             summary += (f"; {len(ranks[1])} pair(s) of cells reordered by {rank_by}, "
-                        f"{sum('beyond' in line for line in ranks[1])} beyond the seed spread")
+                        f"{len(report.beyond_spread(ranks[1]))} beyond the seed spread")
         err.print(summary)
     elif format == "html":
         text = _html_page(run_dirs, df)

@@ -478,13 +478,18 @@ def rank_changes(run: pd.DataFrame, base: pd.DataFrame, metric: str = "c2st") ->
     return pd.DataFrame(table), lines
 
 
+def beyond_spread(lines: list[str]) -> list[str]:
+    """The reversals of ``rank_changes`` that both runs separate beyond the seed spread."""
+    return [line for line in lines if line.endswith("beyond the seed spread")]
+
+
 def rankings_markdown(table: pd.DataFrame, lines: list[str], metric: str, base_name) -> str:
     """``rank_changes``' result as Markdown: each dataset's order in the baseline and in the run,
     then the reversals."""
     orders = [{"dataset": d, f"baseline ({base_name})": ", ".join(g.sort_values(["rank_base", "cell"])["cell"]),
                "this run": ", ".join(g.sort_values(["rank_run", "cell"])["cell"])}
               for d, g in table.groupby("dataset", sort=True)]
-    beyond = [line for line in lines if line.endswith("beyond the seed spread")]
+    beyond = beyond_spread(lines)
     out = [f"\n## Rankings by {metric}, best first\n", pd.DataFrame(orders).to_markdown(index=False), "",
            f"{len(lines)} pair(s) of cells reordered; {len(beyond)} beyond the seed spread (both runs separate the "
            "two cells by more than twice the standard error of their difference)" + (":" if beyond else ".")

@@ -541,11 +541,12 @@ class MemberRates:
     ``Anneal`` factor at step t where it has one (Adam's update is linear in the rate). Stacked
     members are the first dimension of every parameter; a solo fit is one. No host sync: capturable."""
 
-    def __init__(self, params: list, rates, device: str, members: int, anneal: "Anneal | None" = None):
+    def __init__(self, params: list, rates, device: str, members: int, anneal: "Anneal | None" = None,
+                 spread: "PerMember | None" = None):
         self.params, self.members, self.anneal = params, members, anneal
         self.rates = torch.as_tensor(rates, dtype=torch.float32, device=device).reshape(-1)
         self.kept = [torch.empty_like(p) for p in params]
-        self.spread = PerMember(params, members) if members else None
+        self.spread = (spread or PerMember(params, members)) if members else None
 
     @torch.no_grad()
     def before(self) -> None:
@@ -604,17 +605,18 @@ class LossLog:
         return infos if self.members else infos[0]
 
 
-def _member_rates(params, lr, device, members, anneal):
+def _member_rates(params, lr, device, members, anneal, spread=None):
     """The per-fit rates (``MemberRates``) where fits differ in rate or anneal; None: one plain rate."""
     if not isinstance(lr, (list, tuple)) and anneal is None:
         return None
-    return MemberRates(params, lr if isinstance(lr, (list, tuple)) else [lr] * max(members, 1), device, members, anneal)
+    return MemberRates(params, lr if isinstance(lr, (list, tuple)) else [lr] * max(members, 1), device, members, anneal,
+                       spread)
 
 
 def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, members, log, betas, factor,
                anneal=None, snapshots=None, generators: tuple = ()):
-    rates = _member_rates(params, lr, device, members, anneal)
-    spread = PerMember(params, members) if members and clip else None
+    spread = PerMember(params, members) if members else None  # shared by the clipping and the member rates
+    rates = _member_rates(params, lr, device, members, anneal, spread)
     opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
@@ -664,8 +666,8 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     check). The first steps of each ``phase`` run eagerly on a side stream (they are real steps:
     they warm up the optimizer state and the kernels that capture needs), then the step is
     captured once and replayed to the phase's end."""
-    rates = _member_rates(params, lr, device, members, anneal)
-    spread = PerMember(params, members) if members and clip else None
+    spread = PerMember(params, members) if members else None  # shared by the clipping and the member rates
+    rates = _member_rates(params, lr, device, members, anneal, spread)
     base = 1.0 if rates else lr
     sched = torch.tensor([base * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()

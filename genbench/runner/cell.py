@@ -58,6 +58,11 @@ class NFECounter:
             h.remove()
 
 
+def cell_sample_seed(seed: int) -> int:
+    """The seed of a cell's sample call (what ``measure`` scores and ``time_cell`` times)."""
+    return 10_000 + seed
+
+
 def measure(model: Generator, ds, seed: int, k, ref, row: dict, *, n: int, device: str, metrics: list[str],
             min_calls: int, min_time: float, timed: bool = True) -> tuple[np.ndarray, dict]:
     """Samples ``n`` points with ``k`` steps, counts the network evaluations against the model's
@@ -66,7 +71,7 @@ def measure(model: Generator, ds, seed: int, k, ref, row: dict, *, n: int, devic
     one-step map where the model has one). Non-finite samples end the cell as diverged (raised as
     Diverged), their metric columns in ``row`` empty, each with its reason. ``timed=False``: no
     timing here (``time_cell`` later, on a quiet device)."""
-    sample_seed = 10_000 + seed
+    sample_seed = cell_sample_seed(seed)
     with NFECounter(model.nfe_module) as counter:
         x = model.sample(n, steps=k, seed=sample_seed)
     declared = model.nfe(k)
@@ -97,7 +102,7 @@ def time_cell(model: Generator, seed: int, k, row: dict, *, n: int, device: str,
               min_time: float) -> None:
     """Times the cell's sample call (``timing.time_call``: the same call ``measure`` samples with)
     into ``row``."""
-    t = time_call(lambda: model.sample(n, steps=k, seed=10_000 + seed), device=device, min_calls=min_calls,
+    t = time_call(lambda: model.sample(n, steps=k, seed=cell_sample_seed(seed)), device=device, min_calls=min_calls,
                   min_time=min_time)
     row |= {"sample_s": t.median, "sample_s_min": t.min, "sample_s_iqr": t.iqr, "sample_calls": t.calls,
             "sample_calls_per_block": t.per_block, "sample_min_time_s": min_time}
