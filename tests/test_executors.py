@@ -292,6 +292,7 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
 
     spans, lock = {}, threading.Lock()
     started = threading.Barrier(2, timeout=10)  # diffusion and vae must be in flight together
+    teacher_sampled = threading.Event()  # the student's group ends only once its teacher's cells are sampled
 
     def fit_group(self, chunk):
         model = chunk[0][0].model
@@ -299,7 +300,9 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
             spans[model] = [time.perf_counter(), None]
         if model in ("diffusion", "vae"):
             started.wait()
-        time.sleep(0.05 if model != "cm-cd" else 1.0)  # the student trains while its teacher's cells are sampled
+        if model == "cm-cd":  # no wall-clock race: it waits for the event (set only by sampling while it trains)
+            teacher_sampled.wait(60)
+        time.sleep(0.05)
         with lock:
             spans[model][1] = time.perf_counter()
 
@@ -308,6 +311,8 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
     def run_unit(self, unit, model, steps, timed=True):
         assert not timed and threading.current_thread() is threading.main_thread()
         sampled.append((unit.model, time.perf_counter()))
+        if unit.model == "diffusion":
+            teacher_sampled.set()
         return [({"sample_s": None}, k, None) for k in steps]
 
     monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
