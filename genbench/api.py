@@ -77,7 +77,10 @@ class Monitor:
     def due(self, step: int) -> bool:
         raise NotImplementedError
 
-    def evaluate(self, step: int, sample) -> Verdict:
+    def evaluate(self, step: int, sample, train_s: float | None = None) -> Verdict:
+        """``train_s``: the fit's training seconds so far, evaluations left out (a stacked fit's
+        member: its share of the group's); None: the monitor times the fit itself (from its
+        creation, less its own evaluations)."""
         raise NotImplementedError
 
     def diverged(self, step: int) -> None:

@@ -95,17 +95,34 @@ def energy(x: np.ndarray, y: np.ndarray, *, device: str = "cpu", block: int = 10
     rows (``torch.cdist``, each distance computed directly, not through a matrix product), so the
     memory is ``block`` x n, not n x n (GeomLoss' tensorized ``energy`` loss, used before, builds
     n x n float32 matrices and was measured slower: baselines/README.md, "Scoring cost")."""
-    import torch
+    return EnergyTo(y, device=device, block=block)(x)
 
-    x, y = check_points(x), check_points(y, what="reference points")
-    x, y = (torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64), device=device) for v in (x, y))
 
-    def mean_distance(a, b) -> float:
-        total = sum(float(torch.cdist(a[i:i + block], b, compute_mode="donot_use_mm_for_euclid_dist").sum())
-                    for i in range(0, len(a), block))
+class EnergyTo:
+    """``energy(x, y)`` of many samples x against one y (a validation sample scored at every
+    evaluation): y is put on the device once and its own term E|Y-Y'| computed once; each call
+    sums on the device and reads one number back."""
+
+    def __init__(self, y: np.ndarray, *, device: str = "cpu", block: int = 1024):
+        import torch
+
+        self.device, self.block = device, block
+        y = check_points(y, what="reference points")
+        self.y = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float64), device=device)
+        self.yy = float(self._mean_distance(self.y, self.y))
+
+    def _mean_distance(self, a, b):
+        import torch
+
+        total = sum(torch.cdist(a[i:i + self.block], b, compute_mode="donot_use_mm_for_euclid_dist").sum()
+                    for i in range(0, len(a), self.block))
         return total / (len(a) * len(b))
 
-    return 2.0 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
+    def __call__(self, x: np.ndarray) -> float:
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(check_points(x), dtype=np.float64), device=self.device)
+        return float(2.0 * self._mean_distance(x, self.y) - self._mean_distance(x, x)) - self.yy
 
 
 def _kth_radius(points: np.ndarray, k: int) -> np.ndarray:

@@ -252,7 +252,7 @@ def test_an_anneal_in_a_captured_fit_is_the_eager_fits():
         def due(self, step):
             return True
 
-        def evaluate(self, step, sample):
+        def evaluate(self, step, sample, train_s=None):
             return Verdict(best=False, stop=False, anneal=50 if step == 100 else 0)
 
     data = datasets.get("ring8").sample(20000, [0, 0])

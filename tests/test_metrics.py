@@ -79,6 +79,19 @@ def test_energy_known_answers():
     assert metrics.energy(x, y, block=7) == pytest.approx(_brute_energy(x, y), rel=1e-9)
 
 
+def test_energy_to_one_sample_scores_many_against_it():
+    """``EnergyTo(y)`` keeps y's own term from its first computation: every later x (of other
+    sizes, and y itself) gets the brute-force energy distance."""
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(1500, 2))
+    to_y = metrics.EnergyTo(y, block=256)
+    assert to_y.yy == pytest.approx(np.linalg.norm(y[:, None] - y[None], axis=-1).mean(), rel=1e-12)
+    for x in (rng.normal(size=(400, 2)) + [1.0, 0.0], rng.normal(size=(1500, 2)) * 2.0, y):
+        assert to_y(x) == pytest.approx(_brute_energy(x, y), rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError):
+        to_y(np.full((10, 2), np.nan))  # checked as energy's points are
+
+
 def test_sinkhorn_debiased_translation_and_entropic_cost_tends_to_exact_w2():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 2))

@@ -151,7 +151,7 @@ class KeepSecond(Monitor):
     def due(self, step):
         return True
 
-    def evaluate(self, step, sample):
+    def evaluate(self, step, sample, train_s=None):
         self.samples.append(sample(200, 7).clone())
         n = len(self.samples)
         return Verdict(best=n == 2, stop=n == 5)
@@ -191,12 +191,45 @@ def test_evaluation_time_is_not_training_time(monkeypatch):
     monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
 
     class Slow(KeepSecond):
-        def evaluate(self, step, sample):
+        def evaluate(self, step, sample, train_s=None):
             now[0] += 100.0
             return super().evaluate(step, sample)
 
     info = VAE(budget="quick", params={"train_steps": "400"}).fit(RING8.sample(4000, [0, 0]), seed=0, monitor=Slow())
     assert info.train_s == 0.0
+
+
+def test_a_members_curve_leaves_out_every_members_evaluations(monkeypatch):
+    """Two VAEs side by side on a fake clock where each evaluation costs 100 s and training nothing:
+    every point of both curves is at 0 training seconds, so the time to target is never longer than
+    the fit (a member's own clock, less only its own evaluations, counted the other's: 100 s a
+    point, and the baseline's seconds to reach the data exceeded their fits' training time)."""
+    from genbench.models import train
+    from genbench.models.vae import VAE
+    from genbench.runner.monitor import ValidationMonitor, validation_floor
+    from genbench.scoring import validation_sample
+
+    now = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+
+    class Slow(ValidationMonitor):
+        def evaluate(self, step, sample, train_s=None):
+            def slow(n, seed):  # sampling is where an evaluation's time goes
+                now[0] += 100.0
+                return sample(n, seed)
+
+            return super().evaluate(step, slow, train_s)
+
+    datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
+    monitors = []
+    for s in (0, 1):
+        val = validation_sample(RING8, s)
+        monitors.append(Slow(RING8, val, validation_floor(RING8, s, val), cap=300, log_every=50, seed=s))
+    group = [VAE(budget="converged", params={"train_steps": "300"}) for _ in datas]
+    infos = VAE.fit_side_by_side(group, datas, device="cpu", seeds=[0, 1], monitors=monitors)
+    for info, monitor in zip(infos, monitors):
+        assert len(monitor.curve) >= 3 and [p["train_s"] for p in monitor.curve] == [0.0] * len(monitor.curve)
+        assert info.train_s == 0.0 and monitor.record()["eval_s"] == 100.0 * len(monitor.curve)
 
 
 def test_a_plugin_without_evaluation_keeps_a_fixed_budget(cli, tmp_path):
@@ -248,7 +281,7 @@ class EveryWindowBest(Monitor):
     def due(self, step):
         return True
 
-    def evaluate(self, step, sample):
+    def evaluate(self, step, sample, train_s=None):
         self.samples.append(sample(200, 7).clone())
         return Verdict(best=True, stop=False)
 
@@ -308,3 +341,56 @@ def test_a_member_whose_loss_diverges_after_a_kept_best_ends_with_it_and_the_oth
         x = member.sample_now(200, 7)
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, monitor.samples[-1])
+
+
+class FirstEvaluation(Monitor):
+    """Asks for its sample at the first evaluation, calls it the best and stops the fit there."""
+
+    sample_args = (300, 7)
+
+    def due(self, step):
+        return True
+
+    def evaluate(self, step, sample, train_s=None):
+        self.x = sample(*self.sample_args).clone()
+        return Verdict(best=True, stop=True)
+
+
+@pytest.mark.parametrize("name,params", [("diffusion", {"default_steps": "8"}), ("cm-ct", {"default_steps": "2"}),
+                                         ("vae", {}), ("gan", {}), ("flow", {})])
+def test_members_evaluated_at_once_sample_what_each_samples_alone(name, params, monkeypatch):
+    """A stacked fit's members are evaluated in one vmapped pass (``sample_parts``: no member's own
+    ``sample_now`` is called): each member's evaluation sample is the one its kept weights give
+    alone, to float rounding (members on two datasets, two seeds, and their own member fields)."""
+    from genbench.models import train
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    fields = [{}, {}, {}]
+    if "p_mean" in cls.member_fields:
+        fields = [{"p_mean": "-1.0"}, {"p_mean": "-1.5"}, {"p_mean": "-0.8"}]
+    group = [cls(budget="quick", params={"train_steps": "100", **params, **f}) for f in fields]
+    datas = [datasets.get(d).sample(2000, [s, 0]) for d, s in (("ring8", 0), ("moons", 1), ("ring8", 2))]
+    calls = []
+    own = cls.sample_now
+    monkeypatch.setattr(cls, "sample_now", lambda self, n, seed: (calls.append(n), own(self, n, seed))[1])
+    monkeypatch.setattr(train, "EVALUATE_TOGETHER_ON", ("cuda", "cpu"))  # on the CPU only where asked to
+    monitors = [FirstEvaluation() for _ in group]
+    cls.fit_side_by_side(group, datas, device="cpu", seeds=[0, 1, 2], monitors=monitors)
+    assert calls == []
+    for member, monitor in zip(group, monitors):
+        torch.testing.assert_close(monitor.x, own(member, 300, 7), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(monitors[0].x, monitors[2].x)  # members of one dataset, their own weights
+
+
+def test_on_the_cpu_members_are_evaluated_one_at_a_time(monkeypatch):
+    """Where the batched pass is slower (the CPU: ``EVALUATE_TOGETHER_ON``), each member samples on its own."""
+    from genbench.models.vae import VAE
+
+    calls = []
+    own = VAE.sample_now
+    monkeypatch.setattr(VAE, "sample_now", lambda self, n, seed: (calls.append(n), own(self, n, seed))[1])
+    group = [VAE(budget="quick", params={"train_steps": "100"}) for _ in range(2)]
+    VAE.fit_side_by_side(group, [RING8.sample(2000, [s, 0]) for s in (0, 1)], device="cpu", seeds=[0, 1],
+                         monitors=[FirstEvaluation(), FirstEvaluation()])
+    assert calls == [300, 300]

@@ -120,7 +120,7 @@ def test_a_plateau_verdict_anneals_the_fit_and_its_updates_shrink():
         def due(self, step):
             return True
 
-        def evaluate(self, step, sample):
+        def evaluate(self, step, sample, train_s=None):
             sample(10, 0)
             return Verdict(best=False, stop=False, anneal=50 if (self.anneal and step == 100) else 0)
 

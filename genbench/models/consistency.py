@@ -32,7 +32,7 @@ from .diffusion import time_grid
 from .graphs import FusedSteps, GraphCache, graphs_available
 from .nets import EMA, Standardizer, TimeMLP, generator, seeded
 from .samplers import ONE_STEP, euler_step, heun_correction
-from .train import Setup, TorchGenerator
+from .train import SampleParts, Setup, TorchGenerator
 
 PARAMETRIZATIONS = ("song", "linear")
 DISTANCES = ("l2", "huber")
@@ -169,13 +169,7 @@ class _Consistency(TorchGenerator):
         noise = lambda g: torch.randn(steps, n, 2, generator=g, device=self.device)  # noqa: E731
 
         def loop(noise):
-            scales, levels = self.levels(steps)
-            f = self.ema.model
-            times = torch.tensor(levels, device=self.device).reshape(-1, 1, 1)
-            x = f(scales[0] * noise[0], times[0])
-            for i in range(1, steps):
-                x = f(x + scales[i] * noise[i], times[i])
-            return self.std.back(x)
+            return self.std.back(self._chain(steps)(self.ema.model, noise))
 
         if c.cuda_graph and self.device.startswith("cuda") and graphs_available():
             # the levels are computed only to build the loop (a replayed call costs its kernels):
@@ -183,6 +177,26 @@ class _Consistency(TorchGenerator):
             key = (n, steps, c.sigma_min, c.sigma_max, c.tau_max)
             return self.graphs.run(key, noise, loop, seed, build=lambda: self._fused(*self.levels(steps)))
         return loop(noise(generator(seed, self.device)))
+
+    def _chain(self, steps: int):
+        """Multistep sampling as ``chain(f, noise)``: x = f(T z_0, T), then x = f(x + s_i z_i, tau_i)
+        (``levels``), ``noise`` [steps, n, 2]."""
+        scales, levels = self.levels(steps)
+        times = torch.tensor(levels, device=self.device).reshape(-1, 1, 1)
+
+        def chain(f, noise):
+            x = f(scales[0] * noise[0], times[0])
+            for i in range(1, steps):
+                x = f(x + scales[i] * noise[i], times[i])
+            return x
+
+        return chain
+
+    def sample_parts(self, n: int, seed: int | None) -> SampleParts:
+        """The noise of every step drawn, then the chain of the given consistency function."""
+        steps = self.config.default_steps
+        noise = torch.randn(steps, n, 2, generator=generator(seed, self.device), device=self.device)
+        return SampleParts((noise,), self._chain(steps), self.std.back)
 
     def levels(self, steps: int) -> tuple[list[float], list[float]]:
         """Multistep sampling's noise scales and levels: x = T z at level T, then for each re-noising

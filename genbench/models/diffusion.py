@@ -30,7 +30,7 @@ from ..api import Choice, LogUniform, PFODEDenoiser, Uniform, UsageError, check_
 from . import samplers
 from .graphs import FusedSteps, GraphCache, graphs_available
 from .nets import EMA, Standardizer, TimeMLP, generator, seeded
-from .train import Setup, TorchGenerator, at_most
+from .train import SampleParts, Setup, TorchGenerator, at_most
 
 
 @dataclass
@@ -249,6 +249,15 @@ class Diffusion(TorchGenerator):
         if trajectory:
             return loop(x), torch.stack([self.std.back(p) for p in traj])
         return loop(x)
+
+    def sample_parts(self, n: int, seed: int) -> SampleParts:
+        """``sample_now(n, seed)`` in parts: the prior's draw, then the PF-ODE of the given
+        denoiser (the default sampler and steps)."""
+        cfg = self.config
+        grid = self.grid(cfg.default_steps)
+        grid_dev = grid.to(self.device)
+        return SampleParts((self.prior(n, seed),), lambda denoise, x: pf_ode(denoise, x, grid, cfg.sampler, None, grid_dev),
+                           self.std.back)
 
     def _fused(self, grid: torch.Tensor, sampler: str = "euler", thin: bool = True):
         """The PF-ODE loop as FusedSteps (``thin``: see there), with the standardisation undone in

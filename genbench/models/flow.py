@@ -26,7 +26,7 @@ from nflows.transforms.normalization import ActNorm
 
 from ..api import Choice, LogUniform, check_config
 from .nets import Standardizer, generator, seeded
-from .train import Setup, TorchGenerator
+from .train import SampleParts, Setup, TorchGenerator
 
 
 class StackableCoupling(AffineCouplingTransform):
@@ -124,6 +124,10 @@ class InversePass(torch.nn.Module):
         return self.flow._transform.inverse(z)[0]
 
 
+
+def _invert(neg_log_prob: NegLogProb, z: torch.Tensor) -> torch.Tensor:
+    return neg_log_prob.flow._transform.inverse(z)[0]
+
 class RealNVP(TorchGenerator):
     """RealNVP on nflows; sampling is one inverse pass through the flow (NFE = 1)."""
 
@@ -176,9 +180,15 @@ class RealNVP(TorchGenerator):
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):
-        with seeded(0 if seed is None else seed, self.device):  # nflows samples from torch's RNG
+        parts = self.sample_parts(n, seed)
+        return parts.back(self._inverse(*parts.draws))
+
+    def sample_parts(self, n: int, seed: int | None) -> SampleParts:
+        """The base draw (torch's RNG seeded, as nflows samples), then the inverse pass of the
+        flow in ``-log p``'s module (``NegLogProb``: what the fit trains)."""
+        with seeded(0 if seed is None else seed, self.device):
             z = torch.randn(n, 2, device=self.device)
-        return self.std.back(self._inverse(z))
+        return SampleParts((z,), _invert, self.std.back)
 
     def nfe(self, steps=None) -> int:
         return 1

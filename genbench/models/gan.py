@@ -27,7 +27,7 @@ from torch import nn
 
 from ..api import Choice, LogUniform, Uniform, check_config
 from .nets import Standardizer, generator, seeded
-from .train import Setup, TorchGenerator
+from .train import SampleParts, Setup, TorchGenerator
 
 
 @dataclass
@@ -153,6 +153,16 @@ def pack(points: torch.Tensor) -> torch.Tensor:
     return points.permute(1, 0, 2).reshape(points.shape[1], -1)
 
 
+
+def _generate(net, z: torch.Tensor) -> torch.Tensor:
+    """G(z) in evaluation mode (the running batch-norm statistics)."""
+    was = net.g.training
+    net.g.eval()
+    try:
+        return net.g(z)
+    finally:
+        net.g.train(was)
+
 class GAN(TorchGenerator):
     """Non-saturating GAN with PacGAN packing (``pack``); one generator pass per sample batch (NFE = 1)."""
 
@@ -190,14 +200,13 @@ class GAN(TorchGenerator):
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):
-        g = generator(seed, self.device)
-        z = torch.randn(n, self.config.latent, generator=g, device=self.device)
-        was = self.net.g.training
-        self.net.g.eval()  # the running batch-norm statistics
-        try:
-            return self.std.back(self.net.g(z))
-        finally:
-            self.net.g.train(was)
+        parts = self.sample_parts(n, seed)
+        return parts.back(parts.map(self.net, *parts.draws))
+
+    def sample_parts(self, n: int, seed: int | None) -> SampleParts:
+        """The latent drawn, then the generator (its running batch-norm statistics)."""
+        z = torch.randn(n, self.config.latent, generator=generator(seed, self.device), device=self.device)
+        return SampleParts((z,), _generate, self.std.back)
 
     def nfe(self, steps=None) -> int:
         return 1

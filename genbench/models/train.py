@@ -25,8 +25,8 @@ The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), 
 (one of ``SCHEDULES``; default ``cosine``, and ``plateau`` at the converged budget) are read where it
 has them.
 
-``fit_loop``'s ``on_log(k)`` is called at the end of every logged window (evaluation during
-training), and ``TorchGenerator.member_fields`` names the config fields that members of one
+``fit_loop``'s ``on_log(k, train_s)`` is called at the end of every logged window (evaluation during
+training; ``train_s`` the loop's training seconds so far, the evaluations left out), and ``TorchGenerator.member_fields`` names the config fields that members of one
 side-by-side fit may differ in (the learning rate: each member its own, for tuning trials fitted
 together).
 """
@@ -96,6 +96,31 @@ class Member:
         return functional_call(self.frozen_shell, self.frozen_state, args)
 
 
+@dataclass
+class SampleParts:
+    """A model's sample in parts that the members of a stacked fit can take all at once (one
+    vmapped pass instead of one pass a member: ``Keeper``): ``draws``, the random tensors its sample
+    draws, in its order and from its generator; ``map(module, *draws)``, the rest, as a function of
+    the module sampling reads (``Setup.ema``, else ``Setup.trained``), in the model's standardised
+    units; ``back``, from those units to the data's."""
+
+    draws: tuple
+    map: Callable
+    back: Callable
+
+
+class _Bound(nn.Module):
+    """``map(module, *draws)`` as a module's forward: ``functional_call`` on it swaps the inner
+    module's weights for a member's."""
+
+    def __init__(self, module: nn.Module, fn: Callable):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *draws):
+        return self.fn(self.module, *draws)
+
+
 class TorchGenerator(Generator):
     """The base of torch families: implement ``setup``, ``draws`` and ``loss`` (module docstring);
     ``fit`` and ``fit_side_by_side`` (with graph capture on CUDA) come from here."""
@@ -130,6 +155,11 @@ class TorchGenerator(Generator):
         if value is None or value.device != torch.device(device):
             value = cache[(name, dtype)] = torch.tensor(float(getattr(self.config, name)), device=device, dtype=dtype)
         return value
+
+    def sample_parts(self, n: int, seed: int) -> SampleParts | None:
+        """``sample_now(n, seed)`` in parts (``SampleParts``: the same points), for evaluating the
+        members of a stacked fit at once; None (the default): they are sampled one by one."""
+        return None
 
     def step_context(self, k: int, t):
         """Values that every member of step k shares, passed to ``loss`` (default: None). Within a
@@ -231,6 +261,12 @@ class TorchGenerator(Generator):
         return infos
 
 
+#: device types on which the members of a stacked fit are evaluated in one vmapped pass
+#: (``Keeper``); on the CPU, where the batched matmuls were measured slower than one member at a
+#: time (``benchmarks/member_eval.py``), each member samples on its own
+EVALUATE_TOGETHER_ON = ("cuda",)
+
+
 class Keeper:
     """Evaluation during training for fits (one, or the members of a stacked fit): at the end of
     each logged window, each fit whose monitor says an evaluation is due samples from its current
@@ -249,23 +285,56 @@ class Keeper:
         self.modules = [s.ema if s.ema is not None else s.trained for s in setups]
         self.best: list[dict | None] = [None] * len(models)
         self.stopped = [m is None for m in monitors]
+        self.together = torch.device(device).type in EVALUATE_TOGETHER_ON
 
-    def on_log(self, k: int, sync=None) -> bool:
-        """After step ``k`` (0-based); ``sync(i)`` first writes member i's current weights into its
-        modules (a stacked fit). Returns True when every fit has stopped."""
-        step = k + 1
-        for i, (model, monitor) in enumerate(zip(self.models, self.monitors)):
-            if self.stopped[i] or not monitor.due(step):
-                continue
-            if sync is not None:
+    def on_log(self, k: int, train_s: float, sync=None) -> bool:
+        """After step ``k`` (0-based), ``train_s`` seconds of training (the loop's, evaluations
+        left out); ``sync(i)`` first writes member i's current weights into its modules (a stacked
+        fit). Each evaluation is stamped with the fit's share of those seconds (a stacked fit's
+        members share the group's, as their ``train_s`` does: every member's evaluations are left
+        out of every member's time). Returns True when every fit has stopped."""
+        step, share = k + 1, train_s / len(self.models)
+        due = [i for i, m in enumerate(self.monitors) if not self.stopped[i] and m.due(step)]
+        if sync is not None:
+            for i in due:
                 sync(i)
-            verdict = monitor.evaluate(step, model.sample_now)
+        drawn = self._sample_together(due) if sync is not None and self.together else {}
+        for i in due:
+            model, monitor = self.models[i], self.monitors[i]
+            sample = model.sample_now
+            if i in drawn:
+                args, x = drawn[i]
+                sample = lambda n, seed, args=args, x=x, own=model.sample_now: x if (n, seed) == args else own(n, seed)  # noqa: E731
+            verdict = monitor.evaluate(step, sample, train_s=share)
             if verdict.anneal and self.anneal is not None:
                 self.anneal.start(i, step, verdict.anneal)
             if verdict.best:
                 self.best[i] = {k_: v.detach().clone() for k_, v in self.modules[i].state_dict().items()}
             self.stopped[i] = verdict.stop
         return all(self.stopped)
+
+    def _sample_together(self, due: list[int]) -> dict:
+        """The evaluation samples of the members ``due`` (their weights written into their modules),
+        drawn in one vmapped pass over their stacked sampling weights where their model offers
+        ``sample_parts`` and their monitors say what they will ask for (``sample_args``: n, seed):
+        {member: ((n, seed), points)}; {} where not (each is then sampled on its own)."""
+        args = [getattr(self.monitors[i], "sample_args", None) for i in due]
+        if len(due) < 2 or any(a is None for a in args):
+            return {}
+        parts = [self.models[i].sample_parts(*a) for i, a in zip(due, args)]
+        if any(p is None for p in parts):
+            return {}
+        modules = [self.modules[i] for i in due]
+        params, buffers = _stack(modules)
+        bound = _Bound(modules[0], parts[0].map)  # the members share the config sampling reads
+
+        def one(p, b, *draws):
+            return functional_call(bound, ({f"module.{k}": v for k, v in p.items()} |
+                                           {f"module.{k}": v for k, v in b.items()}), draws)
+
+        with torch.no_grad():
+            x = vmap(one)(params, buffers, *stack_draws(p.draws for p in parts))
+        return {i: (a, p.back(x[j])) for j, (i, a, p) in enumerate(zip(due, args, parts))}
 
     def on_diverge(self, i: int, step: int) -> bool:
         """Fit i's loss stopped being finite at ``step``: where it has kept a best evaluation, it
@@ -439,8 +508,9 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     ``SCHEDULES``; cosine decay by default), gradient
     clipping, a divergence check, and a loss curve averaged over windows of ``log_every`` steps.
     ``loss_fn(k, t)`` returns the scalar loss of step k; ``after_step(t)`` runs after each update
-    (EMA). ``t`` is the step as a number: k itself in the eager loop. ``on_log(k)``, if given, is
-    called at the end of each logged window (k its last step). Returns a ``FitInfo``.
+    (EMA). ``t`` is the step as a number: k itself in the eager loop. ``on_log(k, train_s)``, if given,
+    is called at the end of each logged window (k its last step; ``train_s`` the loop's seconds so
+    far, less those spent in ``on_log``: the clock of ``FitInfo.train_s``). Returns a ``FitInfo``.
 
     ``members`` > 0 trains that many models side by side, their parameters stacked along a first
     dimension: ``loss_fn`` returns the [members] losses, each member's gradient is clipped by its own
@@ -575,6 +645,7 @@ class LossLog:
         self.stop = False  # on_log asked the loop to stop
         self.paused = 0.0  # seconds spent in on_log (evaluation), left out of the training time
         self.before_s = 0.0  # the loop's seconds before it was stopped and continued (Snapshots)
+        self.started = time.perf_counter()  # the loop's start (the loops set it once they start timing)
         self.ended: set[int] = set()  # fits whose loss diverged after a kept best (they end with it)
 
     def add(self, means: torch.Tensor, k: int) -> None:
@@ -591,7 +662,7 @@ class LossLog:
         self.trained = k + 1
         if self.on_log is not None:
             t0 = time.perf_counter()
-            self.stop = bool(self.on_log(k))
+            self.stop = bool(self.on_log(k, max(0.0, self.before_s + t0 - self.started - self.paused)))
             self.paused += time.perf_counter() - t0
 
     def result(self, train_s: float):
@@ -621,7 +692,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = log.started = time.perf_counter()
     start = 0
     if snapshots is not None:
         start = _loop_part(snapshots, params, opt, generators, log, t0)
@@ -694,7 +765,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         k_float.add_(1)
 
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = log.started = time.perf_counter()
     first = 0
     if snapshots is not None:
         first = _loop_part(snapshots, params, opt, generators, log, t0)
@@ -818,7 +889,7 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
                 _copy_into(list(f.values()), v)
 
         snapshots.add("stacked", state, load)
-    on_log = (lambda k: evaluate.on_log(k, sync=write_back)) if evaluate is not None else None
+    on_log = (lambda k, train_s: evaluate.on_log(k, train_s, sync=write_back)) if evaluate is not None else None
     infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
                      cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), on_log=on_log,
                      on_diverge=evaluate.on_diverge if evaluate is not None else None, snapshots=snapshots, **loop)

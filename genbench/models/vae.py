@@ -18,7 +18,7 @@ from torch import nn
 
 from ..api import Choice, IntRange, LogUniform, check_config
 from .nets import Standardizer, generator, seeded
-from .train import Setup, TorchGenerator, at_most
+from .train import SampleParts, Setup, TorchGenerator, at_most
 
 
 @dataclass
@@ -66,6 +66,10 @@ class VAENet(nn.Module):
         z = mu + (0.5 * logvar).exp() * eps
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1)
         return self.neg_log_px_z(x, self.dec(z)) + beta * kl
+
+
+def _decode(net: VAENet, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    return net.dec(z) + net.log_sigma.exp() * eps
 
 
 class VAE(TorchGenerator):
@@ -117,10 +121,15 @@ class VAE(TorchGenerator):
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, seed=None):
+        parts = self.sample_parts(n, seed)
+        return parts.back(parts.map(self.net, *parts.draws))
+
+    def sample_parts(self, n: int, seed: int | None) -> SampleParts:
+        """The latent and the observation noise drawn, then decoded: x = dec(z) + sigma eps."""
         g = generator(seed, self.device)
         z = torch.randn(n, self.config.latent, generator=g, device=self.device)
-        x = self.dec(z) + self.log_sigma.exp() * torch.randn(n, 2, generator=g, device=self.device)
-        return self.std.back(x)
+        eps = torch.randn(n, 2, generator=g, device=self.device)
+        return SampleParts((z, eps), _decode, self.std.back)
 
     def nfe(self, steps=None) -> int:
         return 1

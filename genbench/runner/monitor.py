@@ -65,7 +65,8 @@ def validation_floor(ds, seed: int, val: np.ndarray, device: str = "cpu") -> dic
     measured; the off-support fraction's is the binomial spread at its pooled mean (five draws
     would estimate a fraction near 0 poorly)."""
     draws = [ds.sample(len(val), [seed, 5, i]) for i in range(FLOOR_DRAWS)]
-    energy = [metrics.energy(x, val, device=device) for x in draws]
+    to_val = metrics.EnergyTo(val, device=device)
+    energy = [to_val(x) for x in draws]
     off = float(np.mean([off_support(ds, x) for x in draws]))
     return {"energy": (float(np.mean(energy)), float(np.std(energy, ddof=1))),
             "off_support": (off, binomial_sd(off, len(val)))}
@@ -95,6 +96,7 @@ class ValidationMonitor(Monitor):
     next_step: int = 0
     started: float = field(default_factory=time.perf_counter)
     evaluating_s: float = 0.0
+    _energy: object = field(default=None, init=False, repr=False)  # the energy distance to val (metrics.EnergyTo)
 
     def __post_init__(self):
         self.next_step = max(self.log_every, FIRST_STEP)
@@ -102,17 +104,26 @@ class ValidationMonitor(Monitor):
     def measure(self, x: np.ndarray) -> tuple[dict, float, float]:
         """The validation metrics of samples ``x`` (energy, and hq_frac as the tables name the
         on-support fraction), their score and the score's noise (its spread at these values)."""
-        energy, off = metrics.energy(x, self.val, device=self.device), off_support(self.ds, x)
+        if self._energy is None:
+            self._energy = metrics.EnergyTo(self.val, device=self.device)
+        energy, off = self._energy(x), off_support(self.ds, x)
         noise = math.sqrt(1.0 + (binomial_sd(off, len(self.val)) / self.floor["off_support"][1]) ** 2)
         return {"energy": energy, "hq_frac": 1.0 - off}, validation_score(energy, off, self.floor), noise
+
+    @property
+    def sample_args(self) -> tuple[int, int]:
+        """What ``evaluate`` asks its ``sample`` for: (points, seed), the same at every evaluation."""
+        return len(self.val), 20_000 + self.seed
 
     def due(self, step: int) -> bool:
         return step >= self.next_step or step >= self.cap  # next_step is at most a decay's end
 
-    def evaluate(self, step: int, sample) -> Verdict:
+    def evaluate(self, step: int, sample, train_s: float | None = None) -> Verdict:
         t0 = time.perf_counter()
-        x = np.asarray(sample(len(self.val), 20_000 + self.seed).detach().cpu().numpy(), dtype=np.float64)
-        point = {"step": step, "train_s": t0 - self.started - self.evaluating_s}
+        if train_s is None:  # a model off the training base: this monitor's own clock
+            train_s = t0 - self.started - self.evaluating_s
+        x = np.asarray(sample(*self.sample_args).detach().cpu().numpy(), dtype=np.float64)
+        point = {"step": step, "train_s": train_s}
         if not np.isfinite(x).all():
             point |= {"energy": None, "hq_frac": None, "score": None}
             self.curve.append(point)
