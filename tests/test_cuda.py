@@ -345,3 +345,25 @@ def test_a_captured_fit_stopped_in_its_middle_continues_to_the_same_fit(name, mo
 
         sa, sb = _weights(a), _weights(b)
         assert len(sa) > 2 and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "flow", "gan"])
+def test_members_evaluated_at_once_on_cuda_sample_what_each_samples_alone(name, monkeypatch):
+    """On CUDA a stacked fit's members draw their evaluation samples in one vmapped pass (no
+    member's own ``sample_now``): each is the sample its kept weights give alone, to float rounding
+    (batched matmuls need not round as one member's do)."""
+    from test_stopping import FirstEvaluation
+
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    group = [cls(budget="quick", params={"train_steps": "100"}) for _ in range(3)]
+    datas = [datasets.get(d).sample(2000, [s, 0]) for d, s in (("ring8", 0), ("moons", 1), ("ring8", 2))]
+    calls = []
+    own = cls.sample_now
+    monkeypatch.setattr(cls, "sample_now", lambda self, n, seed: (calls.append(n), own(self, n, seed))[1])
+    monitors = [FirstEvaluation() for _ in group]
+    cls.fit_side_by_side(group, datas, device="cuda", seeds=[0, 1, 2], monitors=monitors)
+    assert calls == []
+    for member, monitor in zip(group, monitors):
+        torch.testing.assert_close(monitor.x, own(member, *monitor.sample_args), rtol=1e-3, atol=1e-3)

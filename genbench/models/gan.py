@@ -153,7 +153,6 @@ def pack(points: torch.Tensor) -> torch.Tensor:
     return points.permute(1, 0, 2).reshape(points.shape[1], -1)
 
 
-
 def _generate(net, z: torch.Tensor) -> torch.Tensor:
     """G(z) in evaluation mode (the running batch-norm statistics)."""
     was = net.g.training
@@ -162,6 +161,7 @@ def _generate(net, z: torch.Tensor) -> torch.Tensor:
         return net.g(z)
     finally:
         net.g.train(was)
+
 
 class GAN(TorchGenerator):
     """Non-saturating GAN with PacGAN packing (``pack``); one generator pass per sample batch (NFE = 1)."""

@@ -127,7 +127,8 @@ class TorchGenerator(Generator):
 
     #: config fields in which the members of one side-by-side fit may differ: the learning rate
     #: (each member's own, ``fit_loop``); a family adds fields its hooks read per member (``draws``
-    #: is called on each member's own model)
+    #: is called on each member's own model). Training knobs only: members evaluated at once
+    #: (``sample_parts``) sample through the first member's map
     member_fields: tuple[str, ...] = ("lr",)
     #: fit takes monitor= (evaluation during training, stopping, the best weights kept)
     monitored = True
