@@ -1,11 +1,16 @@
 """Where a `genbench run` spends its wall time: the run's own command, with wall-time accumulators
-wrapped around the runner's phases (fitting side by side and alone, the models' `evaluate`, the
-cells' sampling and timing, trajectories, samples files, and the wait for the scoring processes),
+wrapped around the runner's phases (fitting side by side and alone, the evaluations during
+training, the models' `evaluate`, the cells' sampling and timing, trajectories, samples files, and
+the wait for the scoring processes),
 printed to stderr at the end, for a run in one fit process (the GPU default; `--jobs 1` on the
 CPU: worker processes are not wrapped). Phases nest (a cell's timing is inside its unit); the final blocking
 drain is the wait for the scoring processes after the last cell.
 
     python benchmarks/grid_phases.py run --models diffusion,cm,vae,flow ... --out DIR > /dev/null
+    python benchmarks/grid_phases.py tune --models diffusion ... --out DIR > /dev/null
+
+Groups trained at once run in threads: their phases overlap, so the accumulators can add up to
+more than the wall time.
 """
 import collections
 import signal
@@ -41,6 +46,7 @@ def main() -> None:
     from genbench import store
     from genbench.cli import main as genbench
     from genbench.registry import resolve
+    from genbench.models import train
     from genbench.runner import cell, core, fits, scoring_pool
 
     S, F, P = core.Session, fits.FitStore, scoring_pool.Scorer
@@ -55,6 +61,8 @@ def main() -> None:
     core.measure = timed(core.measure, "cell.measure")
     cell.time_call = timed(cell.time_call, "time_call")
     store.RunDir.save_samples = timed(store.RunDir.save_samples, "save_samples")
+    train.Keeper.on_log = timed(train.Keeper.on_log, "evaluations during training (all groups)")
+    train.Keeper._sample_together = timed(train.Keeper._sample_together, "members sampled at once (inside those)")
     for entry in resolve(["diffusion", "cm-cd", "cm-ct", "vae", "flow"]):
         if "trajectory_sample" in entry.cls.__dict__:
             entry.cls.trajectory_sample = timed(entry.cls.trajectory_sample, "trajectories")
