@@ -681,9 +681,16 @@ def bench_graph(
 
 
 class _RichProgress:
-    """Rich progress bar with ETA, one tick per cell to run (cells already done are not counted)."""
+    """Rich progress bar with ETA, one tick per cell to run (cells already done are not counted).
+    Where stderr is not a terminal (a log file, a batch job), where the bar draws nothing until the
+    end, a plain status line every ``PLAIN_EVERY_S`` seconds instead: the cells done, the elapsed
+    time and what the run is doing."""
+
+    PLAIN_EVERY_S = 60.0
 
     def __enter__(self):
+        import threading
+
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         # the ETA from the mean speed over the run so far (fits and cells alternate: a short window jumps)
@@ -692,10 +699,28 @@ class _RichProgress:
                           speed_estimate_period=3600)
         self.p.__enter__()
         self.task = self.p.add_task("planning", total=None)
+        self._stop = threading.Event()
+        self._plain = None
+        if not err.is_terminal:
+            self._plain = threading.Thread(target=self._status_lines, daemon=True, name="genbench-status")
+            self._plain.start()
         return self
 
     def __exit__(self, *exc):
+        self._stop.set()
+        if self._plain is not None:
+            self._plain.join()
         self.p.__exit__(*exc)
+
+    def _status_lines(self) -> None:
+        import time
+
+        start = time.monotonic()
+        while not self._stop.wait(self.PLAIN_EVERY_S):
+            task = self.p.tasks[0]
+            done = f"{int(task.completed)}/{int(task.total)} cells" if task.total is not None else "planning"
+            err.print(f"[{time.monotonic() - start:7.0f} s] {done}: {task.description}", highlight=False,
+                      markup=False, soft_wrap=True)
 
     def start(self, total: int) -> None:
         self.p.update(self.task, total=total, completed=0)

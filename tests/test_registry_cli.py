@@ -57,6 +57,21 @@ def test_plugin_runs_end_to_end_and_report(cli, tmp_path):
     assert "| gauss" in text and "± " in text and "Timing:" in text  # 2 seeds -> a CI
 
 
+def test_a_run_logged_to_a_file_prints_status_lines(cli, tmp_path, monkeypatch):
+    """Where stderr is not a terminal (a batch job's log), where the bar shows nothing until the end,
+    a plain line now and then says how far the run is."""
+    import re
+
+    from genbench import cli as gcli
+
+    monkeypatch.setattr(gcli._RichProgress, "PLAIN_EVERY_S", 0.05)
+    r = cli("run", "--models", "gauss", "--datasets", "ring8,moons", "--seeds", "0", "--n-samples", "300",
+            "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if re.match(r"\[\s*\d+ s\] (\d+/\d+ cells|planning): ", l)]
+    assert lines, r.stderr
+
+
 def test_failing_and_diverging_cells_are_rows_and_the_rest_go_on(cli, tmp_path):
     out = tmp_path / "run"
     r = cli("run", "--models", "gauss,vae", "--budget", "quick", "--param", "gauss.mode=fail", "--n-samples", "200",
