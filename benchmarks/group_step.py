@@ -3,7 +3,7 @@ preset, each at its own learning rate (member rates on, as the plateau anneal tu
 converged run), the step captured in a CUDA graph. The group's wall time (``group_train_s``,
 warm-up steps and capture included) over its steps.
 
-    python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24]
+    python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
 
 To compare two versions of genbench side by side, run it alternately with each on PYTHONPATH
 (``git archive REV genbench | tar -x -C /tmp/old``; ``PYTHONPATH=/tmp/old python benchmarks/group_step.py``):
@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--models", default="flow,vae,gan,diffusion")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--members", type=int, default=24)
+    ap.add_argument("--member-beta1", action="store_true",
+                    help="each member its own Adam beta1 (MemberAdam; a model with beta1 among its member fields)")
     args = ap.parse_args()
     datas = [datasets.get("ring8").sample(20000, [s, 0]) for s in range(args.members)]
     for name in args.models.split(","):
@@ -30,11 +32,13 @@ def main() -> None:
         if cls.teacher is not None:
             raise SystemExit(f"{name}: a distilled model needs teachers; time its teacher's family instead")
         base = float(cls(budget="converged").config.lr)
-        group = [cls(budget="converged", params={"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))})
+        beta1 = lambda i: {"beta1": str(0.5 + 0.01 * i)} if args.member_beta1 else {}  # noqa: E731
+        group = [cls(budget="converged", params={"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))} | beta1(i))
                  for i in range(args.members)]
         infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=list(range(args.members)))
         g = infos[0].extras["group_train_s"]
-        print(f"{genbench.__file__}: {name} x{args.members}, {args.steps} steps: group {g:.2f} s, "
+        print(f"{genbench.__file__}: {name} x{args.members}{' (a beta1 each)' if args.member_beta1 else ''}, "
+              f"{args.steps} steps: group {g:.2f} s, "
               f"{g / args.steps * 1e3:.3f} ms/step ({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
 
 

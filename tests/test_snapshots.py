@@ -84,20 +84,23 @@ def test_a_fit_stopped_in_its_middle_continues_to_the_same_fit(name, params, sho
     assert len(a) > 2 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(short_patience):
-    from genbench.models.vae import VAE
+@pytest.mark.parametrize("name,each", [("vae", [{"lr": "3e-3"}, {"lr": "1e-3"}]),
+                                       ("gan", [{"beta1": "0.2"}, {"beta1": "0.8"}])])  # MemberAdam's moments
+def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(short_patience, name, each):
+    from genbench.registry import resolve
 
+    cls = resolve([name])[0].cls
     datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
-    make = lambda: [VAE(budget="converged", params={"train_steps": "400", "lr": lr}) for lr in ("3e-3", "1e-3")]  # noqa: E731
+    make = lambda: [cls(budget="converged", params={"train_steps": "400"} | e) for e in each]  # noqa: E731
 
     whole = make()
-    infos = VAE.fit_side_by_side(whole, datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)])
+    infos = cls.fit_side_by_side(whole, datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)])
     snaps, kept = _killed_after(3)
     with pytest.raises(Stop):
-        VAE.fit_side_by_side(make(), datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)],
+        cls.fit_side_by_side(make(), datas, device="cpu", seeds=[0, 1], monitors=[_monitor(0, 400), _monitor(1, 400)],
                              snapshots=snaps)
     resumed = make()
-    infos2 = VAE.fit_side_by_side(resumed, datas, device="cpu", seeds=[0, 1],
+    infos2 = cls.fit_side_by_side(resumed, datas, device="cpu", seeds=[0, 1],
                                   monitors=[_monitor(0, 400), _monitor(1, 400)],
                                   snapshots=Snapshots(kept[-1], lambda s: None, every_s=0.0))
     for x, y, i, j in zip(whole, resumed, infos, infos2):

@@ -151,3 +151,35 @@ def test_per_member_products_are_the_broadcast_products_to_the_bit():
         assert torch.equal(got, want)
     spread.mul_(tensors, torch.zeros(3))  # the buffer is refilled on every call
     assert all(not t.any() for t in tensors)
+
+
+def test_members_side_by_side_each_train_at_their_own_beta1():
+    """The GAN's Adam beta1 is a member field (tuning trials that differ in it share a stacked fit,
+    ``MemberAdam``): each member's losses and weights are its solo fit's (torch's fused Adam) at its
+    own beta1 and learning rate; at one beta1 the group keeps torch's Adam. (Ten steps: further on,
+    a gradient within rounding of 0 can flip its sign between the two, and Adam's normalised update
+    turns that into a step of the rate's size at beta1 = 0.)"""
+    from genbench import datasets
+    from genbench.models.gan import GAN
+    from genbench.models.train import MemberAdam
+
+    tiny = {"g_hidden": "16", "g_depth": "2", "d_hidden": "16", "d_depth": "2", "batch": "64", "train_steps": "10"}
+    data = [datasets.get("ring8").sample(4000, [s, 0]) for s in (0, 1, 2)]
+    params = [tiny | {"beta1": "0.0"}, tiny | {"beta1": "0.5", "lr": "1e-3"}, tiny | {"beta1": "0.8"}]
+    group = [GAN(budget="quick", params=p) for p in params]
+    made = []
+    init = MemberAdam.__init__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MemberAdam, "__init__", lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
+        infos = GAN.fit_side_by_side(group, data, device="cpu", seeds=[0, 1, 2])
+    assert made == [1]
+    for member, info, d, seed, p in zip(group, infos, data, (0, 1, 2), params):
+        solo = GAN(budget="quick", params=p)
+        alone = solo.fit(d, seed=seed)
+        assert info.losses == pytest.approx(alone.losses, rel=1e-4)
+        for (name, a), b in zip(member.net.state_dict().items(), solo.net.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    same = [GAN(budget="quick", params=tiny | {"beta1": "0.5"}) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MemberAdam, "__init__", lambda *a, **k: pytest.fail("one beta1: torch's Adam"))
+        GAN.fit_side_by_side(same, data[:2], device="cpu", seeds=[0, 1])

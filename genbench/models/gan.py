@@ -173,6 +173,8 @@ class GAN(TorchGenerator):
                "converged": {"train_steps": 60000, "schedule": "plateau"}}
     #: the tuning space: the learning rate, Adam's beta1, the batch
     search_space = {"lr": LogUniform(5e-5, 2e-3), "beta1": Uniform(0.0, 0.9), "batch": Choice((128, 256, 512))}
+    #: members of one stacked fit (tuning trials) may differ in these: Adam's beta1 through MemberAdam
+    member_fields = ("lr", "beta1")
     no_likelihood = ("an implicit model: the generator pushes a 2D latent through a batch-normalised MLP, with no "
                      "tractable density and no encoder for a bound")
 

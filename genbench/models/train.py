@@ -247,6 +247,8 @@ class TorchGenerator(Generator):
             return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
 
         settings = first._loop_settings() | {"device": device, "lr": [m.config.lr for m in models]}
+        if "beta1" in cls.member_fields:  # each member's own (MemberAdam)
+            settings["betas"] = ([m.config.beta1 for m in models], settings["betas"][1])
         keeper = Keeper(models, setups, monitors, settings, device) if monitors is not None else None
         if keeper and snapshots is not None:
             keeper.snapshot_part(snapshots)
@@ -518,7 +520,8 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     norm, and a list of one FitInfo per member is returned (a ``Diverged`` error in place of a
     member whose loss stopped being finite; the others train on, unaffected). ``lr`` may then be
     one rate per member: Adam's update (no weight decay) is linear in its rate, so the step is taken
-    at rate 1 (times the schedule) and each member's update scaled by its own rate. ``anneal``: each
+    at rate 1 (times the schedule) and each member's update scaled by its own rate; ``betas[0]`` may
+    be one beta1 per member too (``MemberAdam``). ``anneal``: each
     fit's own decay (``Anneal``), started by ``on_log``'s caller when its score plateaus.
     ``snapshots`` (``Snapshots``): the loop's state saved now and then, and a fit continued from a
     saved one. ``on_diverge(i, step)``: fit i's loss stopped being finite; True where it ends with
@@ -541,6 +544,8 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
         lr = lr[0]  # one rate for all: the plain step
     if isinstance(lr, (list, tuple)) and len(lr) != members:
         raise ValueError(f"{len(lr)} learning rates for {members} members")
+    if isinstance(betas[0], (list, tuple)) and len(betas[0]) != members:
+        raise ValueError(f"{len(betas[0])} beta1 values for {members} members")
     factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
               log=log, betas=tuple(betas), factor=factor, anneal=anneal, snapshots=snapshots)
@@ -566,6 +571,60 @@ class PerMember:
     def mul_(self, tensors: list, values: torch.Tensor) -> None:
         torch.index_select(values.to(self.flat.dtype), 0, self.index, out=self.flat)
         torch._foreach_mul_(tensors, self.views)
+
+
+class MemberAdam(torch.optim.Optimizer):
+    """Adam (no weight decay) over stacked parameters whose members each have their own ``beta1``
+    (a tuning knob that would otherwise split trials into groups): member i's first moment moves
+    at its rate 1 - beta1_i and is bias-corrected by 1 - beta1_i^t; the rate (the group's ``lr``,
+    a number or a device tensor), beta2 and eps are shared. Each member's update is
+    ``torch.optim.Adam``'s at its own beta1 (test: members against their solo fits). Capturable:
+    its state is on the device, the step a device tensor, and the per-member factors go through
+    ``PerMember`` (a gather and a multi-tensor kernel each, not a kernel per parameter)."""
+
+    def __init__(self, params, lr, beta1: list[float], beta2: float, spread: PerMember, eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps))
+        self.params = self.param_groups[0]["params"]
+        self.beta1 = torch.tensor(beta1, device=self.params[0].device, dtype=self.params[0].dtype)
+        self.spread = spread
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        group, ps = self.param_groups[0], self.params
+        for p in ps:
+            if not self.state[p]:  # first step: on the device (and outside any capture: the loops' eager steps)
+                self.state[p] = {"step": torch.zeros((), device=p.device, dtype=torch.float32),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in ps]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        t, b1, b2 = states[0]["step"], self.beta1, group["beta2"]
+        self.spread.mul_(m, b1)  # m = beta1 m + (1 - beta1) g, beta1 each member's
+        scaled = torch._foreach_mul(grads, 1.0)
+        self.spread.mul_(scaled, 1.0 - b1)
+        torch._foreach_add_(m, scaled)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1.0 - b2 ** t).sqrt())
+        torch._foreach_add_(denom, group["eps"])
+        update = torch._foreach_div(m, denom)
+        self.spread.mul_(update, group["lr"] / (1.0 - b1 ** t))  # the step size, each member's bias correction
+        torch._foreach_sub_(ps, update)
+
+
+def _adam(params, lr, betas, spread: PerMember | None, capturable: bool = False):
+    """Adam for ``fit_loop``: torch's fused one, or ``MemberAdam`` where members differ in beta1
+    (``betas[0]`` a list)."""
+    beta1, beta2 = betas
+    if isinstance(beta1, (list, tuple)):
+        if spread is None or len(set(beta1)) > 1:
+            if spread is None:
+                raise ValueError("one beta1 per member needs members")
+            return MemberAdam(params, lr, list(beta1), beta2, spread)
+        beta1 = beta1[0]
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), fused=True, capturable=capturable)
 
 
 def clip_gradients(params: list, clip: float, members: int = 0, spread: PerMember | None = None) -> None:
@@ -689,7 +748,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
                anneal=None, snapshots=None, generators: tuple = ()):
     spread = PerMember(params, members) if members else None  # shared by the clipping and the member rates
     rates = _member_rates(params, lr, device, members, anneal, spread)
-    opt = torch.optim.Adam(params, lr=1.0 if rates else lr, betas=betas, fused=True)
+    opt = _adam(params, 1.0 if rates else lr, betas, spread)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factor(k, steps, warmup))
     window = []
     _sync(device)
@@ -743,7 +802,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
     base = 1.0 if rates else lr
     sched = torch.tensor([base * factor(k, steps, warmup) for k in range(steps)], device=device)
     lr_t = sched[0].clone()
-    opt = torch.optim.Adam(params, lr=lr_t, betas=betas, fused=True, capturable=True)
+    opt = _adam(params, lr_t, betas, spread, capturable=True)
     k_long = torch.zeros(1, dtype=torch.long, device=device)  # the step, as an index ...
     k_float = torch.zeros((), device=device)  # ... and as a number for after_step
     losses = torch.zeros(steps, max(members, 1), device=device)
