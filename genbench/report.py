@@ -244,12 +244,20 @@ def markdown(df: pd.DataFrame, title: str = "genbench results") -> str:
                   "(floor + 3 std), both at once and each on its own, and the median training steps and seconds "
                   "to first do so (both at once).",
                   "", stopping.to_markdown(index=False), ""]
+        if stopping["seconds to reach"].str.endswith(IMPOSSIBLE_MARK).any():
+            parts += [IMPOSSIBLE_NOTE, ""]
     matched = matched_quality(df)
     if matched is not None:
         ladder = next(c for c in matched.columns if c.endswith(" steps to match")).removesuffix(" steps to match")
         parts += ["## Matched-quality speedup", "", MATCHED_NOTE.format(ladder=ladder), "",
                   matched.to_markdown(index=False), ""]
     return "\n".join(parts)
+
+
+IMPOSSIBLE_MARK = " ‡"
+IMPOSSIBLE_NOTE = ("‡: some seeds' recorded seconds to reach the data exceed their fit's training time (side-by-side "
+                   "fits of genbench before these were stamped with the group's clock counted the other members' "
+                   "evaluations as training); those are left out, and the steps to reach are theirs.")
 
 
 def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
@@ -266,6 +274,14 @@ def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
         def share(col: str) -> str:
             return f"{len(_numbers(g[col])) if col in g else 0}/{len(g)}"
 
+        # a time to target above the fit's own training time cannot be (the side-by-side evaluation
+        # clock of older runs counted the other members' evaluations): such seconds are not shown
+        secs = pd.DataFrame({c: pd.to_numeric(g[k], errors="coerce") if k in g else np.nan
+                             for c, k in (("t", "target_s"), ("train", "train_s"))}).dropna(subset=["t"])
+        shown = secs["t"][secs["t"] <= secs["train"] * (1 + 1e-9)]
+        seconds = _fmt(np.median(shown)) if len(shown) else "–"
+        if len(shown) < len(secs):
+            seconds += IMPOSSIBLE_MARK
         recs.append({"model": model, "dataset": dataset,
                      "stopped": ", ".join(f"{n} {r}" for r, n in reasons.value_counts().items()),
                      "steps trained": _fmt(_numbers(g["train_steps"]).mean() if len(_numbers(g["train_steps"])) else None),
@@ -273,7 +289,7 @@ def convergence_table(df: pd.DataFrame) -> pd.DataFrame | None:
                      "reached the data": share("target_step"),
                      "energy in band": share("target_step_energy"), "support in band": share("target_step_support"),
                      "steps to reach": _fmt(reached.median()) if len(reached) else "never",
-                     "seconds to reach": _fmt(np.median(_numbers(g["target_s"]))) if len(reached) else "–"})
+                     "seconds to reach": seconds if len(reached) else "–"})
     return pd.DataFrame(recs)
 
 

@@ -83,11 +83,18 @@ def test_the_convergence_table_counts_seeds_in_the_band_and_their_time():
     for i, r in enumerate(rows):
         r |= {"stop_reason": "converged at step 900" if i else "cap reached", "train_steps": 1000, "kept_step": 500,
               "target_step": 400 if i else None, "target_s": 2.0 * i if i else None, "target_step_energy": 300,
-              "target_step_support": 400 if i else None}
+              "target_step_support": 400 if i else None, "train_s": 10.0}
     table = report.convergence_table(report.tidy(rows)).iloc[0]
     assert table["reached the data"] == "2/3" and table["energy in band"] == "3/3" and table["support in band"] == "2/3"
     assert table["steps to reach"] == "400" and table["seconds to reach"] == "3"
     assert table["stopped"] == "2 converged, 1 cap reached"
+    # a time to target above the fit's training time cannot be: left out, marked, and said why
+    rows[2]["train_s"] = 3.0
+    df = report.tidy(rows)
+    assert report.convergence_table(df).iloc[0]["seconds to reach"] == "2" + report.IMPOSSIBLE_MARK
+    assert report.IMPOSSIBLE_NOTE in report.markdown(df)
+    rows[1]["train_s"] = 1.0
+    assert report.convergence_table(report.tidy(rows)).iloc[0]["seconds to reach"] == "–" + report.IMPOSSIBLE_MARK
 
 
 def test_rank_changes_name_only_reversals_both_runs_separate():
