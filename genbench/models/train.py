@@ -322,8 +322,8 @@ class Keeper:
         ``sample_parts`` and their monitors say what they will ask for (``sample_args``: n, seed):
         {member: ((n, seed), points)}; {} where not (each is then sampled on its own)."""
         args = [getattr(self.monitors[i], "sample_args", None) for i in due]
-        if len(due) < 2 or any(a is None for a in args):
-            return {}
+        if len(due) < 2 or any(a is None for a in args) or len({a[0] for a in args}) > 1:
+            return {}  # (one stacked pass needs one sample size)
         parts = [self.models[i].sample_parts(*a) for i, a in zip(due, args)]
         if any(p is None for p in parts):
             return {}
