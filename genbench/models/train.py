@@ -25,10 +25,10 @@ The config must have ``train_steps`` and ``lr``; ``cuda_graph`` (default true), 
 (one of ``SCHEDULES``; default ``cosine``, and ``plateau`` at the converged budget) are read where it
 has them.
 
-``fit_loop``'s ``on_log(k, train_s)`` is called at the end of every logged window (evaluation during
-training; ``train_s`` the loop's training seconds so far, the evaluations left out), and ``TorchGenerator.member_fields`` names the config fields that members of one
-side-by-side fit may differ in (the learning rate: each member its own, for tuning trials fitted
-together).
+``fit_loop``'s ``on_log(k, train_s)`` is called at the end of every logged window (evaluation
+during training; ``train_s`` the loop's training seconds so far, the evaluations left out), and
+``TorchGenerator.member_fields`` names the config fields that members of one side-by-side fit may
+differ in (the learning rate: each member its own, for tuning trials fitted together).
 """
 from __future__ import annotations
 
@@ -619,7 +619,7 @@ def _adam(params, lr, betas, spread: PerMember | None, capturable: bool = False)
     (``betas[0]`` a list)."""
     beta1, beta2 = betas
     if isinstance(beta1, (list, tuple)):
-        if spread is None or len(set(beta1)) > 1:
+        if len(set(beta1)) > 1:
             if spread is None:
                 raise ValueError("one beta1 per member needs members")
             return MemberAdam(params, lr, list(beta1), beta2, spread)
