@@ -250,7 +250,7 @@ class Diffusion(TorchGenerator):
             return loop(x), torch.stack([self.std.back(p) for p in traj])
         return loop(x)
 
-    def sample_parts(self, n: int, seed: int) -> SampleParts:
+    def sample_parts(self, n: int, seed: int | None) -> SampleParts:
         """``sample_now(n, seed)`` in parts: the prior's draw, then the PF-ODE of the given
         denoiser (the default sampler and steps)."""
         cfg = self.config

@@ -121,12 +121,17 @@ class InversePass(torch.nn.Module):
         self.flow = flow
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.flow._transform.inverse(z)[0]
+        return _inverse(self.flow, z)
 
+
+def _inverse(flow: Flow, z: torch.Tensor) -> torch.Tensor:
+    return flow._transform.inverse(z)[0]
 
 
 def _invert(neg_log_prob: NegLogProb, z: torch.Tensor) -> torch.Tensor:
-    return neg_log_prob.flow._transform.inverse(z)[0]
+    """The inverse pass of the flow inside the module a fit trains (``SampleParts.map``)."""
+    return _inverse(neg_log_prob.flow, z)
+
 
 class RealNVP(TorchGenerator):
     """RealNVP on nflows; sampling is one inverse pass through the flow (NFE = 1)."""

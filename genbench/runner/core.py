@@ -136,10 +136,9 @@ class Session:
                           **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
             try:
                 x = self.sample_cell(model, ds, unit.seed, k, ref, row, timed=timed)
-                if timed:
-                    self.scorer.submit(row, x, ref, ds, unit.seed, late)
-                else:
-                    self.scorer.submit(row, x, ref, ds, unit.seed, late, ready=lambda row=row: "sample_s" in row)
+                self.scorer.submit(row, x, ref, ds, unit.seed, late,
+                                   ready=None if timed else (lambda row=row: "sample_s" in row))
+                if not timed:
                     untimed.append((row, k, None))
             except RunDirError:
                 raise

@@ -100,12 +100,11 @@ class ValidationMonitor(Monitor):
 
     def __post_init__(self):
         self.next_step = max(self.log_every, FIRST_STEP)
+        self._energy = metrics.EnergyTo(self.val, device=self.device)
 
     def measure(self, x: np.ndarray) -> tuple[dict, float, float]:
         """The validation metrics of samples ``x`` (energy, and hq_frac as the tables name the
         on-support fraction), their score and the score's noise (its spread at these values)."""
-        if self._energy is None:
-            self._energy = metrics.EnergyTo(self.val, device=self.device)
         energy, off = self._energy(x), off_support(self.ds, x)
         noise = math.sqrt(1.0 + (binomial_sd(off, len(self.val)) / self.floor["off_support"][1]) ** 2)
         return {"energy": energy, "hq_frac": 1.0 - off}, validation_score(energy, off, self.floor), noise
