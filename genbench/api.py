@@ -83,6 +83,13 @@ class Monitor:
         creation, less its own evaluations)."""
         raise NotImplementedError
 
+    @classmethod
+    def evaluate_many(cls, monitors: list["Monitor"], step: int, samples: list, train_s: float | None = None) -> list[Verdict]:
+        """The evaluations of several fits at one step (the members of a stacked fit, whose samples
+        were drawn at once: each the tensor that monitor's ``sample`` would have given it), as
+        ``evaluate`` of each; a monitor class may score them at once. Default: one after another."""
+        return [m.evaluate(step, lambda n, seed, x=x: x, train_s) for m, x in zip(monitors, samples)]
+
     def diverged(self, step: int) -> None:
         """The fit's loss stopped being finite at ``step`` after a best evaluation: the fit ends
         there with the weights kept (the monitor records why). Default: nothing to record."""

@@ -124,6 +124,32 @@ class EnergyTo:
         x = torch.as_tensor(np.ascontiguousarray(check_points(x), dtype=np.float64), device=self.device)
         return float(2.0 * self._mean_distance(x, self.y) - self._mean_distance(x, x)) - self.yy
 
+    #: the most distances a batched call holds at once (``many``): 32M, 256 MB in float64
+    MANY_BLOCK = 32 * 2**20
+
+    @staticmethod
+    def many(targets: list["EnergyTo"], xs) -> list[float]:
+        """``[t(x) for t, x in zip(targets, xs)]`` in a few batched passes on the targets' device
+        (the members of a stacked fit scored at one step: one read-back for all): ``xs`` a tensor
+        [m, n, 2] (or a list of m tensors of n points) on that device; the targets' samples all of
+        one size. A non-finite sample gives NaN."""
+        import torch
+
+        ys = torch.stack([t.y for t in targets])
+        xs = torch.stack(list(xs)) if isinstance(xs, (list, tuple)) else xs
+        xs = xs.to(device=ys.device, dtype=torch.float64)
+        m, n, ny = len(xs), xs.shape[1], ys.shape[1]
+        if len(targets) != m or ys.shape[1:] != (ny, 2) or xs.shape[2:] != (2,):
+            raise ValueError(f"many: {len(targets)} targets of {tuple(ys.shape[1:])} points for samples {tuple(xs.shape)}")
+        chunk = max(1, EnergyTo.MANY_BLOCK // (n * max(n, ny)))
+        xy, xx = [], []
+        for i in range(0, m, chunk):
+            a, b = xs[i:i + chunk], ys[i:i + chunk]
+            xy.append(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").sum((1, 2)))
+            xx.append(torch.cdist(a, a, compute_mode="donot_use_mm_for_euclid_dist").sum((1, 2)))
+        values = (2.0 * torch.cat(xy) / (n * ny) - torch.cat(xx) / (n * n)).tolist()
+        return [v - t.yy for v, t in zip(values, targets)]
+
 
 def _kth_radius(points: np.ndarray, k: int) -> np.ndarray:
     """Distance of each point to its k-th nearest neighbour among the others."""

@@ -237,7 +237,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
         return Run(Plan(models=teacher + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
                         metrics=METRICS, floor_draws=2, params={n: p for n, (p, _) in want.items()},
                         trials={n: e.name for n in names}, trial_datasets=only, device=device, threads=threads,
-                        jobs=jobs, groups_at_once=groups_at_once, out=str(out / "trials" / e.name)))
+                        jobs=jobs, groups_at_once=groups_at_once, timed=False, out=str(out / "trials" / e.name)))
 
     def rung_trials(e, r: int, alive: dict) -> dict:
         """Rung r's trials of model e: name -> (params, datasets), from the alive (study, dataset) -> indices."""

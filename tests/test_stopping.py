@@ -394,3 +394,32 @@ def test_on_the_cpu_members_are_evaluated_one_at_a_time(monkeypatch):
     VAE.fit_side_by_side(group, [RING8.sample(2000, [s, 0]) for s in (0, 1)], device="cpu", seeds=[0, 1],
                          monitors=[FirstEvaluation(), FirstEvaluation()])
     assert calls == [300, 300]
+
+
+def test_members_scored_at_once_are_scored_as_one_at_a_time():
+    """``ValidationMonitor.evaluate_many`` (a stacked fit's members, their samples drawn at once)
+    gives each monitor the curve, verdicts and stop reason ``evaluate`` gives it alone: members on
+    three datasets and seeds, samples near and far from the data, one not finite."""
+    from genbench.runner.monitor import ValidationMonitor
+
+    dss = [datasets.get(d) for d in ("ring8", "moons", "spirals", "ring8")]
+    pairs = [[_monitor(ds, s) for ds, s in zip(dss, (0, 1, 2, 3))] for _ in range(2)]
+    rng = np.random.default_rng(0)
+    for step in (100, 200, 300):
+        xs = [torch.as_tensor(ds.sample(2000, [s, 9, step]) + rng.normal(0, 0.05 * k, (2000, 2)), dtype=torch.float32)
+              for k, (ds, s) in enumerate(zip(dss, (0, 1, 2, 3)))]
+        if step == 300:
+            xs[3][5, 0] = float("nan")
+        alone = [m.evaluate(step, lambda n, seed, x=x: x, train_s=1.0) for m, x in zip(pairs[0], xs)]
+        together = ValidationMonitor.evaluate_many(pairs[1], step, xs, train_s=1.0)
+        assert alone == together
+    for a, b in zip(*pairs):
+        assert a.stop_reason == b.stop_reason and a.best_step == b.best_step
+        assert [p["step"] for p in a.curve] == [p["step"] for p in b.curve]
+        for pa, pb in zip(a.curve, b.curve):
+            assert pa["hq_frac"] == pb["hq_frac"]
+            for k in ("energy", "score"):
+                assert (pa[k] is None) == (pb[k] is None)
+                if pa[k] is not None:
+                    assert pb[k] == pytest.approx(pa[k], rel=1e-9, abs=1e-12)
+    assert pairs[1][3].stop_reason.startswith("diverged") and pairs[1][0].curve[-1]["energy"] > 0

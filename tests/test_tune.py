@@ -244,3 +244,24 @@ def test_a_halving_tune_promotes_the_best_per_dataset_and_selects_at_the_last_ru
         assert len(last) == 1 and chosen["trial"] == last[0]["index"] and "train_steps" not in chosen["params"]
     fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "vae" / "fits").glob("*.json")}
     assert len(fits) == 14 and all(f["steps"] == int(name.split("__")[0].rsplit("~", 1)[1]) for name, f in fits.items())
+
+
+def test_an_untimed_plan_times_no_cell_and_saves_no_trajectory(plugin_path, monkeypatch, tmp_path):
+    """A tune's trials run an untimed plan (selection reads their validation columns alone): its
+    rows carry no sample time, its samples files no trajectory; a timed run of the same plan has
+    both, and a run dir of one is refused to the other."""
+    import numpy as np
+
+    from genbench.runner import Plan, run
+
+    monkeypatch.syspath_prepend(str(plugin_path))
+    common = dict(models=["gauss-paths"], datasets=["ring8"], n_samples=200, floor_draws=2, score_jobs=0)
+    for timed in (True, False):
+        out = tmp_path / f"timed-{timed}"
+        rows = run(Plan(**common, timed=timed, out=str(out)))
+        assert [r["status"] for r in rows] == ["done"]
+        assert (rows[0]["sample_s"] is not None) == timed and rows[0]["w2"] is not None
+        with np.load(next((out / "samples").glob("*.npz"))) as saved:
+            assert ("trajectory" in saved.files) == timed
+    with pytest.raises(api.UsageError, match="timed"):
+        run(Plan(**common, timed=True, out=str(tmp_path / "timed-False")))

@@ -302,13 +302,19 @@ class Keeper:
             for i in due:
                 sync(i)
         drawn = self._sample_together(due) if sync is not None and self.together else {}
+        verdicts = {}
+        if drawn and len({type(self.monitors[i]) for i in drawn}) == 1:  # scored at once where the monitors can
+            together = list(drawn)
+            monitors = [self.monitors[i] for i in together]
+            verdicts = dict(zip(together, type(monitors[0]).evaluate_many(
+                monitors, step, [drawn[i][1] for i in together], train_s=share)))
         for i in due:
             model, monitor = self.models[i], self.monitors[i]
             sample = model.sample_now
             if i in drawn:
                 args, x = drawn[i]
                 sample = lambda n, seed, args=args, x=x, own=model.sample_now: x if (n, seed) == args else own(n, seed)  # noqa: E731
-            verdict = monitor.evaluate(step, sample, train_s=share)
+            verdict = verdicts[i] if i in verdicts else monitor.evaluate(step, sample, train_s=share)
             if verdict.anneal and self.anneal is not None:
                 self.anneal.start(i, step, verdict.anneal)
             if verdict.best:

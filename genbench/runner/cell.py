@@ -64,13 +64,14 @@ def cell_sample_seed(seed: int) -> int:
 
 
 def measure(model: Generator, ds, seed: int, k, ref, row: dict, *, n: int, device: str, metrics: list[str],
-            min_calls: int, min_time: float, timed: bool = True) -> tuple[np.ndarray, dict]:
+            min_calls: int, min_time: float, timed: bool = True, extras: bool = True) -> tuple[np.ndarray, dict]:
     """Samples ``n`` points with ``k`` steps, counts the network evaluations against the model's
     declaration and times the sample call (``time_cell``) into ``row``; returns the samples and
     the arrays a cell's samples file holds (the samples, the reference, and a short trajectory or
     one-step map where the model has one). Non-finite samples end the cell as diverged (raised as
     Diverged), their metric columns in ``row`` empty, each with its reason. ``timed=False``: no
-    timing here (``time_cell`` later, on a quiet device)."""
+    timing here (``time_cell`` later, on a quiet device, or never); ``extras=False``: no trajectory
+    or one-step map either."""
     sample_seed = cell_sample_seed(seed)
     with NFECounter(model.nfe_module) as counter:
         x = model.sample(n, steps=k, seed=sample_seed)
@@ -90,7 +91,7 @@ def measure(model: Generator, ds, seed: int, k, ref, row: dict, *, n: int, devic
         row |= values | {"metric_errors": errors or None}
         raise Diverged(f"{int((~np.isfinite(x)).any(1).sum())} of {n} samples are not finite")
     arrays = {"x": x, "ref": ref}
-    caps = model.capabilities()
+    caps = model.capabilities() if extras else set()
     if "trajectory" in caps:
         arrays["trajectory"] = np.asarray(model.trajectory_sample(64, steps=k, seed=sample_seed))
     if "one-step map" in caps:

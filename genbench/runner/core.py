@@ -137,8 +137,8 @@ class Session:
             try:
                 x = self.sample_cell(model, ds, unit.seed, k, ref, row, timed=timed)
                 self.scorer.submit(row, x, ref, ds, unit.seed, late,
-                                   ready=None if timed else (lambda row=row: "sample_s" in row))
-                if not timed:
+                                   ready=None if timed or not self.r.plan.timed else (lambda row=row: "sample_s" in row))
+                if not timed and self.r.plan.timed:
                     untimed.append((row, k, None))
             except RunDirError:
                 raise
@@ -147,7 +147,7 @@ class Session:
                     row |= floors()
                 with contextlib.suppress(Exception):
                     row |= evaluation()
-                if not timed and isinstance(e, Diverged):  # timed first, as a cell measured whole is
+                if not timed and self.r.plan.timed and isinstance(e, Diverged):  # timed first, as a cell measured whole is
                     untimed.append((row, k, e))
                 else:
                     self.ledger.write(row, e)
@@ -185,10 +185,14 @@ class Session:
 
     def sample_cell(self, model, ds, seed: int, k, ref, row: dict, timed: bool = True) -> np.ndarray:
         """Measures one cell into ``row`` (cell.measure; ``timed=False``: not its time), saves its
-        samples and returns them."""
+        samples and returns them. An untimed plan (``Plan.timed``) times no cell and saves no
+        trajectory."""
         p = self.r.plan
         x, arrays = measure(model, ds, seed, k, ref, row, n=p.n_samples, device=self.r.device,
-                            metrics=list(p.metrics), min_calls=p.repeats, min_time=p.min_time_s, timed=timed)
+                            metrics=list(p.metrics), min_calls=p.repeats, min_time=p.min_time_s,
+                            timed=timed and p.timed, extras=p.timed)
+        if not p.timed:
+            row["sample_s"] = None
         row["samples_sha256"] = self.store.save_samples(cell_name(model.name, ds.name, seed, k), **arrays)
         return x
 

@@ -80,6 +80,9 @@ class Plan:
     trial_datasets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     repeats: int = MIN_CALLS  # timed sample calls per cell: at least this many ...
     min_time_s: float = MIN_TIME_S  # ... and at least this long together
+    #: False: no cell's sample call is timed and no trajectory is saved (a tune's trials: selection
+    #: reads their validation columns alone); their rows' sample_s is empty
+    timed: bool = True
     # resources
     device: str = "auto"
     threads: int = 1
@@ -111,7 +114,7 @@ class Plan:
                 # a trial's name pins its config (its key is the hash of its params): a tune extended
                 # with more trials extends its run dir, as a run extended with more models does
                 "params": {k: v for k, v in self.params.items() if k not in self.trials},
-                **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, "n_train": N_TRAIN,
+                **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, **({} if self.timed else {"timed": False}), "n_train": N_TRAIN,
                 "metrics": list(self.metrics), "floor_draws": self.floor_draws}
 
     def settings_hash(self) -> str:
