@@ -407,7 +407,7 @@ def reproduce(
     packs: str = typer.Option("1,2,3,4", help="pacgan: the packing degrees (1: GAN; m: PacGAN-m)."),
     seeds: int = typer.Option(10, help="pacgan: seeds (trials) per packing degree and dataset (the paper: 10)."),
     epochs: int = typer.Option(400, help="pacgan: training epochs of 100,000 examples (the paper: 400); fewer make a smoke test, and the table says so."),
-    out: Optional[str] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>; pacgan: results/reproduce-pacgan-<device>, one run dir per packing degree inside)."),
+    out: Optional[str] = typer.Option(None, help="Run directory (default results/reproduce-<budget>-<device>; pacgan: results/reproduce-pacgan-<device>, holding the run dir of the degrees trained at once, e.g. pack1-4)."),
 ):
     """A published table re-run with genbench's code, the publication's figures beside it.
     headline: the source report's, on ring8 with 2000 samples, diffusion (100 Euler steps) against cm-cd
@@ -441,15 +441,23 @@ def reproduce(
 
 
 def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -> None:
-    """PacGAN's Table 1: one run dir per packing degree (the GAN config differs in ``pack``), every
-    seed of both datasets fitted side by side on a GPU; the table from their rows."""
+    """PacGAN's Table 1: the chosen packing degrees trained at once in one run dir (each degree a
+    model of the run in its own right, as a tune's trials are: its own config, its group of every
+    seed of both datasets fitted side by side, the groups at once on a GPU, each on its own stream);
+    the table from its rows and, for the degrees it did not train, from the other run dirs beside
+    it (another GPU's invocation with the other degrees)."""
+    import hashlib
+    import json
+
     from . import report
     from .reproduce import PACGAN
     from .runner import Plan, Run
+    from .store import RunDir
+    from .tune import trial_name
 
     try:
         out = _out(out)
-        chosen = _ints(packs, "--packs", 1)
+        chosen = sorted(set(_ints(packs, "--packs", 1)))
         if seeds < 1 or epochs < 1:
             raise UsageError(f"--seeds {seeds} --epochs {epochs}: both must be >= 1")
         extra = _params(param)
@@ -458,32 +466,45 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
                              f"got {', '.join(sorted(set(extra) - {PACGAN.model}))}")
         from .scoring import DEFAULT_METRICS
 
-        metrics = [*DEFAULT_METRICS, "pacgan"]
-        runners = []
-        for pack in chosen:
-            params = {PACGAN.model: PACGAN.params | {"pack": str(pack), "train_steps": str(PACGAN.steps(epochs))}
-                      | extra.get(PACGAN.model, {})}
-            plan = Plan(models=[PACGAN.model], datasets=list(PACGAN.datasets.values()), seeds=list(range(seeds)),
-                        budget="default", n_samples=PACGAN.n_samples, metrics=metrics, device=device, threads=threads,
-                        jobs=jobs, params=params,
-                        out=str(out / f"pack{pack}") if out else f"results/reproduce-pacgan-{{device}}/pack{pack}")
-            runners.append(Run(plan))  # every plan checked before anything trains
-        rows = []
-        for runner in runners:
-            rows += _run(runner)
+        params = {}
+        for pack in chosen:  # a degree's name pins its config, as a trial's does
+            p = PACGAN.params | {"pack": str(pack), "train_steps": str(PACGAN.steps(epochs))} | extra.get(PACGAN.model, {})
+            key = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
+            params[trial_name(PACGAN.model, key)] = p
+        name = "pack" + "-".join(map(str, chosen))
+        plan = Plan(models=list(params), trials=dict.fromkeys(params, PACGAN.model), params=params,
+                    datasets=list(PACGAN.datasets.values()), seeds=list(range(seeds)), budget="default",
+                    n_samples=PACGAN.n_samples, metrics=[*DEFAULT_METRICS, "pacgan"], device=device, threads=threads,
+                    jobs=jobs, groups_at_once=len(chosen),
+                    out=str(out / name) if out else f"results/reproduce-pacgan-{{device}}/{name}")
+        runner = Run(plan)  # checked before anything trains
+        rows = _run(runner)
     except UsageError as e:
         raise fail(str(e))
+    where, mine = Path(runner.plan.out).parent, list(rows)
+    found = {int(r["variant"][4:]) for r in rows if r.get("status") == "done"}
+    others = []
+    for other in sorted(p for p in where.iterdir() if p.is_dir() and p != Path(runner.plan.out)):
+        try:
+            theirs = [r for r in RunDir(other).rows() if str(r.get("variant", "")).startswith("pack")]
+        except Exception:  # noqa: BLE001 - not a run dir (or an unreadable one): not part of the table
+            continue
+        new = {int(r["variant"][4:]) for r in theirs if r.get("status") == "done"} - found
+        if new:
+            rows += [r for r in theirs if int(r["variant"][4:]) in new]
+            found |= new
+            others.append(f"{other.name} ({', '.join(PACGAN.label(k) for k in sorted(new))})")
     df = report.tidy(rows)
-    table, compared, marked = report.pacgan_table(df, PACGAN, chosen)
-    where = Path(runners[0].plan.out).parent
+    table, compared, marked = report.pacgan_table(df, PACGAN, sorted(found) or chosen)
     text = (f"# PacGAN (Lin et al. 2018) Table 1, reproduced → {where}\n\n{table}\n\n"
-            f"{marked} of {compared} cells differ from the paper's beyond 2 combined standard errors.")
+            f"{marked} of {compared} cells differ from the paper's beyond 2 combined standard errors."
+            + (f" Rows from {Path(runner.plan.out).name} and {', '.join(others)}." if others else ""))
     try:
         (where / "report.md").write_text(text + "\n")
     except OSError as e:
         raise fail(f"cannot write {where / 'report.md'}: {e.strerror or e}", EXIT_ENVIRONMENT)
     console.print(text, highlight=False, soft_wrap=True)
-    _finish(runners[0], df)  # exit 3 when some cells of any packing degree did not finish
+    _finish(runner, report.tidy(mine))  # exit 3 when some of this run's cells did not finish
 
 
 @app.command()

@@ -569,7 +569,8 @@ def pacgan_table(df: pd.DataFrame, spec, packs=None) -> tuple[str, int, int]:
     and dataset, the modes captured, the high-quality fraction (%) and the reverse KL, mean ±
     standard error over the seeds, the paper's alongside; a cell whose means differ by more than
     twice their combined standard error is marked. Returns (Markdown, cells compared, cells marked)."""
-    ok = df[(df["status"] == "done") & (df["model"] == spec.model)]
+    # the model's rows, or its degrees' as ``reproduce pacgan`` names them (trials of the model: MODEL~KEY)
+    ok = df[(df["status"] == "done") & ((df["model"] == spec.model) | df["model"].str.startswith(f"{spec.model}~"))]
     recs, compared, marked = [], 0, 0
     for pack in packs or spec.packs:
         rec = {"model": spec.label(pack)}

@@ -145,6 +145,18 @@ def test_reproduce_pacgan_runs_end_to_end_and_says_when_the_budget_is_not_the_pa
     rows = [json.loads(line) for line in (out / "pack2" / "rows.jsonl").read_text().splitlines()]
     assert {row["dataset"] for row in rows} == set(PACGAN.datasets.values())
     assert all(row["variant"] == "pack2" and row["pacgan_modes"] is not None for row in rows)
+    # another invocation's degrees, trained at once in a run dir of their own beside it: its table
+    # has every degree, each from the one run dir that trained it; the first run dir is untouched
+    before = (out / "pack2" / "rows.jsonl").read_bytes()
+    r = cli("reproduce", "pacgan", "--packs", "3,1", "--seeds", "1", "--device", "cpu", "--out", str(out),
+            "--param", "gan.train_steps=20", *(f for k, v in TINY.items() for f in ("--param", f"gan.{k}={v}")),
+            timeout=600)
+    assert r.returncode == 0, r.stderr
+    both = [json.loads(line) for line in (out / "pack1-3" / "rows.jsonl").read_text().splitlines()]
+    assert sorted(row["variant"] for row in both) == ["pack1", "pack1", "pack3", "pack3"]
+    assert len({row["model"] for row in both}) == 2 and (out / "pack2" / "rows.jsonl").read_bytes() == before
+    text = (out / "report.md").read_text()
+    assert all(f"| {label}" in text for label in ("GAN", "PacGAN2", "PacGAN3")) and "Rows from pack1-3 and pack2" in text
     bad = cli("reproduce", "pacgan", "--packs", "0", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and not (tmp_path / "x").exists()
     assert cli("reproduce", "nope").returncode == 2
