@@ -1,11 +1,12 @@
 """Equal-budget tuning (``genbench tune``): every model gets the same number of trials from the
 search space it declares (``Generator.search_space``), drawn quasirandomly (scrambled Sobol points,
-``scipy.stats.qmc``), its defaults always trial 0 of each study; each model's trials are the models
-of one ``genbench run`` over the tuning datasets and seeds, in the run dir ``OUT/trials/MODEL`` (a
-killed tune re-run finishes only what is missing: finished cells are skipped by the runner), where
-trials that differ only in the model's member fields (``TorchGenerator.member_fields``: its
-learning rate, diffusion's noise-level centre) are fitted as one stacked network on a GPU, and a
-distilled model's teacher is trained once for all its trials; each trial is scored on the
+``scipy.stats.qmc``), its defaults always trial 0 of each study; every model's trials are the
+models of one ``genbench run`` per rung over the tuning datasets and seeds, all in the run dir
+``OUT/trials`` (a killed tune re-run finishes only what is missing: finished cells are skipped by
+the runner), where trials that differ only in their model's member fields
+(``TorchGenerator.member_fields``: its learning rate, diffusion's noise-level centre) are fitted as
+one stacked network on a GPU, the stacked fits of every model at once, and a distilled model's
+teacher is trained once for all its trials; each trial is scored on the
 **validation sample only** (the energy
 distance to it and the fraction of samples off the support, each in units of the data's noise
 floor, as the converged budget's stopping rule scores them: ``SELECTION_COLUMNS``), never on the
@@ -203,17 +204,19 @@ def trial_name(model: str, key: str, steps: int | None = None) -> str:
 def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
              out: Path, device: str, threads: int, jobs: int, seed: int, run,
              groups_at_once: int = 1, halving: int = 0) -> tuple[Path, list[dict], dict, list]:
-    """The tune: per model and rung, one run (``OUT/trials/MODEL``) whose models are the rung's
-    trials (each a model of its own there, named ``trial_name``, its config under ``params``; a
-    student's teacher at its defaults beside them). Fitting side by side, the trials that differ
-    only in the model's member fields (its learning rate, ...) are one stacked fit. Without
-    ``halving`` there is one rung: every trial at the budget. With ``halving`` eta, successive
-    halving (``halving_rungs``): per dataset and study, the best 1/eta of a rung's trials on its
-    validation score go on to the next, at eta times the steps; the fits' paths do not depend on
-    their cap at the converged budget, so a rung's fit is the start of the next rung's. The first
-    rung's plans are checked before anything trains (UsageError, one line). ``run(runner)`` runs one
-    ``runner.Run`` and returns its rows. Writes tune.json and tuned.json into ``out``. Returns (the
-    tuned file, the trials' results, the best per (model, dataset, study), notes for the user)."""
+    """The tune: per rung, one run of every model's trials (each a model of its own there, named
+    ``trial_name``, its config under ``params``; a student's teacher at its defaults beside them),
+    all of them in one run dir, ``OUT/trials``, each rung extending it. Fitting side by side, the
+    trials that differ only in their model's member fields (its learning rate, ...) are one stacked
+    fit, and the stacked fits of every model train at once (``groups_at_once``): one model's short
+    fits beside another's. Without ``halving`` there is one rung: every trial at the budget. With
+    ``halving`` eta, successive halving (``halving_rungs``): per model, dataset and study, the best
+    1/eta of a rung's trials on their validation score go on to the next, at eta times the steps;
+    the fits' paths do not depend on their cap at the converged budget, so a rung's fit is the
+    start of the next rung's. The first rung's plan is checked before anything trains (UsageError,
+    one line). ``run(runner)`` runs one ``runner.Run`` and returns its rows. Writes tune.json and
+    tuned.json into ``out``. Returns (the tuned file, the trials' results, the best per (model,
+    dataset, study), notes for the user)."""
     from . import datasets as ds_mod
     from .registry import resolve
     from .runner import Plan, Run
@@ -228,30 +231,33 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
             raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
     drawn = {e.name: trials(e.cls, n_trials, studies, seed, budget) for e in entries}  # each space checked
     rungs = {e.name: halving_rungs(n_trials, halving, e.cls(budget=budget).config.train_steps) for e in entries}
+    teachers = list(dict.fromkeys(e.cls.teacher for e in entries if e.cls.teacher))  # each fitted once, at its defaults
 
-    def plan_for(e, want: dict) -> "Run":
-        """The run of one rung: ``want`` maps a trial's name to (its params, the datasets it trains on)."""
-        teacher = [e.cls.teacher] if e.cls.teacher else []  # fitted once, at its defaults, for every trial
+    def plan_for(want: dict) -> "Run":
+        """The run of one rung: ``want`` maps a trial's name to (its model, its params, the datasets it trains on)."""
         names = list(want)
-        only = {n: tuple(d for d in datasets if d in ds) for n, (_, ds) in want.items() if set(ds) != set(datasets)}
-        return Run(Plan(models=teacher + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
-                        metrics=METRICS, floor_draws=2, params={n: p for n, (p, _) in want.items()},
-                        trials={n: e.name for n in names}, trial_datasets=only, device=device, threads=threads,
-                        jobs=jobs, groups_at_once=groups_at_once, timed=False, out=str(out / "trials" / e.name)))
+        only = {n: tuple(d for d in datasets if d in ds) for n, (_, _, ds) in want.items() if set(ds) != set(datasets)}
+        return Run(Plan(models=teachers + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
+                        metrics=METRICS, floor_draws=2, params={n: p for n, (_, p, _) in want.items()},
+                        trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
+                        threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False,
+                        out=str(out / "trials")))
 
-    def rung_trials(e, r: int, alive: dict) -> dict:
-        """Rung r's trials of model e: name -> (params, datasets), from the alive (study, dataset) -> indices."""
-        steps = rungs[e.name][r][1]
+    def rung_trials(r: int, alive: dict) -> dict:
+        """Rung r's trials of every model: name -> (model, params, datasets), from each model's alive
+        (study, dataset) -> indices."""
         want: dict = {}
-        for (study, d), idxs in alive.items():
-            for i in idxs:
-                t = drawn[e.name][study * n_trials + i]
-                params = t.params if steps is None else t.params | {"train_steps": str(steps)}
-                want.setdefault(trial_name(e.name, t.key, steps), (params, set()))[1].add(d)
+        for e in entries:
+            steps = rungs[e.name][r][1]
+            for (study, d), idxs in alive[e.name].items():
+                for i in idxs:
+                    t = drawn[e.name][study * n_trials + i]
+                    params = t.params if steps is None else t.params | {"train_steps": str(steps)}
+                    want.setdefault(trial_name(e.name, t.key, steps), (e.name, params, set()))[2].add(d)
         return want
 
-    start = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
-    first = [(e, plan_for(e, rung_trials(e, 0, start[e.name]))) for e in entries]  # every model's refused first
+    alive = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
+    runner = plan_for(rung_trials(0, alive))  # every model's first rung refused before anything trains
     floors = {}
     for d in datasets:
         ds = ds_mod.get(d)
@@ -260,20 +266,20 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
     reached: dict = {}
     reused = total = fits = 0
-    for e, runner in first:
-        alive = start[e.name]
-        for r, (_, steps) in enumerate(rungs[e.name]):
-            if r:
-                runner = plan_for(e, rung_trials(e, r, alive))
-            done = runner.ledger.done_cells()
-            units = runner.r.units()
-            names = [n for n in runner.plan.models if n in runner.plan.trials]
-            finished = {n for n in names if all(c in done for c in runner.r.cells([u for u in units if u.model == n]))}
-            rows = run(runner)
-            reused, total = reused + len(finished), total + len(names)
-            fits += sum(1 for u in units if u.model in runner.plan.trials)
-            cell_scores = {n: validation_scores([row for row in rows if row["model"] == n], floors) for n in names}
-            for (study, d), idxs in alive.items():
+    for r in range(len(rungs[entries[0].name])):  # as many rungs for every model (halving_rungs)
+        if r:
+            runner = plan_for(rung_trials(r, alive))
+        done = runner.ledger.done_cells()
+        units = runner.r.units()
+        names = [n for n in runner.plan.models if n in runner.plan.trials]
+        finished = {n for n in names if all(c in done for c in runner.r.cells([u for u in units if u.model == n]))}
+        rows = run(runner)
+        reused, total = reused + len(finished), total + len(names)
+        fits += sum(1 for u in units if u.model in runner.plan.trials)
+        cell_scores = {n: validation_scores([row for row in rows if row["model"] == n], floors) for n in names}
+        for e in entries:
+            steps = rungs[e.name][r][1]
+            for (study, d), idxs in alive[e.name].items():
                 for i in idxs:
                     t = drawn[e.name][study * n_trials + i]
                     cells = cell_scores[trial_name(e.name, t.key, steps)]
@@ -284,8 +290,8 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                     rung[r]["scores"][d] = score
             if r + 1 < len(rungs[e.name]):  # the best of each (study, dataset) go on; ties: the earlier trial
                 keep = rungs[e.name][r + 1][0]
-                alive = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
-                         for k, idxs in alive.items()}
+                alive[e.name] = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
+                                 for k, idxs in alive[e.name].items()}
     results = []
     for e in entries:
         for t in drawn[e.name]:
@@ -295,7 +301,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
             results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
                             "scores": furthest, **({"rungs": rung} if halving else {})})
     best = select(results)
-    settings = {"budget": first[0][1].plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
+    settings = {"budget": runner.plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
                 "seed": seed, "halving": halving, "rungs": {m: [list(x) for x in v] for m, v in rungs.items()},
                 "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}

@@ -109,16 +109,16 @@ def test_a_small_tune_resumes_without_redoing_finished_trials(cli, tmp_path):
     trials, re-run with 8, trains only the 3 missing (the first 5 trials' rows are untouched)."""
     out = tmp_path / "tune"
     assert cli("tune", "--models", "vae", "--trials", "5", *QUICK, "--out", str(out), timeout=900).returncode == 0
-    rows = out / "trials" / "vae" / "rows.jsonl"  # one run dir for the model, its trials its models
+    rows = out / "trials" / "rows.jsonl"  # one run dir for the tune, its trials its models
     before = rows.read_bytes()
     assert len({json.loads(line)["model"] for line in before.splitlines()}) == 5
-    fits = {p.name: p.read_bytes() for p in (out / "trials" / "vae" / "fits").glob("*.json")}
+    fits = {p.name: p.read_bytes() for p in (out / "trials" / "fits").glob("*.json")}
     r = cli("tune", "--models", "vae", "--trials", "8", *QUICK, "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr
     after = rows.read_bytes()
     assert after.startswith(before)  # the first 5 trials' rows untouched, the 3 new ones appended
     assert len({json.loads(line)["model"] for line in after.splitlines()}) == 8
-    assert all((out / "trials" / "vae" / "fits" / k).read_bytes() == v for k, v in fits.items())  # not refitted
+    assert all((out / "trials" / "fits" / k).read_bytes() == v for k, v in fits.items())  # not refitted
     assert "5 of 8 trials were already done" in r.stderr
     results = json.loads((out / "tune.json").read_text())["trials"]
     assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["kl_warmup"] == "100"
@@ -242,7 +242,7 @@ def test_a_halving_tune_promotes_the_best_per_dataset_and_selects_at_the_last_ru
         chosen = _tuned(out)["configs"]["vae"][d]
         last = [t for t in trials if len(t["rungs"]) == 3 and d in t["rungs"][2]["scores"]]
         assert len(last) == 1 and chosen["trial"] == last[0]["index"] and "train_steps" not in chosen["params"]
-    fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "vae" / "fits").glob("*.json")}
+    fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "fits").glob("*.json")}
     assert len(fits) == 14 and all(f["steps"] == int(name.split("__")[0].rsplit("~", 1)[1]) for name, f in fits.items())
 
 
