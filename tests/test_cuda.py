@@ -305,7 +305,8 @@ def test_groups_trained_at_once_on_streams_are_the_groups_trained_one_after_anot
     for name, one in curves[1].items():
         four = curves[4][name]
         assert one["kept_step"] == four["kept_step"] and one["stop_reason"] == four["stop_reason"], name
-        torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(four["losses"]), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name} losses: {m}")
         # the validation curves: the energy to float precision; the support fraction to a sample or
         # two of the 500 (a loss equal to 1e-5, not to the bit, can move a sample across the
         # support's edge, and the score counts a sample as a couple of units)
@@ -384,3 +385,19 @@ def test_members_evaluated_at_once_on_cuda_sample_what_each_samples_alone(name, 
     assert calls == []
     for member, monitor in zip(group, monitors):
         torch.testing.assert_close(monitor.x, own(member, *monitor.sample_args), rtol=1e-3, atol=1e-3)
+
+
+def test_own_stream_never_hands_out_a_stream_held():
+    """torch's streams come from a pool of 32, round-robin: a stream made later can be one a thread
+    still trains or captures on. ``own_stream`` skips those."""
+    import contextlib
+
+    from genbench.models.graphs import own_stream
+
+    assert len({torch.cuda.Stream().cuda_stream for _ in range(40)}) <= 32  # torch's own repeat
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(own_stream()).cuda_stream for _ in range(8)]
+        for _ in range(40):
+            torch.cuda.Stream()  # the pool wraps around
+        more = [stack.enter_context(own_stream()).cuda_stream for _ in range(8)]
+        assert len(set(held + more)) == 16

@@ -8,11 +8,40 @@ depend on x precomputed, and (with Triton) its two thin layers as the kernels of
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .nets import PROCESS_STATE, TimeMLP
+
+_HELD: set[int] = set()  # the raw CUDA streams ``own_stream`` has handed out and not taken back
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def own_stream(device=None):
+    """A CUDA stream that no other holder of one has, for the block. ``torch.cuda.Stream()`` hands
+    out the streams of a pool of 32 round-robin, so two calls can give one stream; groups trained
+    at once (threads, each on a stream of its own) would then share a stream, and work one thread
+    puts on a stream that another is capturing goes into that graph instead of running (and its
+    replays later read memory that thread has freed). Every stream genbench's CUDA paths train,
+    warm up or capture on comes from here."""
+    with _HELD_LOCK:
+        for _ in range(256):
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream not in _HELD:
+                break
+        else:
+            raise RuntimeError(f"no free CUDA stream: {len(_HELD)} held")
+        _HELD.add(stream.cuda_stream)
+    try:
+        yield stream
+    finally:
+        with _HELD_LOCK:
+            _HELD.discard(stream.cuda_stream)
 
 
 def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
@@ -21,11 +50,11 @@ def capture_graph(fn, *inputs: torch.Tensor, generators: tuple = ()):
     the copies; the output tensor is overwritten in place. ``generators``: the torch.Generators
     ``fn`` draws from, registered with the graph (each replay draws from their state then)."""
     static = [i.clone() for i in inputs]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
+    with own_stream() as side:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
     out = []
     graph = capture_step(lambda: out.append(fn(*static)), generators)
     return graph, static, out[0]
@@ -36,11 +65,12 @@ def capture_step(fn, generators: tuple = ()) -> "torch.cuda.CUDAGraph":
     torch.Generators it draws from registered (each replay draws from their state then). The
     capture is thread-local: other threads of the process (groups trained at once, each on its own
     stream) go on launching and synchronising their own work meanwhile, but none captures or seeds
-    torch's global RNGs (``PROCESS_STATE``)."""
+    torch's global RNGs (``PROCESS_STATE``). It captures on a stream of its own (``own_stream``),
+    not torch's one default capture stream, which another thread's stream can be."""
     graph = torch.cuda.CUDAGraph()
     for g in generators:
         graph.register_generator_state(g)
-    with PROCESS_STATE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with PROCESS_STATE, own_stream() as stream, torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         fn()
     return graph
 

@@ -848,7 +848,15 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
                 snapshots.due(k)
         return log.stop
 
-    side = torch.cuda.Stream()
+    with graphs.own_stream() as side:  # the eager warm-up steps' stream (no other thread's)
+        _replay_segments(side, steps, first, phase, opt, one_step, log_upto, log, generators)
+    _sync(device)
+    return log.result(time.perf_counter() - t0)
+
+
+def _replay_segments(side, steps: int, first: int, phase, opt, one_step, log_upto, log, generators) -> None:
+    """``fit_captured``'s loop from step ``first``: each phase's first steps eager on ``side``, then
+    its step captured once and replayed to the phase's end (or until ``log_upto`` says stop)."""
     segments = [(max(a, first), b) for a, b in graphs.phase_segments(steps, phase) if b > first]
     for i, (start, end) in enumerate(segments):
         eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
@@ -873,8 +881,6 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         del graph  # the phase's graph and its memory go before the next is captured
         if log.stop:
             break
-    _sync(device)
-    return log.result(time.perf_counter() - t0)
 
 
 # -- side by side -----------------------------------------------------------------------------

@@ -173,6 +173,8 @@ class FitStore:
 
         import torch
 
+        from ..models.graphs import own_stream
+
         teachers = [self.r.entry(chunk[0][0].model).cls.teacher for chunk in chunks]
         # a chunk waits for the chunks that hold its teacher's units; chunks come teachers' first,
         # so those were taken from the queue before it
@@ -194,8 +196,8 @@ class FitStore:
                     for j in needs[i]:
                         ended[j].wait()
                     if not errors:
-                        if cuda:
-                            with torch.cuda.stream(torch.cuda.Stream(self.r.device)):
+                        if cuda:  # a stream no other group's thread has (graphs.own_stream)
+                            with own_stream(self.r.device) as stream, torch.cuda.stream(stream):
                                 self.fit_group(chunks[i])
                                 torch.cuda.current_stream().synchronize()
                         else:
