@@ -123,6 +123,7 @@ class Session:
         self.progress.update(f"{unit.dataset} seed {unit.seed}: noise floors")
         floors = self.scorer.floors_for(ds, unit.seed, ref)
         late = lambda: evaluation() | floors()  # noqa: E731 - what a row gets once it has arrived
+        later = not timed and self.r.plan.timed  # timed after the last group (an untimed plan: never)
         untimed = []
         for k in steps:
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: sampling"
@@ -137,8 +138,8 @@ class Session:
             try:
                 x = self.sample_cell(model, ds, unit.seed, k, ref, row, timed=timed)
                 self.scorer.submit(row, x, ref, ds, unit.seed, late,
-                                   ready=None if timed or not self.r.plan.timed else (lambda row=row: "sample_s" in row))
-                if not timed and self.r.plan.timed:
+                                   ready=(lambda row=row: "sample_s" in row) if later else None)
+                if later:
                     untimed.append((row, k, None))
             except RunDirError:
                 raise
@@ -147,7 +148,7 @@ class Session:
                     row |= floors()
                 with contextlib.suppress(Exception):
                     row |= evaluation()
-                if not timed and self.r.plan.timed and isinstance(e, Diverged):  # timed first, as a cell measured whole is
+                if later and isinstance(e, Diverged):  # timed first, as a cell measured whole is
                     untimed.append((row, k, e))
                 else:
                     self.ledger.write(row, e)

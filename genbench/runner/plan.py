@@ -114,8 +114,10 @@ class Plan:
                 # a trial's name pins its config (its key is the hash of its params): a tune extended
                 # with more trials extends its run dir, as a run extended with more models does
                 "params": {k: v for k, v in self.params.items() if k not in self.trials},
-                **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}), "repeats": self.repeats, "min_time_s": self.min_time_s, **({} if self.timed else {"timed": False}), "n_train": N_TRAIN,
-                "metrics": list(self.metrics), "floor_draws": self.floor_draws}
+                **({"tuned": self.tuned, "tuned_source": self.tuned_source} if self.tuned else {}),
+                "repeats": self.repeats, "min_time_s": self.min_time_s,
+                **({} if self.timed else {"timed": False}),  # absent when timed: older run dirs' settings unchanged
+                "n_train": N_TRAIN, "metrics": list(self.metrics), "floor_draws": self.floor_draws}
 
     def settings_hash(self) -> str:
         """A short hash of ``settings()``, written into every row: rows of other settings are told
