@@ -855,7 +855,7 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
 
 
 def _replay_segments(side, steps: int, first: int, phase, opt, one_step, log_upto, log, generators) -> None:
-    """``fit_captured``'s loop from step ``first``: each phase's first steps eager on ``side``, then
+    """``_fit_graphed``'s loop from step ``first``: each phase's first steps eager on ``side``, then
     its step captured once and replayed to the phase's end (or until ``log_upto`` says stop)."""
     segments = [(max(a, first), b) for a, b in graphs.phase_segments(steps, phase) if b > first]
     for i, (start, end) in enumerate(segments):
