@@ -133,6 +133,7 @@ def run(
     score_jobs: Optional[int] = typer.Option(None, help="CPU processes that score cells while the fits go on (0: each fit process scores its own). Default: on a GPU with one fit process, the cores but two; else 0."),
     side_by_side: Optional[bool] = typer.Option(None, "--side-by-side/--one-by-one", help="Fit the units of a model that can as one stacked network (default: on a GPU), or one at a time."),
     groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups (one per model) trained at once in the fit process, each on its own CUDA stream; a student's group waits for its teacher's; each group's cells are sampled and scored as it ends, and timed after the last group. Rows record it: their train_s then shares the device."),
+    max_members: int = typer.Option(_default("max_members"), help="The most fit units in one side-by-side group (a stacked fit); more units of a model make more groups."),
     param: List[str] = typer.Option([], help="Model config override MODEL.FIELD=VALUE, repeatable (e.g. diffusion.sampler=heun)."),
     out: Optional[str] = typer.Option(None, help="Run directory (default results/<budget>-<device>). Re-running into it resumes."),
     executor: str = typer.Option(_default("executor"), help="Where fit units run: local (this machine's processes), ray (Ray tasks; pip install 'genbench\\[ray]') or slurm (SLURM jobs through submitit; pip install 'genbench\\[slurm]'). The run's process alone writes the run dir."),
@@ -159,7 +160,8 @@ def run(
         plan = Plan(models=model_names, datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
                     **_steps(steps), budget=budget, n_samples=n_samples, metrics=parse_metrics(metrics),
                     floor_draws=floor_draws, device=device, threads=threads, jobs=jobs, score_jobs=score_jobs,
-                    side_by_side=side_by_side, groups_at_once=groups_at_once, params=_params(param),
+                    side_by_side=side_by_side, groups_at_once=groups_at_once, max_members=max_members,
+                    params=_params(param),
                     out=str(out) if out else _default("out"), executor=executor, address=address,
                     retries=retries, task_gpus=task_gpus, slurm=_pairs(slurm, "--slurm", "partition=gpu"))
         if tuned is not None:  # the tuned configs join the plan before its run dir is checked
@@ -355,6 +357,7 @@ def tune(
     threads: int = typer.Option(_default("threads"), help="CPU threads for torch."),
     jobs: int = typer.Option(_default("jobs"), help="Fit units trained at once, each in its own process (as 'run --jobs')."),
     groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups of trials trained at once on a GPU, each on its own CUDA stream (as 'run --groups-at-once')."),
+    max_members: int = typer.Option(_default("max_members"), help="The most trials' fit units in one stacked group (as 'run --max-members')."),
     seed: int = typer.Option(0, help="Seed of the quasirandom draws (study s scrambles with seed + s)."),
     halving: int = typer.Option(0, help="Successive halving with this factor eta (0: off, every trial at the budget): per dataset, the best 1/eta of the trials at a fraction of the budget's steps go on at eta times the steps, the last rung at the budget's (32 trials, eta 3: 32, 11, 4, 2 trials at 1/27, 1/9, 1/3, 1 of the steps)."),
     out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials (one run dir for every model and rung, its trials its models), tune.json, tuned.json. Re-running resumes."),
@@ -369,7 +372,7 @@ def tune(
         tuned_file, results, best, notes = run_tune(
             models=_list(models, "--models"), datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
             n_trials=trials, studies=studies, budget=budget, out=out_dir, device=device, threads=threads, jobs=jobs,
-            seed=seed, run=_run, groups_at_once=groups_at_once, halving=halving)
+            seed=seed, run=_run, groups_at_once=groups_at_once, max_members=max_members, halving=halving)
         from . import plots
 
         written = plots.plot_tune({"trials": results}, out_dir / "figures")

@@ -203,7 +203,7 @@ def trial_name(model: str, key: str, steps: int | None = None) -> str:
 
 def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
              out: Path, device: str, threads: int, jobs: int, seed: int, run,
-             groups_at_once: int = 1, halving: int = 0) -> tuple[Path, list[dict], dict, list]:
+             groups_at_once: int = 1, halving: int = 0, max_members: int | None = None) -> tuple[Path, list[dict], dict, list]:
     """The tune: per rung, one run of every model's trials (each a model of its own there, named
     ``trial_name``, its config under ``params``; a student's teacher at its defaults beside them),
     all of them in one run dir, ``OUT/trials``, each rung extending it. Fitting side by side, the
@@ -241,6 +241,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                         metrics=METRICS, floor_draws=2, params={n: p for n, (_, p, _) in want.items()},
                         trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
                         threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False,
+                        **({"max_members": max_members} if max_members else {}),
                         out=str(out / "trials")))
 
     def rung_trials(r: int, alive: dict) -> dict:

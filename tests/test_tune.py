@@ -265,3 +265,27 @@ def test_an_untimed_plan_times_no_cell_and_saves_no_trajectory(plugin_path, monk
             assert ("trajectory" in saved.files) == timed
     with pytest.raises(api.UsageError, match="timed"):
         run(Plan(**common, timed=True, out=str(tmp_path / "timed-False")))
+
+
+def test_max_members_bounds_a_stacked_group_and_bad_values_are_refused(tmp_path, monkeypatch):
+    """``max_members`` splits a model's side-by-side units into groups of at most that many (its
+    rows record it); below 1 it is refused before anything is created."""
+    from genbench.models.vae import VAE
+    from genbench.runner import Plan, run
+
+    sizes = []
+    real = VAE.fit_side_by_side.__func__
+
+    def spy(klass, models, *a, **k):
+        sizes.append(len(models))
+        return real(klass, models, *a, **k)
+
+    monkeypatch.setattr(VAE, "fit_side_by_side", classmethod(spy))
+    common = dict(models=["vae"], datasets=["ring8", "moons"], seeds=[0, 1, 2], budget="quick", n_samples=200,
+                  metrics=("energy",), floor_draws=2, device="cpu", side_by_side=True, jobs=1, score_jobs=0,
+                  params={"vae": {"train_steps": "20"}})
+    rows = run(Plan(**common, max_members=4, out=str(tmp_path / "run")))
+    assert sorted(sizes) == [2, 4] and {r["max_members"] for r in rows} == {4}
+    with pytest.raises(api.UsageError, match="--max-members 0"):
+        run(Plan(**common, max_members=0, out=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()

@@ -10,7 +10,7 @@ from .. import __version__
 from .. import datasets as ds_mod
 from ..api import Generator, RunDirError
 from ..store import RunDir, cell_name
-from .plan import MAX_SIDE_BY_SIDE, Resolved, Unit, make_model
+from .plan import Resolved, Unit, make_model
 
 #: a fit (or a group of fits side by side) saves a snapshot of its state this often (seconds of its
 #: wall time): a run stopped in the middle of a fit continues it from there
@@ -150,8 +150,8 @@ class FitStore:
                 # config is per dataset; tuning trials differing in a learning rate share a group)
                 fields = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in type(model).member_fields}
                 todo.setdefault((type(model), repr(sorted(fields.items()))), []).append((unit, refit))
-        chunks = [group[at:at + MAX_SIDE_BY_SIDE] for group in todo.values()
-                  for at in range(0, len(group), MAX_SIDE_BY_SIDE)]
+        size = self.r.plan.max_members
+        chunks = [group[at:at + size] for group in todo.values() for at in range(0, len(group), size)]
         if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
             self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended)
         else:

@@ -59,6 +59,7 @@ class Ledger:
             "jobs": self.plan.jobs,
             "score_jobs": self.plan.score_jobs,
             "groups_at_once": self.plan.groups_at_once,
+            "max_members": self.plan.max_members,
             "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda if self.r.device.startswith("cuda") else None,
             "genbench_version": __version__,

@@ -93,6 +93,9 @@ class Plan:
     #: process: tiny networks leave the GPU idle between kernels; a student's group waits for its
     #: teacher's); 1: one after another. Their ``train_s`` then shares the GPU (rows record it).
     groups_at_once: int = 1
+    #: the most fit units in one side-by-side group (a stacked fit); more make fewer groups, each a
+    #: larger stacked network (a captured step costs about its kernel count until the GPU is busy)
+    max_members: int = MAX_SIDE_BY_SIDE
     # where
     out: str = "results/{budget}-{device}"  # {budget} and {device} are filled in
     executor: str = "local"  # where fit units run: local (this machine's processes), ray or slurm
@@ -179,7 +182,7 @@ class Resolved:
     def tasks(self, done: set, spread: int = 1) -> list[list[Unit]]:
         """The chains with cells left to do, as tasks, the largest first: a chain each, or, where
         units are fitted side by side, the chains of the same models split into ``spread`` tasks
-        (those that can run at once) of at most MAX_SIDE_BY_SIDE chains, teachers' units first."""
+        (those that can run at once) of at most ``max_members`` chains, teachers' units first."""
         todo = [c for c in self.chains() if set(self.cells(c)) - done]
         if not self.side_by_side:
             tasks = todo
@@ -189,7 +192,7 @@ class Resolved:
                 groups.setdefault(tuple(u.model for u in c), []).append(c)
             tasks = []
             for same in groups.values():
-                size = min(MAX_SIDE_BY_SIDE, -(-len(same) // max(1, spread)))
+                size = min(self.plan.max_members, -(-len(same) // max(1, spread)))
                 for at in range(0, len(same), size):
                     part = same[at:at + size]
                     tasks.append([c[i] for i in range(len(part[0])) for c in part])
@@ -252,6 +255,8 @@ def check(plan: Plan) -> Resolved:
         raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
     if plan.groups_at_once < 1:
         raise UsageError(f"--groups-at-once {plan.groups_at_once}: must be >= 1 (1: one group after another)")
+    if plan.max_members < 1:
+        raise UsageError(f"--max-members {plan.max_members}: must be >= 1 (fit units in one side-by-side group)")
     if plan.n_samples < 2:
         raise UsageError(f"--n-samples {plan.n_samples}: need at least 2 samples")
     if plan.floor_draws < 2:
