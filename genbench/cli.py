@@ -485,11 +485,13 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
     except UsageError as e:
         raise fail(str(e))
     where, mine = Path(runner.plan.out).parent, list(rows)
+    steps = next(iter(params.values()))["train_steps"]
     found = {int(r["variant"][4:]) for r in rows if r.get("status") == "done"}
     others = []
     for other in sorted(p for p in where.iterdir() if p.is_dir() and p != Path(runner.plan.out)):
-        try:
-            theirs = [r for r in RunDir(other).rows() if str(r.get("variant", "")).startswith("pack")]
+        try:  # their rows of a packing degree at this run's steps (a run of other epochs is another table)
+            theirs = [r for r in RunDir(other).rows() if str(r.get("variant", "")).startswith("pack")
+                      and str(r.get("train_steps")) == steps]
         except Exception:  # noqa: BLE001 - not a run dir (or an unreadable one): not part of the table
             continue
         new = {int(r["variant"][4:]) for r in theirs if r.get("status") == "done"} - found

@@ -157,6 +157,13 @@ def test_reproduce_pacgan_runs_end_to_end_and_says_when_the_budget_is_not_the_pa
     assert len({row["model"] for row in both}) == 2 and (out / "pack2" / "rows.jsonl").read_bytes() == before
     text = (out / "report.md").read_text()
     assert all(f"| {label}" in text for label in ("GAN", "PacGAN2", "PacGAN3")) and "Rows from pack1-3 and pack2" in text
+    # a run of other steps beside them is another table: its rows are not taken
+    r = cli("reproduce", "pacgan", "--packs", "1", "--seeds", "1", "--device", "cpu", "--out", str(out),
+            "--param", "gan.train_steps=10", *(f for k, v in TINY.items() for f in ("--param", f"gan.{k}={v}")),
+            timeout=600)
+    assert r.returncode == 0, r.stderr
+    text = (out / "report.md").read_text()
+    assert "| GAN" in text and "PacGAN2" not in text and "PacGAN3" not in text
     bad = cli("reproduce", "pacgan", "--packs", "0", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and not (tmp_path / "x").exists()
     assert cli("reproduce", "nope").returncode == 2
