@@ -401,3 +401,8 @@ def test_own_stream_never_hands_out_a_stream_held():
             torch.cuda.Stream()  # the pool wraps around
         more = [stack.enter_context(own_stream()).cuda_stream for _ in range(8)]
         assert len(set(held + more)) == 16
+        rest = [stack.enter_context(own_stream()).cuda_stream for _ in range(40)]  # past the pool of 32
+        assert len(set(held + more + rest)) == 56
+        with pytest.raises(RuntimeError, match="groups-at-once"):
+            for _ in range(16):
+                stack.enter_context(own_stream())

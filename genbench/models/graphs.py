@@ -28,14 +28,20 @@ def own_stream(device=None):
     at once (threads, each on a stream of its own) would then share a stream, and work one thread
     puts on a stream that another is capturing goes into that graph instead of running (and its
     replays later read memory that thread has freed). Every stream genbench's CUDA paths train,
-    warm up or capture on comes from here."""
+    warm up or capture on comes from here: a thread holds three at most (its group's, its warm-up
+    steps', a capture's), and once the normal-priority pool is held the high-priority one serves."""
     with _HELD_LOCK:
-        for _ in range(256):
-            stream = torch.cuda.Stream(device)
-            if stream.cuda_stream not in _HELD:
-                break
+        for priority in (0, -1):
+            for _ in range(64):  # twice round the pool
+                stream = torch.cuda.Stream(device, priority=priority)
+                if stream.cuda_stream not in _HELD:
+                    break
+            else:
+                continue
+            break
         else:
-            raise RuntimeError(f"no free CUDA stream: {len(_HELD)} held")
+            raise RuntimeError(f"no free CUDA stream ({len(_HELD)} held by groups trained at once): "
+                               "train fewer groups at once (--groups-at-once)")
         _HELD.add(stream.cuda_stream)
     try:
         yield stream
