@@ -112,6 +112,8 @@ BAD = [
     (["run", "--models", "gauss", "--datasets", "ring9"], "unknown dataset 'ring9'"),
     (["run", "--models", "gauss", "--seeds", "0,x"], "expected comma-separated integers"),
     (["run", "--models", "gauss", "--seeds", "-1"], "must be >= 0"),
+    (["run", "--models", "gauss", "--groups-at-once", "17"], "--groups-at-once 17: must be 1..16"),
+    (["run", "--models", "gauss", "--max-members", "0"], "--max-members 0: must be >= 1"),
     (["run", "--models", "gauss", "--n-samples", "1"], "at least 2"),
     (["run", "--models", "gauss", "--budget", "huge"], "unknown budget 'huge'"),
     (["run", "--models", "gauss", "--param", "gauss.nope=1"], "unknown parameter 'nope'"),

@@ -32,6 +32,9 @@ MAX_SEED = 2**32 - 1 - 10_000
 #: the most fit units trained side by side as one stacked network on a GPU (a group the GPU's memory
 #: cannot hold is split in halves until it fits)
 MAX_SIDE_BY_SIDE = 32
+#: the most side-by-side groups trained at once: each thread holds up to three CUDA streams of
+#: the 64 torch pools (graphs.own_stream), the run's own thread two more
+MAX_GROUPS_AT_ONCE = 16
 #: the budget that means: converged on a GPU (the grid is cheap there), default on the CPU
 AUTO = "auto"
 
@@ -253,8 +256,9 @@ def check(plan: Plan) -> Resolved:
                          f"give 1..{cpu_cores()} (more threads than cores only slows each step)")
     if plan.jobs < 0:
         raise UsageError(f"--jobs {plan.jobs}: must be >= 1, or 0 for auto")
-    if plan.groups_at_once < 1:
-        raise UsageError(f"--groups-at-once {plan.groups_at_once}: must be >= 1 (1: one group after another)")
+    if not 1 <= plan.groups_at_once <= MAX_GROUPS_AT_ONCE:
+        raise UsageError(f"--groups-at-once {plan.groups_at_once}: must be 1..{MAX_GROUPS_AT_ONCE} (1: one group after "
+                         "another; each group holds up to three of the GPU's 64 pooled streams)")
     if plan.max_members < 1:
         raise UsageError(f"--max-members {plan.max_members}: must be >= 1 (fit units in one side-by-side group)")
     if plan.n_samples < 2:
