@@ -455,6 +455,7 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
     from . import report
     from .reproduce import PACGAN
     from .runner import Plan, Run
+    from .runner.plan import MAX_GROUPS_AT_ONCE
     from .store import RunDir
     from .tune import trial_name
 
@@ -478,7 +479,7 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
         plan = Plan(models=list(params), trials=dict.fromkeys(params, PACGAN.model), params=params,
                     datasets=list(PACGAN.datasets.values()), seeds=list(range(seeds)), budget="default",
                     n_samples=PACGAN.n_samples, metrics=[*DEFAULT_METRICS, "pacgan"], device=device, threads=threads,
-                    jobs=jobs, groups_at_once=len(chosen),
+                    jobs=jobs, groups_at_once=min(len(chosen), MAX_GROUPS_AT_ONCE),
                     out=str(out / name) if out else f"results/reproduce-pacgan-{{device}}/{name}")
         runner = Run(plan)  # checked before anything trains
         rows = _run(runner)
