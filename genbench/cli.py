@@ -470,11 +470,12 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
                              f"got {', '.join(sorted(set(extra) - {PACGAN.model}))}")
         from .scoring import DEFAULT_METRICS
 
-        params = {}
-        for pack in chosen:  # a degree's name pins its config, as a trial's does
+        def degree(pack: int) -> tuple[str, dict]:  # a degree's name pins its config, as a trial's does
             p = PACGAN.params | {"pack": str(pack), "train_steps": str(PACGAN.steps(epochs))} | extra.get(PACGAN.model, {})
-            key = hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
-            params[trial_name(PACGAN.model, key)] = p
+            return trial_name(PACGAN.model, hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]), p
+
+        params = dict(degree(pack) for pack in chosen)
+        named = {degree(pack)[0]: pack for pack in {*PACGAN.packs, *chosen}}  # every degree at these settings
         name = "pack" + "-".join(map(str, chosen))
         plan = Plan(models=list(params), trials=dict.fromkeys(params, PACGAN.model), params=params,
                     datasets=list(PACGAN.datasets.values()), seeds=list(range(seeds)), budget="default",
@@ -486,18 +487,16 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
     except UsageError as e:
         raise fail(str(e))
     where, mine = Path(runner.plan.out).parent, list(rows)
-    steps = next(iter(params.values()))["train_steps"]
-    found = {int(r["variant"][4:]) for r in rows if r.get("status") == "done"}
+    found = {named[r["model"]] for r in rows if r.get("status") == "done"}
     others = []
     for other in sorted(p for p in where.iterdir() if p.is_dir() and p != Path(runner.plan.out)):
-        try:  # their rows of a packing degree at this run's steps (a run of other epochs is another table)
-            theirs = [r for r in RunDir(other).rows() if str(r.get("variant", "")).startswith("pack")
-                      and str(r.get("train_steps")) == steps]
+        try:  # their rows of a degree at this run's settings (other epochs or params are another table)
+            theirs = [r for r in RunDir(other).rows() if r.get("model") in named]
         except Exception:  # noqa: BLE001 - not a run dir (or an unreadable one): not part of the table
             continue
-        new = {int(r["variant"][4:]) for r in theirs if r.get("status") == "done"} - found
+        new = {named[r["model"]] for r in theirs if r.get("status") == "done"} - found
         if new:
-            rows += [r for r in theirs if int(r["variant"][4:]) in new]
+            rows += [r for r in theirs if named[r["model"]] in new]
             found |= new
             others.append(f"{other.name} ({', '.join(PACGAN.label(k) for k in sorted(new))})")
     df = report.tidy(rows)
