@@ -62,7 +62,7 @@ def main() -> None:
             drawn = keeper._sample_together(due)
             _sync(args.device)
             together.append(time.perf_counter() - t0)
-        diff = max(float((drawn[i][1] - alone[i]).abs().max()) for i in due)
+        diff = max(float((drawn[i] - alone[i]).abs().max()) for i in due)
         a, b = statistics.median(one), statistics.median(together)
         print(f"{name} x{args.members} ({args.device}, {args.threads} thread(s), torch {torch.__version__}): "
               f"one at a time {a * 1e3:.1f} ms, at once {b * 1e3:.1f} ms, {a / b:.2f}x; "

@@ -474,8 +474,9 @@ def _reproduce_pacgan(device, threads, jobs, param, packs, seeds, epochs, out) -
             p = PACGAN.params | {"pack": str(pack), "train_steps": str(PACGAN.steps(epochs))} | extra.get(PACGAN.model, {})
             return trial_name(PACGAN.model, hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]), p
 
-        params = dict(degree(pack) for pack in chosen)
-        named = {degree(pack)[0]: pack for pack in {*PACGAN.packs, *chosen}}  # every degree at these settings
+        degrees = {pack: degree(pack) for pack in {*PACGAN.packs, *chosen}}  # every degree at these settings
+        params = dict(degrees[pack] for pack in chosen)
+        named = {name: pack for pack, (name, _) in degrees.items()}
         name = "pack" + "-".join(map(str, chosen))
         plan = Plan(models=list(params), trials=dict.fromkeys(params, PACGAN.model), params=params,
                     datasets=list(PACGAN.datasets.values()), seeds=list(range(seeds)), budget="default",

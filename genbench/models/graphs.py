@@ -31,15 +31,9 @@ def own_stream(device=None):
     warm up or capture on comes from here: a thread holds three at most (its group's, its warm-up
     steps', a capture's), and once the normal-priority pool is held the high-priority one serves."""
     with _HELD_LOCK:
-        for priority in (0, -1):
-            for _ in range(64):  # twice round the pool
-                stream = torch.cuda.Stream(device, priority=priority)
-                if stream.cuda_stream not in _HELD:
-                    break
-            else:
-                continue
-            break
-        else:
+        offered = (torch.cuda.Stream(device, priority=p) for p in (0, -1) for _ in range(64))  # each pool twice round
+        stream = next((s for s in offered if s.cuda_stream not in _HELD), None)
+        if stream is None:
             raise RuntimeError(f"no free CUDA stream ({len(_HELD)} held by groups trained at once): "
                                "train fewer groups at once (--groups-at-once)")
         _HELD.add(stream.cuda_stream)

@@ -303,18 +303,13 @@ class Keeper:
                 sync(i)
         drawn = self._sample_together(due) if sync is not None and self.together else {}
         verdicts = {}
-        if drawn and len({type(self.monitors[i]) for i in drawn}) == 1:  # scored at once where the monitors can
-            together = list(drawn)
-            monitors = [self.monitors[i] for i in together]
-            verdicts = dict(zip(together, type(monitors[0]).evaluate_many(
-                monitors, step, [drawn[i][1] for i in together], train_s=share)))
+        for kind in {type(self.monitors[i]) for i in drawn}:  # scored at once where the monitor class can
+            mine = [i for i in drawn if type(self.monitors[i]) is kind]
+            verdicts |= zip(mine, kind.evaluate_many([self.monitors[i] for i in mine], step, [drawn[i] for i in mine],
+                                                     train_s=share))
         for i in due:
-            model, monitor = self.models[i], self.monitors[i]
-            sample = model.sample_now
-            if i in drawn:
-                args, x = drawn[i]
-                sample = lambda n, seed, args=args, x=x, own=model.sample_now: x if (n, seed) == args else own(n, seed)  # noqa: E731
-            verdict = verdicts[i] if i in verdicts else monitor.evaluate(step, sample, train_s=share)
+            monitor = self.monitors[i]
+            verdict = verdicts[i] if i in verdicts else monitor.evaluate(step, self.models[i].sample_now, train_s=share)
             if verdict.anneal and self.anneal is not None:
                 self.anneal.start(i, step, verdict.anneal)
             if verdict.best:
@@ -326,7 +321,7 @@ class Keeper:
         """The evaluation samples of the members ``due`` (their weights written into their modules),
         drawn in one vmapped pass over their stacked sampling weights where their model offers
         ``sample_parts`` and their monitors say what they will ask for (``sample_args``: n, seed):
-        {member: ((n, seed), points)}; {} where not (each is then sampled on its own)."""
+        {member: points}; {} where not (each is then sampled on its own)."""
         args = [getattr(self.monitors[i], "sample_args", None) for i in due]
         if len(due) < 2 or any(a is None for a in args) or len({a[0] for a in args}) > 1:
             return {}  # (one stacked pass needs one sample size)
@@ -343,7 +338,7 @@ class Keeper:
 
         with torch.no_grad():
             x = vmap(one)(params, buffers, *stack_draws(p.draws for p in parts))
-        return {i: (a, p.back(x[j])) for j, (i, a, p) in enumerate(zip(due, args, parts))}
+        return {i: p.back(x[j]) for j, (i, p) in enumerate(zip(due, parts))}
 
     def on_diverge(self, i: int, step: int) -> bool:
         """Fit i's loss stopped being finite at ``step``: where it has kept a best evaluation, it
