@@ -11,7 +11,10 @@ teacher is trained once for all its trials; each trial is scored on the
 distance to it and the fraction of samples off the support, each in units of the data's noise
 floor, as the converged budget's stopping rule scores them: ``SELECTION_COLUMNS``), never on the
 reference sample the tables use; the best trial per (model, dataset) and study is written to
-``OUT/tuned.json``, which ``genbench run --tuned`` reads.
+``OUT/tuned.json``, which ``genbench run --tuned`` reads. With successive halving at the converged
+budget, the rungs before the last sample no cell: a trial goes on by its fit's score at its kept
+evaluation during training (the same score on the same validation sample); the last rung's cells,
+fresh samples of the kept weights, select.
 
 The study store is the run dirs themselves (their rows are the trials' records) and ``tune.json``,
 rewritten whole at the end: nothing else to keep consistent, and a trial's rows are as durable as
@@ -37,6 +40,9 @@ N_SAMPLES = 2000
 METRICS = ("validation", "support")
 #: the row columns selection reads (a test checks that nothing else moves it)
 SELECTION_COLUMNS = ("val_energy", "hq_frac")
+#: ... and the one a rung before the last promotes by at the converged budget: the fit's validation
+#: score at its kept evaluation (the same score, on the same validation sample, during training)
+PROMOTION_COLUMNS = ("kept_score",)
 TUNED_KIND = "genbench tuned configs"
 
 
@@ -98,6 +104,18 @@ def validation_scores(rows: list[dict], floors: dict) -> dict[tuple[str, int], f
         e, hq = row.get("val_energy"), row.get("hq_frac")
         ok = row.get("status") == "done" and e is not None and hq is not None and math.isfinite(e) and math.isfinite(hq)
         out[key] = validation_score(e, 1.0 - hq, floors[key]) if ok else math.inf
+    return out
+
+
+def kept_scores(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """Per (dataset, seed), the trial's validation score at its fit's kept evaluation (the converged
+    budget's stopping rule scores each evaluation as ``validation_scores`` scores a cell); infinite
+    for a fit that did not finish. Reads only PROMOTION_COLUMNS."""
+    out: dict[tuple[str, int], float] = {}
+    for row in rows:
+        s = row.get("kept_score")
+        ok = row.get("status") == "done" and isinstance(s, (int, float)) and math.isfinite(s)
+        out[(row["dataset"], int(row["seed"]))] = float(s) if ok else math.inf
     return out
 
 
@@ -233,14 +251,15 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     rungs = {e.name: halving_rungs(n_trials, halving, e.cls(budget=budget).config.train_steps) for e in entries}
     teachers = list(dict.fromkeys(e.cls.teacher for e in entries if e.cls.teacher))  # each fitted once, at its defaults
 
-    def plan_for(want: dict) -> "Run":
-        """The run of one rung: ``want`` maps a trial's name to (its model, its params, the datasets it trains on)."""
+    def plan_for(want: dict, cells: bool = True) -> "Run":
+        """The run of one rung: ``want`` maps a trial's name to (its model, its params, the datasets it
+        trains on); ``cells`` False: its fits' rows alone (``Plan.cells``)."""
         names = list(want)
         only = {n: tuple(d for d in datasets if d in ds) for n, (_, _, ds) in want.items() if set(ds) != set(datasets)}
         return Run(Plan(models=teachers + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
                         metrics=METRICS, floor_draws=2, params={n: p for n, (_, p, _) in want.items()},
                         trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
-                        threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False,
+                        threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False, cells=cells,
                         **({"max_members": max_members} if max_members else {}),
                         out=str(out / "trials")))
 
@@ -259,6 +278,10 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
 
     alive = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
     runner = plan_for(rung_trials(0, alive))  # every model's first rung refused before anything trains
+    last = len(rungs[entries[0].name]) - 1  # as many rungs for every model (halving_rungs)
+    # at the converged budget the rungs before the last promote by each fit's kept validation score
+    # (its evaluations during training): no cell is sampled there; the last rung's cells select
+    by_kept = bool(last) and runner.r.converged and all(e.cls.monitored for e in entries)
     floors = {}
     for d in datasets:
         ds = ds_mod.get(d)
@@ -267,9 +290,9 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
     reached: dict = {}
     reused = total = fits = 0
-    for r in range(len(rungs[entries[0].name])):  # as many rungs for every model (halving_rungs)
-        if r:
-            runner = plan_for(rung_trials(r, alive))
+    for r in range(last + 1):
+        if r or by_kept:
+            runner = plan_for(rung_trials(r, alive), cells=not (by_kept and r < last))
         done = runner.ledger.done_cells()
         units = runner.r.units()
         names = [n for n in runner.plan.models if n in runner.plan.trials]
@@ -277,7 +300,8 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
         rows = run(runner)
         reused, total = reused + len(finished), total + len(names)
         fits += sum(1 for u in units if u.model in runner.plan.trials)
-        cell_scores = {n: validation_scores([row for row in rows if row["model"] == n], floors) for n in names}
+        score_of = (lambda rs: validation_scores(rs, floors)) if runner.plan.cells else kept_scores
+        cell_scores = {n: score_of([row for row in rows if row["model"] == n]) for n in names}
         for e in entries:
             steps = rungs[e.name][r][1]
             for (study, d), idxs in alive[e.name].items():
@@ -305,6 +329,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     settings = {"budget": runner.plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
                 "seed": seed, "halving": halving, "rungs": {m: [list(x) for x in v] for m, v in rungs.items()},
+                "promoted_by": "kept evaluation" if by_kept else "cells",
                 "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
     notes = [f"{reused} of {total} trials were already done (their cells in {out / 'trials'} reused)",
              f"{fits} fits in all" + (f" over {max(len(v) for v in rungs.values())} rungs of successive halving"

@@ -289,3 +289,44 @@ def test_max_members_bounds_a_stacked_group_and_bad_values_are_refused(tmp_path,
     with pytest.raises(api.UsageError, match="--max-members 0"):
         run(Plan(**common, max_members=0, out=str(tmp_path / "bad")))
     assert not (tmp_path / "bad").exists()
+
+
+def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell(tmp_path, monkeypatch):
+    """At the converged budget (the VAE's cap cut to 600 steps), a halving tune's rungs before the
+    last write their fits' rows alone (no samples, no metric), each trial going on by its fit's
+    score at its kept evaluation during training; the last rung's cells (fresh samples) select."""
+    from genbench.models.vae import VAE
+
+    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 600}})
+    out = tmp_path / "tune"
+    _, results, best, _ = tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0], n_trials=4, studies=1,
+                                        budget="converged", out=out, device="cpu", threads=1, jobs=1, seed=0,
+                                        run=lambda runner: runner.run(), halving=2)
+    rows = [json.loads(line) for line in (out / "trials" / "rows.jsonl").read_text().splitlines()]
+    by_steps = {s: [r for r in rows if r["model"].endswith(f"~{s}")] for s in (150, 300, 600)}
+    assert [len(v) for v in by_steps.values()] == [4, 2, 1] and all(r["status"] == "done" for r in rows)
+    for r in by_steps[150] + by_steps[300]:  # fit rows: the kept score, nothing sampled or scored
+        assert math.isfinite(r["kept_score"]) and r.get("samples_sha256") is None
+        assert all(r.get(c) is None for c in ("val_energy", "hq_frac", "w2", "energy"))
+    last = by_steps[600][0]
+    assert last["val_energy"] is not None and last["samples_sha256"] is not None
+    assert len(list((out / "trials" / "samples").glob("*.npz"))) == 1
+    kept = {r["model"].split("~")[1]: r["kept_score"] for r in by_steps[150]}
+    for t in results:  # each rung's score of a cell-less rung is its fit's kept score
+        assert t["rungs"][0]["scores"]["ring8"] == kept[t["key"]]
+    went_on = {t["key"] for t in results if len(t["rungs"]) > 1}
+    assert went_on == set(sorted(kept, key=lambda k: (kept[k], [t["key"] for t in results].index(k)))[:2])
+    chosen = best[("vae", "ring8", 0)]
+    assert chosen["rung"] == 2 and last["model"].split("~")[1] == next(t["key"] for t in results
+                                                                      if t["index"] == chosen["trial"])
+    assert json.loads((out / "tune.json").read_text())["settings"]["promoted_by"] == "kept evaluation"
+
+
+def test_promotion_reads_only_the_kept_score():
+    row = {"dataset": "ring8", "seed": 0, "status": "done", "kept_score": 3.5, "kept_energy": 0.002,
+           "val_energy": None, "w2": 0.3, "energy": 0.002}
+    assert tune.kept_scores([row]) == {("ring8", 0): 3.5}
+    assert tune.kept_scores([row | {"w2": 9.0, "energy": 1.0, "kept_energy": 5.0}]) == {("ring8", 0): 3.5}
+    assert math.isinf(tune.kept_scores([row | {"status": "error"}])[("ring8", 0)])
+    assert math.isinf(tune.kept_scores([row | {"kept_score": None}])[("ring8", 0)])
+    assert set(tune.PROMOTION_COLUMNS) == {"kept_score"}

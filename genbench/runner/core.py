@@ -43,6 +43,15 @@ STOPPING_FIELDS = ("stop_reason", "kept_step", "kept_score", "kept_energy", "kep
                    "eval_floor_off", "eval_s", "anneal_step")
 
 
+def fit_columns(model, record: dict) -> dict:
+    """A cell row's columns from its unit's fit record (the same for each of the unit's cells)."""
+    return {"variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
+            "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
+            # a stacked member's own stop, where its group trained on for the others
+            "train_steps": record.get("stopped_step") or record["steps"], "refit_reason": record.get("refit_reason"),
+            "fit_sha256": record.get("fit_sha256"), **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
+
+
 class Progress:
     """What the runner reports to; the CLI passes a Rich-backed one."""
 
@@ -74,7 +83,7 @@ class Session:
         both scored and timed."""
         r = self.r
         todo = {u: [c.steps for c in r.cells([u]) if c not in done] for u in units}
-        if self.scorer.pool is not None:  # the floor draws go to the scoring processes before the first fit
+        if self.scorer.pool is not None and r.plan.cells:  # the floor draws go to the scoring processes before the first fit
             for dataset, seed in dict.fromkeys((u.dataset, u.seed) for u in units if todo[u]):
                 ds, _, ref, _ = r.data(dataset, seed)
                 self.scorer.floors_for(ds, seed, ref)
@@ -109,6 +118,8 @@ class Session:
         each row waits for its timing before it is written."""
         ds, train, ref, test = self.r.data(unit.dataset, unit.seed)
         base = self.ledger.base_row(*unit)
+        if not self.r.plan.cells:
+            return self.fit_rows(unit, model, steps, base, train)
         try:
             record = self.fits.fit_or_load(unit, model, train)
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: evaluating")
@@ -128,13 +139,7 @@ class Session:
         for k in steps:
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: sampling"
                                  + (f" {k} steps" if k else ""))
-            row = base | {"steps": k, "variant": model.variant, "colour": model.colour, "train_s": record["train_s"],
-                          "teacher_train_s": record.get("teacher_train_s"), "final_loss": record["final_loss"],
-                          # a stacked member's own stop, where its group trained on for the others
-                          "train_steps": record.get("stopped_step") or record["steps"],
-                          "refit_reason": record.get("refit_reason"),
-                          "fit_sha256": record.get("fit_sha256"), **note,
-                          **{k: record.get(k) for k in STOPPING_FIELDS if k in record}}
+            row = base | {"steps": k} | fit_columns(model, record) | note
             try:
                 x = self.sample_cell(model, ds, unit.seed, k, ref, row, timed=timed)
                 self.scorer.submit(row, x, ref, ds, unit.seed, late,
@@ -153,6 +158,22 @@ class Session:
                 else:
                     self.ledger.write(row, e)
         return untimed
+
+    def fit_rows(self, unit: Unit, model, steps: list, base: dict, train) -> list:
+        """A unit of a plan without cells (``Plan.cells`` False): its fit record (read back, or the
+        unit fitted) written as one row per cell, nothing sampled, scored or evaluated."""
+        try:
+            record = self.fits.record(unit) or self.fits.fit_or_load(unit, model, train)
+        except RunDirError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on
+            record, error = None, e
+        for k in steps:
+            if record is None:
+                self.ledger.write(base | {"steps": k, "variant": safe_variant(model)}, error)
+            else:
+                self.ledger.write(base | {"steps": k} | fit_columns(model, record), None)
+        return []
 
     def time_unit(self, unit: Unit, cells: list) -> None:
         """Times the cells ``run_unit(timed=False)`` sampled, on the unit's model reloaded from its

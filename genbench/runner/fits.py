@@ -43,6 +43,15 @@ class FitStore:
             return None, "fit record unreadable, torn or altered (its checksum does not match)"
         return None, None
 
+    def record(self, unit: Unit) -> dict | None:
+        """The unit's fit record as saved (checksummed), without loading its checkpoint; None if there
+        is none that checks out."""
+        name = cell_name(*unit)
+        record = self.store.load_json("fits", name)
+        if not isinstance(record, dict):
+            return None
+        return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", name, ".json")}
+
     def monitor(self, unit: Unit, model: Generator):
         """The fit's evaluation during training (the converged budget, a model that offers it), or None."""
         if not (self.r.converged and model.monitored):

@@ -86,6 +86,11 @@ class Plan:
     #: False: no cell's sample call is timed and no trajectory is saved (a tune's trials: selection
     #: reads their validation columns alone); their rows' sample_s is empty
     timed: bool = True
+    #: False: no cell is sampled, scored or evaluated; each fit unit writes one row per cell from its
+    #: fit record (training seconds, stop, the kept evaluation's validation score): a tune's rungs
+    #: before the last, promoted by that score. Not a setting: such rows are told by their empty
+    #: metrics (a tune's run dir holds both kinds, each trial's rung its own name)
+    cells: bool = True
     # resources
     device: str = "auto"
     threads: int = 1
