@@ -158,17 +158,18 @@ def test_a_snapshot_of_other_fits_or_unreadable_is_not_used(tmp_path, monkeypatc
 
     monkeypatch.setattr(fits_mod, "SNAPSHOT_EVERY_S", 0.0)
     r = check(Plan(models=("vae",), datasets=("ring8",), seeds=(0,), device="cpu", out=str(tmp_path / "run")))
-    notes = []
+    notes, said = [], []
     store = RunDir(tmp_path / "run")
-    fits = FitStore(store, r, type("P", (), {"update": lambda self, d: None})(), notes)
+    fits = FitStore(store, r, type("P", (), {"update": lambda self, d: said.append(d)})(), notes)
     unit, model = Unit("vae", "ring8", 0), r.model("vae", "ring8")
-    snaps = fits.snapshots("x", [unit], [model])
+    snaps = fits.snapshots("x", [unit], [model], "vae: training")
     snaps.add("part", lambda: {"w": torch.ones(2)}, lambda saved: None)
-    snaps.due(100)
-    assert fits.snapshots("x", [unit], [model]).saved["step"] == 100  # its own: used
-    assert fits.snapshots("x", [Unit("vae", "ring8", 1)], [model]).saved is None  # another unit's
+    snaps.due(1500)
+    assert said == [f"vae: training: step 1,500 of {model.config.train_steps:,}"]  # a long fit's sign of life
+    assert fits.snapshots("x", [unit], [model], "").saved["step"] == 1500  # its own: used
+    assert fits.snapshots("x", [Unit("vae", "ring8", 1)], [model], "").saved is None  # another unit's
     (tmp_path / "run" / "partial" / "x.pt").write_bytes(b"torn")
-    assert fits.snapshots("x", [unit], [model]).saved is None and "could not be read" in notes[-1]
+    assert fits.snapshots("x", [unit], [model], "").saved is None and "could not be read" in notes[-1]
 
 
 def test_a_snapshot_without_every_part_of_the_fit_starts_it_over():

@@ -69,11 +69,13 @@ class FitStore:
         return ValidationMonitor(ds, val, floor, cap=c.train_steps, log_every=getattr(c, "log_every", 50),
                                  seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu")
 
-    def snapshots(self, name: str, units: list[Unit], models: list[Generator]):
+    def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str):
         """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the
         ``resumable`` capability, saved as partial/<name>.pt: a fit started with one continues from
         it, where it belongs to the same units and configs (a snapshot that cannot be read, or of
-        other fits, is left and the fit starts over). None for a model without the capability."""
+        other fits, is left and the fit starts over); each snapshot also tells the progress ``doing``
+        and the step it is at (a long fit's only sign of life in a log). None for a model without
+        the capability."""
         if not all(type(m).resumable for m in models):
             return None
         from ..models.train import Snapshots
@@ -89,7 +91,13 @@ class FitStore:
             saved = None
         if saved is not None:
             self.progress.update(f"{name}: continuing from step {saved.get('step')}")
-        return Snapshots(saved, lambda state: self.store.save_partial(name, {"key": key} | state), SNAPSHOT_EVERY_S)
+        cap = max((getattr(m.config, "train_steps", 0) for m in models), default=0)
+
+        def save(state: dict) -> None:
+            self.store.save_partial(name, {"key": key} | state)
+            self.progress.update(f"{doing}: step {state['step']:,}" + (f" of {cap:,}" if cap else ""))
+
+        return Snapshots(saved, save, SNAPSHOT_EVERY_S)
 
     @staticmethod
     def _resumed(snapshots) -> dict:
@@ -130,7 +138,7 @@ class FitStore:
         self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: training")
         monitor = self.monitor(unit, model)
         name = cell_name(*unit)
-        snapshots = self.snapshots(name, [unit], [model])
+        snapshots = self.snapshots(name, [unit], [model], f"{unit.model} on {unit.dataset} seed {unit.seed}: training")
         info = model.fit(train, device=self.r.device, seed=unit.seed, **({"teacher": teacher} if teacher else {}),
                          **({"monitor": monitor} if monitor is not None else {}),
                          **({"snapshots": snapshots} if snapshots is not None else {}))
@@ -267,7 +275,7 @@ class FitStore:
                 kw["monitors"] = monitors
             units = [u for u, _ in chunk]
             partial = f"{name}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
-            snapshots = self.snapshots(partial, units, models)
+            snapshots = self.snapshots(partial, units, models, f"{name}: {len(chunk)} fits side by side")
             if snapshots is not None:
                 kw["snapshots"] = snapshots
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
