@@ -2,7 +2,10 @@
 every cap doubled; per (model, steps, dataset, metric) cell the difference of the seed means
 against 2 standard errors of the difference (each side's standard error over its seeds).
 
-    python benchmarks/cap_check.py BASE_RUN_DIR DOUBLED_RUN_DIR [--metrics w2,energy,...]
+    python benchmarks/cap_check.py BASE_RUN_DIR DOUBLED_RUN_DIR [MORE_DOUBLED ...] [--metrics w2,energy,...]
+
+Several doubled run dirs make one doubled grid: a later dir's models replace an earlier one's (the
+grid's doubled run, then a run of the models whose caps changed since, at their doubled caps).
 
 Prints, per model and metric, the cells where the doubled cap is better and worse beyond 2 SE,
 the cells both runs have with all seeds, and the fits identical at both caps (stopped by the rule
@@ -22,8 +25,12 @@ METRICS = ["w2", "energy", "precision", "recall", "density", "coverage", "c2st_d
            "mode_tv"]
 
 
-def rows(run: Path) -> pd.DataFrame:
-    df = pd.DataFrame([json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines() if line.strip()])
+def rows(*runs: Path) -> pd.DataFrame:
+    """The finished rows of ``runs``, a later run's models replacing an earlier one's."""
+    df = pd.DataFrame()
+    for run in runs:
+        new = pd.DataFrame([json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines() if line.strip()])
+        df = pd.concat([df[~df.model.isin(set(new.model))] if len(df) else df, new], ignore_index=True)
     df = df[df.status == "done"].copy()
     df["c2st_dev"] = (df["c2st"] - 0.5).abs()  # the classifier test: 0.5 is the data's
     df["steps"] = df["steps"].fillna(0).astype(int)  # one-network samplers have no step count (a key)
@@ -33,11 +40,11 @@ def rows(run: Path) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("base", type=Path)
-    ap.add_argument("doubled", type=Path)
+    ap.add_argument("doubled", type=Path, nargs="+")
     ap.add_argument("--metrics", default=",".join(METRICS))
     args = ap.parse_args()
     metrics = args.metrics.split(",")
-    a, b = rows(args.base), rows(args.doubled)
+    a, b = rows(args.base), rows(*args.doubled)
     key = ["model", "steps", "dataset"]
     seeds = a.groupby(key).seed.nunique().rename("na").to_frame().join(b.groupby(key).seed.nunique().rename("nb"))
     full = seeds[(seeds.na >= 2) & (seeds.na == seeds.nb)].index
