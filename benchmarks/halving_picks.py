@@ -11,10 +11,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from genbench import datasets
-from genbench.runner.monitor import validation_floor
-from genbench.scoring import validation_sample
-from genbench.tune import validation_scores
+from genbench.tune import validation_floors, validation_scores
 
 
 def main() -> None:
@@ -25,15 +22,11 @@ def main() -> None:
     files = sorted((args.out / "trials").glob("**/rows.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["model"].count("~") == 2]  # trials at a rung: MODEL~KEY~STEPS
-    floors = {}
+    floors = validation_floors((r["dataset"], int(r["seed"])) for r in rows)
     scores: dict = defaultdict(lambda: defaultdict(dict))  # model -> key -> steps -> {dataset: score}
     by_trial = defaultdict(list)
     for r in rows:
         by_trial[r["model"]].append(r)
-        key = (r["dataset"], int(r["seed"]))
-        if key not in floors:
-            ds = datasets.get(r["dataset"])
-            floors[key] = validation_floor(ds, key[1], validation_sample(ds, key[1]))
     for name, rs in by_trial.items():
         model, key, steps = name.split("~")
         for (d, _), v in validation_scores(rs, floors).items():

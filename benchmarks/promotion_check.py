@@ -14,10 +14,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from genbench import datasets as ds_mod
 from genbench import tune
-from genbench.runner.monitor import validation_floor
-from genbench.scoring import validation_sample
 
 
 def main() -> None:
@@ -27,10 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = [json.loads(line) for line in (args.run / "rows.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("val_energy") is not None and r.get("kept_score") is not None]
-    floors = {}
-    for d, s in {(r["dataset"], int(r["seed"])) for r in rows}:
-        ds = ds_mod.get(d)
-        floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
+    floors = tune.validation_floors((r["dataset"], int(r["seed"])) for r in rows)
     groups = collections.defaultdict(list)
     for r in rows:  # a trial's model is MODEL~KEY[~STEPS]: one group per family, rung and dataset
         model, _, rest = r["model"].partition("~")

@@ -107,6 +107,21 @@ def validation_scores(rows: list[dict], floors: dict) -> dict[tuple[str, int], f
     return out
 
 
+def validation_floors(keys) -> dict:
+    """{(dataset, seed): its validation metrics' floor} for ``keys`` (dataset, seed) pairs: the
+    ``floors`` ``validation_scores`` reads (runner.monitor.validation_floor on the seed's validation
+    sample, as the stopping rule computes it)."""
+    from . import datasets as ds_mod
+    from .runner.monitor import validation_floor
+    from .scoring import validation_sample
+
+    floors = {}
+    for d, s in set(keys):
+        ds = ds_mod.get(d)
+        floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
+    return floors
+
+
 def kept_scores(rows: list[dict]) -> dict[tuple[str, int], float]:
     """Per (dataset, seed), the trial's validation score at its fit's kept evaluation (the converged
     budget's stopping rule scores each evaluation as ``validation_scores`` scores a cell); infinite
@@ -235,11 +250,8 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     one line). ``run(runner)`` runs one ``runner.Run`` and returns its rows. Writes tune.json and
     tuned.json into ``out``. Returns (the tuned file, the trials' results, the best per (model,
     dataset, study), notes for the user)."""
-    from . import datasets as ds_mod
     from .registry import resolve
     from .runner import Plan, Run
-    from .runner.monitor import validation_floor
-    from .scoring import validation_sample
 
     if n_trials < 1 or studies < 1:
         raise UsageError(f"--trials {n_trials} --studies {studies}: both must be >= 1")
@@ -282,11 +294,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     # at the converged budget the rungs before the last promote by each fit's kept validation score
     # (its evaluations during training): no cell is sampled there; the last rung's cells select
     by_kept = bool(last) and runner.r.converged and all(e.cls.monitored for e in entries)
-    floors = {}
-    for d in datasets:
-        ds = ds_mod.get(d)
-        for s in seeds:
-            floors[(d, s)] = validation_floor(ds, s, validation_sample(ds, s))
+    floors = validation_floors((d, s) for d in datasets for s in seeds)
     # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
     reached: dict = {}
     reused = total = fits = 0

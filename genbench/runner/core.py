@@ -116,10 +116,10 @@ class Session:
         scored and written. ``timed=False``: the cells are sampled and sent to scoring but not
         timed; returns them (row, steps, a divergence to record or None) for ``time_unit``, and
         each row waits for its timing before it is written."""
+        if not self.r.plan.cells:
+            return self.fit_rows(unit, model, steps)
         ds, train, ref, test = self.r.data(unit.dataset, unit.seed)
         base = self.ledger.base_row(*unit)
-        if not self.r.plan.cells:
-            return self.fit_rows(unit, model, steps, base, train)
         try:
             record = self.fits.fit_or_load(unit, model, train)
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: evaluating")
@@ -159,11 +159,12 @@ class Session:
                     self.ledger.write(row, e)
         return untimed
 
-    def fit_rows(self, unit: Unit, model, steps: list, base: dict, train) -> list:
+    def fit_rows(self, unit: Unit, model, steps: list) -> list:
         """A unit of a plan without cells (``Plan.cells`` False): its fit record (read back, or the
         unit fitted) written as one row per cell, nothing sampled, scored or evaluated."""
+        base = self.ledger.base_row(*unit)
         try:
-            record = self.fits.record(unit) or self.fits.fit_or_load(unit, model, train)
+            record = self.fits.record(unit) or self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
         except RunDirError:
             raise
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on

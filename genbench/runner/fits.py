@@ -26,18 +26,17 @@ class FitStore:
         """(the unit's fit record, its checkpoint loaded into ``model``), or (None, why the unit must
         be fitted: None where it never was)."""
         name = cell_name(*unit)
-        record = self.store.load_json("fits", name)
-        if isinstance(record, dict) and record.get("checkpoint_sha256"):
+        record = self.record(unit)
+        if record is not None and record.get("checkpoint_sha256"):
             try:  # tensors and plain containers only: a checkpoint is data, never code
                 state = self.store.load_checkpoint(name, record["checkpoint_sha256"], self.r.device)
                 model.load_state_dict(state, device=self.r.device)
-                # reused: the refit reason of the fit that made it is not this run's
-                return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", name, ".json")}, None
+                return record, None
             except Exception as e:  # noqa: BLE001 - an unreadable, torn or unsafe checkpoint is retrained
                 refit = f"checkpoint not reused ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
                 self.progress.update(f"{name}: {refit}; training again")
                 return None, refit
-        if isinstance(record, dict) and "checkpoint_sha256" in record:
+        if record is not None and "checkpoint_sha256" in record:
             return None, "the model saves no checkpoint"
         if self.store.has("fits", name):
             return None, "fit record unreadable, torn or altered (its checksum does not match)"
@@ -45,7 +44,7 @@ class FitStore:
 
     def record(self, unit: Unit) -> dict | None:
         """The unit's fit record as saved (checksummed), without loading its checkpoint; None if there
-        is none that checks out."""
+        is none that checks out. Reused: the refit reason of the fit that made it is not this run's."""
         name = cell_name(*unit)
         record = self.store.load_json("fits", name)
         if not isinstance(record, dict):
