@@ -4,6 +4,10 @@ converged run), the step captured in a CUDA graph. The group's wall time (``grou
 warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
+                                    [--replay window,step] [--rounds 1]
+
+``--replay window,step`` times each model with a logged window captured as one graph (the default,
+``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
 
 To compare two versions of genbench side by side, run it alternately with each on PYTHONPATH
 (``git archive REV genbench | tar -x -C /tmp/old``; ``PYTHONPATH=/tmp/old python benchmarks/group_step.py``):
@@ -25,7 +29,11 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=24)
     ap.add_argument("--member-beta1", action="store_true",
                     help="each member its own Adam beta1 (MemberAdam; a model with beta1 among its member fields)")
+    ap.add_argument("--replay", default="window", help="window, step, or both in turn (window,step)")
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
+    from genbench.models import train
+
     datas = [datasets.get("ring8").sample(20000, [s, 0]) for s in range(args.members)]
     for name in args.models.split(","):
         cls = resolve([name])[0].cls
@@ -33,13 +41,18 @@ def main() -> None:
             raise SystemExit(f"{name}: a distilled model needs teachers; time its teacher's family instead")
         base = float(cls(budget="converged").config.lr)
         beta1 = lambda i: {"beta1": str(0.5 + 0.01 * i)} if args.member_beta1 else {}  # noqa: E731
-        group = [cls(budget="converged", params={"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))} | beta1(i))
-                 for i in range(args.members)]
-        infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=list(range(args.members)))
-        g = infos[0].extras["group_train_s"]
-        print(f"{genbench.__file__}: {name} x{args.members}{' (a beta1 each)' if args.member_beta1 else ''}, "
-              f"{args.steps} steps: group {g:.2f} s, "
-              f"{g / args.steps * 1e3:.3f} ms/step ({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
+        for _ in range(args.rounds):
+            for replay in args.replay.split(","):
+                if replay not in ("window", "step"):
+                    raise SystemExit(f"--replay {replay!r}: valid: window, step")
+                train.WINDOW_REPLAY = replay == "window"
+                group = [cls(budget="converged", params={"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
+                             | beta1(i)) for i in range(args.members)]
+                infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=list(range(args.members)))
+                g = infos[0].extras["group_train_s"]
+                print(f"{genbench.__file__}: {name} x{args.members}{' (a beta1 each)' if args.member_beta1 else ''}, "
+                      f"{args.steps} steps, a {replay} a replay: group {g:.2f} s, {g / args.steps * 1e3:.3f} ms/step "
+                      f"({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
 
 
 if __name__ == "__main__":

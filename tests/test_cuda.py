@@ -154,6 +154,28 @@ def test_fits_side_by_side_on_the_gpu_are_their_solo_fits():
                                    rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "gan"])
+def test_a_window_a_replay_trains_the_fits_a_step_a_replay_does(name, monkeypatch):
+    """The captured loop replaying a logged window at once (``train.WINDOW_REPLAY``) against one step a
+    replay: the same kernels in the same order and the same random numbers, so the same members to the
+    bit (cm-ct: its curriculum's phases, each captured on its own)."""
+    from genbench.models import train
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    seeds = [0, 1, 2]
+    datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
+    out = {}
+    for window in (False, True):
+        monkeypatch.setattr(train, "WINDOW_REPLAY", window)
+        group = [cls(budget="quick", params={"train_steps": "1234"}) for _ in seeds]
+        infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=seeds)
+        out[window] = ([i.losses for i in infos], [m.sample(500, seed=4).cpu() for m in group])
+    assert out[True][0] == out[False][0]
+    for a, b in zip(out[True][1], out[False][1]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["cm-ct", "vae", "flow"])
 def test_other_families_side_by_side_on_the_gpu_match_their_solo_fits(name):
     """Members against their solo fits on the GPU, within the seed-to-seed spread of the solo fits:

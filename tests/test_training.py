@@ -5,7 +5,7 @@ import torch
 from genbench.models.consistency import ct_discretisation
 from genbench.models.graphs import phase_segments
 from genbench.models.nets import EMA
-from genbench.models.train import at_most
+from genbench.models.train import at_most, replay_chunks
 
 
 def test_phase_segments_cover_the_steps_in_runs_of_one_phase():
@@ -17,6 +17,28 @@ def test_phase_segments_cover_the_steps_in_runs_of_one_phase():
     assert all(a[1] == b[0] for a, b in zip(segs, segs[1:]))  # contiguous
     assert all(len({phase(k) for k in range(s, e)}) == 1 for s, e in segs)  # one phase each
     assert len(segs) == len({phase(k) for k in range(steps)}) == 8  # N = 11, 21, ..., 1281
+
+
+def test_window_replays_cover_the_steps_and_each_is_one_logged_window():
+    """The captured loop's replays: every step once, in order; a multi-step replay exactly one logged
+    window (the windows counted from the step the loop began at, a resumed fit's included), single
+    steps where a phase begins or ends inside a window."""
+    for begin, end, origin, width in [(2, 1000, 0, 50), (0, 1000, 0, 50), (7502, 15000, 0, 50), (1250, 1337, 1250, 50),
+                                      (3, 40, 0, 50), (5, 17, 0, 1), (100, 260, 100, 50)]:
+        chunks = replay_chunks(begin, end, origin, width)
+        steps = [k + j for k, n in chunks for j in range(n)]
+        assert steps == list(range(begin, end))
+        for k, n in chunks:
+            assert n in (1, width)
+            if n > 1:
+                assert (k - origin) % width == 0 and k + n <= end
+        # a single step is left only where no whole window fits around it
+        for k, n in chunks:
+            if n == 1 and width > 1:
+                start = origin + (k - origin) // width * width
+                assert start < begin or start + width > end
+    assert replay_chunks(2, 200, 0, 50) == [(k, 1) for k in range(2, 50)] + [(50, 50), (100, 50), (150, 50)]
+    assert replay_chunks(0, 120, 0, 50) == [(0, 50), (50, 50)] + [(k, 1) for k in range(100, 120)]
 
 
 def test_step_dependent_values_work_on_numbers_and_tensors():

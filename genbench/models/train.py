@@ -844,15 +844,42 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         return log.stop
 
     with graphs.own_stream() as side:  # the eager warm-up steps' stream (no other thread's)
-        _replay_segments(side, steps, first, phase, opt, one_step, log_upto, log, generators)
+        _replay_segments(side, steps, first, phase, opt, one_step, log_upto, log, generators, window_start=lambda k: k == logged)
     _sync(device)
     return log.result(time.perf_counter() - t0)
 
 
-def _replay_segments(side, steps: int, first: int, phase, opt, one_step, log_upto, log, generators) -> None:
+#: a whole logged window captured in one CUDA graph and replayed at once (False: one step a replay).
+#: Before each replay torch launches two small kernels per random generator registered with the graph
+#: (it writes the generator's seed and offset for the graph to read), so with a generator per member a
+#: stacked fit paid twice its member count in launches every step; a window a replay pays them once a
+#: window. The same kernels in the same order, and the same random numbers (each draw's offset is the
+#: one the step-by-step replays give it).
+WINDOW_REPLAY = True
+
+
+def replay_chunks(begin: int, end: int, origin: int, width: int) -> list[tuple[int, int]]:
+    """The replays that make steps [begin, end): (first step, number of steps) each. A chunk of
+    ``width`` steps where a whole window [origin + j * width, origin + (j + 1) * width) lies in the
+    range; single steps before the first such window, after the last, and everywhere for
+    ``width`` <= 1."""
+    out: list[tuple[int, int]] = []
+    k = begin
+    while k < end:
+        n = width if width > 1 and (k - origin) % width == 0 and k + width <= end else 1
+        out.append((k, n))
+        k += n
+    return out
+
+
+def _replay_segments(side, steps: int, first: int, phase, opt, one_step, log_upto, log, generators,
+                     window_start=None) -> None:
     """``_fit_graphed``'s loop from step ``first``: each phase's first steps eager on ``side``, then
-    its step captured once and replayed to the phase's end (or until ``log_upto`` says stop)."""
+    its step captured once and replayed; where a whole logged window lies in the phase (and
+    ``WINDOW_REPLAY``), the window's steps are captured as one graph too and replayed window by
+    window (``replay_chunks``), to the phase's end or until ``log_upto`` says stop."""
     segments = [(max(a, first), b) for a, b in graphs.phase_segments(steps, phase) if b > first]
+    width = log.log_every if WINDOW_REPLAY else 1
     for i, (start, end) in enumerate(segments):
         eager = min(end - start, 2 if i == 0 else 1)  # real steps that warm up what capture needs
         side.wait_stream(torch.cuda.current_stream())
@@ -869,11 +896,25 @@ def _replay_segments(side, steps: int, first: int, phase, opt, one_step, log_upt
             continue
         opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         graph = graphs.capture_step(lambda: one_step(start + eager), generators)
-        for k in range(start + eager, end):
-            graph.replay()
-            if log_upto(k + 1):
+        window = None  # the window's graph, captured where the first whole window begins
+
+        def window_steps(k0: int) -> None:
+            for j in range(width):
+                opt.zero_grad(set_to_none=True)  # each captured backward writes gradients of its own
+                one_step(k0)  # (k only through phase(k), constant in the segment)
+
+        for k, n in replay_chunks(start + eager, end, first, width):
+            if n > 1 and window_start is not None and not window_start(k):
+                raise RuntimeError(f"step {k}: a window's replay must begin where a logged window does")
+            if n > 1:
+                if window is None:
+                    window = graphs.capture_step(lambda: window_steps(k), generators)
+                window.replay()
+            else:
+                graph.replay()
+            if log_upto(k + n):
                 break
-        del graph  # the phase's graph and its memory go before the next is captured
+        del graph, window  # the phase's graphs and their memory go before the next are captured
         if log.stop:
             break
 
