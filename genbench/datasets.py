@@ -75,11 +75,16 @@ def _arc_distance(x: np.ndarray, centre, radius: float, start: float, stop: floa
 
 
 def _polyline_distance(curve: np.ndarray):
-    """Distance to a densely sampled curve (a KD-tree over its points)."""
-    def distance(x: np.ndarray) -> np.ndarray:
-        from sklearn.neighbors import KDTree
+    """Distance to a densely sampled curve (a KD-tree over its points, built at the first call and
+    kept: the evaluations during training ask at every evaluation of every fit)."""
+    tree = []
 
-        return KDTree(curve).query(x, k=1)[0][:, 0]
+    def distance(x: np.ndarray) -> np.ndarray:
+        if not tree:
+            from sklearn.neighbors import KDTree
+
+            tree.append(KDTree(curve))
+        return tree[0].query(x, k=1)[0][:, 0]
 
     return distance
 
