@@ -6,6 +6,8 @@ permissions); 2 bad input (nothing was created or trained); 3 the run ended but 
 or diverged (their rows say why); 130 interrupted (Ctrl-C; finished cells are kept)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -211,16 +213,38 @@ def _summary(runner, df) -> None:
                   highlight=False, soft_wrap=True, markup=False)
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """A SIGTERM (a command's time limit, a cluster taking the node back) stops the run as Ctrl-C
+    does, but a fit in training first saves where it is, at its next logged window (``train.STOP``),
+    so that the re-run continues from there."""
+    from .models import train
+
+    def stop(signum, frame):
+        if not train.request_stop():  # no fit keeping snapshots is training: stop now
+            raise KeyboardInterrupt
+
+    train.STOP.clear()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        train.STOP.clear()
+
+
 def _run(runner) -> list[dict]:
-    """Runs with a progress bar; Ctrl-C exits 130 and a run dir that cannot be written exits 1,
-    each with one line (finished cells stay written)."""
+    """Runs with a progress bar; Ctrl-C or SIGTERM exits 130 and a run dir that cannot be written
+    exits 1, each with one line (finished cells stay written; on a SIGTERM, each fit in training
+    saves a snapshot first)."""
     try:
         runner.store.lock()  # before the progress bar: a refusal is the only line printed
-        with _RichProgress() as progress:
+        with _stop_on_sigterm(), _RichProgress() as progress:
             return runner.run(progress)
-    except KeyboardInterrupt:
-        raise fail(f"interrupted; finished cells are kept in {runner.store.path}, re-run the same command to resume",
-                   EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as e:
+        saved = " and the fits in training where they were" if type(e).__name__ == "Stopped" else ""
+        raise fail(f"interrupted; finished cells{saved} are kept in {runner.store.path}, re-run the same command "
+                   "to resume", EXIT_INTERRUPTED) from None
     except RunDirError as e:
         raise fail(f"{e}; finished cells are kept, re-run to resume", EXIT_ENVIRONMENT) from None
 

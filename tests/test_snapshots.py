@@ -178,3 +178,73 @@ def test_a_snapshot_without_every_part_of_the_fit_starts_it_over():
     snaps.add("loop", lambda: {}, loaded.append)
     snaps.add("keeper", lambda: {}, loaded.append)  # a part the saved state does not have
     assert snaps.restore() == 0 and loaded == [] and snaps.resumed_at is None
+
+
+@pytest.mark.slow
+def test_a_sigterm_saves_the_fit_in_training_and_the_rerun_continues_it(tmp_path):
+    """A SIGTERM (a command's time limit, a cluster taking the node back) ends the run within seconds
+    with one line and exit 130, and the fit in training saves where it was first (not at its last
+    timed snapshot, a minute apart): the re-run continues it from that step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "genbench.cli", "run", "--models", "vae", "--datasets", "ring8", "--seeds", "0",
+           "--device", "cpu", "--budget", "converged", "--param", "vae.train_steps=6000", "--n-samples", "300",
+           "--floor-draws", "2", "--score-jobs", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    deadline = time.time() + 120
+    while not (out / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(10)  # the data and floors made, the fit training (6,000 steps take tens of seconds here)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 20, "a SIGTERM must end the run within seconds"
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "the fits in training where they were" in err, err
+    assert list((out / "partial").glob("vae__ring8__s0*"))  # saved at the signal: timed ones come a minute apart
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((out / "fits" / "vae__ring8__s0.json").read_text())
+    assert record["resumed_step"] > 0 and record["resumed_step"] % 50 == 0 and record["steps"] == 6000
+
+
+def test_a_stop_request_saves_at_the_next_window_and_ends_the_fit():
+    """``request_stop``: False where no fit keeping snapshots is training (the caller stops at once);
+    in a fit that keeps them, the next window's end saves a snapshot, not waiting for its timer, and
+    the fit ends with ``Stopped`` (an interruption); a re-run with the saved state continues it."""
+    from genbench.models import train
+    from genbench.models.vae import VAE
+
+    data = RING8.sample(5000, [0, 0])
+    saved = []
+    try:
+        assert train.request_stop() is False
+        train.STOP.clear()
+
+        def save(state):
+            saved.append(state)
+
+        asked = []
+
+        class AskOnLog(Snapshots):
+            def due(self, step):
+                if step == 150:
+                    asked.append(train.request_stop())  # a fit is in its loop: it is asked to end
+                super().due(step)
+
+        with pytest.raises(train.Stopped):
+            VAE(budget="quick", params={"train_steps": "600"}).fit(data, seed=0, snapshots=AskOnLog(None, save, 1e9))
+        assert asked == [True] and [s["step"] for s in saved] == [150]
+    finally:
+        train.STOP.clear()
+    model = VAE(budget="quick", params={"train_steps": "600"})
+    model.fit(data, seed=0, snapshots=Snapshots(saved[0], lambda s: None))
+    whole = VAE(budget="quick", params={"train_steps": "600"})
+    whole.fit(data, seed=0)
+    a, b = _weights(model), _weights(whole)
+    assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)

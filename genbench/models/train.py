@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -380,6 +381,27 @@ def _decay(decay, t):
     return decay(t) if callable(decay) else decay
 
 
+#: a stop asked for (``request_stop``; the CLI asks on a SIGTERM: a command's time limit, a cluster
+#: taking its node back): every fit that keeps snapshots saves one at its next logged window's end and
+#: ends (``Stopped``), so that the re-run continues from there, not from the last timed snapshot
+STOP = threading.Event()
+_TRAINING = {"fits": 0}  # fits keeping snapshots that are in their loop now, in any thread of the process
+_TRAINING_LOCK = threading.Lock()
+
+
+class Stopped(KeyboardInterrupt):
+    """A fit ended on a stop request, its snapshot saved: the run ends as an interrupted one does."""
+
+
+def request_stop() -> bool:
+    """Asks every fit that keeps snapshots to save one and end at its next logged window. True where
+    such a fit is training in this process (the caller lets them end: each raises ``Stopped``);
+    False where none is (the caller stops the run itself)."""
+    STOP.set()
+    with _TRAINING_LOCK:
+        return _TRAINING["fits"] > 0
+
+
 class Snapshots:
     """Mid-fit snapshots, so that a fit stopped in its middle (a killed worker, a command's time
     limit) continues where it was instead of from step 0. The loop's whole state (step, weights,
@@ -409,10 +431,14 @@ class Snapshots:
         return self.resumed_at
 
     def due(self, step: int) -> None:
-        """At the end of a logged window (``step`` steps made): a snapshot where one is due."""
-        if time.perf_counter() - self.last >= self.every_s:
+        """At the end of a logged window (``step`` steps made): a snapshot where one is due, or where a
+        stop was asked for (``STOP``: then the fit ends here, raising ``Stopped``)."""
+        stop = STOP.is_set()
+        if stop or time.perf_counter() - self.last >= self.every_s:
             self._save({"step": step} | {name: state() for name, (state, _) in self.parts.items()})
             self.last = time.perf_counter()
+        if stop:
+            raise Stopped(f"stopped at step {step}, its snapshot saved")
 
 
 def _cpu(tensors) -> list:
@@ -550,9 +576,17 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     factor = SCHEDULES[schedule]
     kw = dict(steps=steps, lr=lr, warmup=warmup, clip=clip, after_step=after_step, device=device, members=members,
               log=log, betas=tuple(betas), factor=factor, anneal=anneal, snapshots=snapshots)
-    if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
-        return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
-    return _fit_eager(params, loss_fn, generators=generators, **kw)
+    if snapshots is not None:  # a stop request waits for this fit's next window (request_stop)
+        with _TRAINING_LOCK:
+            _TRAINING["fits"] += 1
+    try:
+        if cuda_graph and device.startswith("cuda") and graphs.graphs_available():
+            return _fit_graphed(params, loss_fn, generators=generators, phase=phase, **kw)
+        return _fit_eager(params, loss_fn, generators=generators, **kw)
+    finally:
+        if snapshots is not None:
+            with _TRAINING_LOCK:
+                _TRAINING["fits"] -= 1
 
 
 class PerMember:
