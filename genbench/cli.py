@@ -242,7 +242,9 @@ def _run(runner) -> list[dict]:
         with _stop_on_sigterm(), _RichProgress() as progress:
             return runner.run(progress)
     except KeyboardInterrupt as e:
-        saved = " and the fits in training where they were" if type(e).__name__ == "Stopped" else ""
+        from .models.train import Stopped
+
+        saved = " and the fits in training where they were" if isinstance(e, Stopped) else ""
         raise fail(f"interrupted; finished cells{saved} are kept in {runner.store.path}, re-run the same command "
                    "to resume", EXIT_INTERRUPTED) from None
     except RunDirError as e:
