@@ -418,3 +418,14 @@ def test_seeded_blocks_in_threads_draw_what_they_draw_alone():
     for t in threads:
         t.join()
     assert all(torch.equal(got[s], alone[s]) for s in range(4))
+
+
+def test_groups_start_teachers_first_students_last_and_the_longest_first_between():
+    """When fewer groups train at once than there are, the order they start in: a teacher's group
+    first, its students' last (they wait for it), the others by most training steps, ties in order."""
+    from genbench.runner.fits import longest_first
+
+    chunks = ["vae 8", "cm-cd 50", "flow 3", "diffusion-teacher 80", "gan 2", "vae 8b", "cm-ct 4"]
+    steps = {c: int(c.split()[1].rstrip("b")) for c in chunks}
+    order = longest_first(chunks, steps.get, lambda c: "teacher" in c, lambda c: c.startswith("cm-cd"))
+    assert order == ["diffusion-teacher 80", "vae 8", "vae 8b", "cm-ct 4", "flow 3", "gan 2", "cm-cd 50"]

@@ -17,6 +17,15 @@ from .plan import Resolved, Unit, make_model
 SNAPSHOT_EVERY_S = 60.0
 
 
+def longest_first(chunks: list, steps, teaches, learns) -> list:
+    """The order in which groups start when fewer train at once than there are: the groups of
+    teachers first, their students' last (a student's group holds its thread until its teacher's
+    ends), and between them the most training steps first, so that the groups left to end alone
+    are short ones (longest processing time first; ties keep their order). ``steps(chunk)``: its
+    members' most steps; ``teaches(chunk)``, ``learns(chunk)``: a teacher's, a student's group."""
+    return sorted(chunks, key=lambda c: (not teaches(c), bool(learns(c)), -steps(c)))
+
+
 class FitStore:
     def __init__(self, store: RunDir, r: Resolved, progress, notes: list[str]):
         self.store, self.r, self.progress, self.notes = store, r, progress, notes
@@ -154,6 +163,7 @@ class FitStore:
         failure recorded as a solo fit's). ``on_ended(units)``: called in this thread with each
         group's units once the group has ended (while other groups may still train)."""
         todo: dict[str, list] = {}
+        steps: dict[Unit, int] = {}  # each unit's training steps (its cap): how long its group trains, at most
         for unit in units:  # teachers' units come first: their groups are fitted first
             entry = self.r.entry(unit.model)
             if "side by side" not in entry.cls.capabilities():
@@ -166,8 +176,13 @@ class FitStore:
                 # config is per dataset; tuning trials differing in a learning rate share a group)
                 fields = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in type(model).member_fields}
                 todo.setdefault((type(model), repr(sorted(fields.items()))), []).append((unit, refit))
+                steps[unit] = getattr(model.config, "train_steps", 0)
         size = self.r.plan.max_members
         chunks = [group[at:at + size] for group in todo.values() for at in range(0, len(group), size)]
+        if self.r.plan.groups_at_once > 1 and len(chunks) > self.r.plan.groups_at_once:
+            teacher = {c[0][0].model: self.r.entry(c[0][0].model).cls.teacher for c in chunks}
+            chunks = longest_first(chunks, lambda c: max(steps[u] for u, _ in c),
+                                   lambda c: c[0][0].model in teacher.values(), lambda c: teacher[c[0][0].model])
         if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
             self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended)
         else:
