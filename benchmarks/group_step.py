@@ -4,7 +4,7 @@ converged run), the step captured in a CUDA graph. The group's wall time (``grou
 warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
-                                    [--replay window,step] [--rounds 1]
+                                    [--replay window,step] [--rounds 1] [--pacgan PACK]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
 ``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
@@ -31,6 +31,8 @@ def main() -> None:
                     help="each member its own Adam beta1 (MemberAdam; a model with beta1 among its member fields)")
     ap.add_argument("--replay", default="window", help="window, step, or both in turn (window,step)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pacgan", type=int, default=0, metavar="PACK",
+                    help="gan only: at the PacGAN reproduction's settings with this packing degree")
     args = ap.parse_args()
     from genbench.models import train
 
@@ -39,18 +41,24 @@ def main() -> None:
         cls = resolve([name])[0].cls
         if cls.teacher is not None:
             raise SystemExit(f"{name}: a distilled model needs teachers; time its teacher's family instead")
-        base = float(cls(budget="converged").config.lr)
+        extra = {}
+        if args.pacgan:
+            from genbench.reproduce import PACGAN
+
+            extra = dict(PACGAN.params) | {"pack": str(args.pacgan)}
+        base = float(cls(budget="converged", params=extra).config.lr)
         beta1 = lambda i: {"beta1": str(0.5 + 0.01 * i)} if args.member_beta1 else {}  # noqa: E731
         for _ in range(args.rounds):
             for replay in args.replay.split(","):
                 if replay not in ("window", "step"):
                     raise SystemExit(f"--replay {replay!r}: valid: window, step")
                 train.WINDOW_REPLAY = replay == "window"
-                group = [cls(budget="converged", params={"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
+                group = [cls(budget="converged", params=extra | {"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
                              | beta1(i)) for i in range(args.members)]
                 infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=list(range(args.members)))
                 g = infos[0].extras["group_train_s"]
-                print(f"{genbench.__file__}: {name} x{args.members}{' (a beta1 each)' if args.member_beta1 else ''}, "
+                print(f"{genbench.__file__}: {name}{f' (PacGAN{args.pacgan})' if args.pacgan else ''} x{args.members}"
+                      f"{' (a beta1 each)' if args.member_beta1 else ''}, "
                       f"{args.steps} steps, a {replay} a replay: group {g:.2f} s, {g / args.steps * 1e3:.3f} ms/step "
                       f"({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
 
