@@ -24,14 +24,17 @@ N: collections.Counter = collections.Counter()
 def timed(fn, label):
     def wrapper(*a, **k):
         t0 = time.perf_counter()
+        ended = "stopped after"  # an exception (a stop request, an interrupt) ended it
         try:
-            return fn(*a, **k)
+            out = fn(*a, **k)
+            ended = "fitted in"
+            return out
         finally:
             key = label(*a, **k) if callable(label) else label
             T[key] += time.perf_counter() - t0
             N[key] += 1
             if key.startswith("group "):  # each group as it ends: a run stopped early still says where it was
-                print(f"[{time.perf_counter() - START:7.1f} s] {key} fitted in {time.perf_counter() - t0:.1f} s",
+                print(f"[{time.perf_counter() - START:7.1f} s] {key} {ended} {time.perf_counter() - t0:.1f} s",
                       file=sys.stderr, flush=True)
     return wrapper
 
