@@ -205,3 +205,66 @@ def test_members_side_by_side_each_train_at_their_own_beta1():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(MemberAdam, "__init__", lambda *a, **k: pytest.fail("one beta1: torch's Adam"))
         GAN.fit_side_by_side(same, data[:2], device="cpu", seeds=[0, 1])
+
+
+@pytest.mark.parametrize("steps,first,phase,stop_at", [(1000, 0, None, None), (1234, 0, None, 600), (1000, 350, None, None),
+                                                       (1000, 0, lambda k: k // 130, None), (90, 0, None, None)])
+def test_the_captured_loop_makes_the_same_steps_and_windows_a_window_a_replay(monkeypatch, steps, first, phase, stop_at):
+    """``_replay_segments`` with the CUDA calls faked (a capture records its function, a replay runs it):
+    a window a replay runs every step once and reads every logged window at the same step as one step
+    a replay does, from a resumed step and across phases too, and stops at the same window."""
+    import contextlib
+
+    from genbench.models import graphs, train
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self, fn):
+            self.fn, self.replays = fn, 0
+
+        def replay(self):
+            self.replays += 1
+            self.fn()
+
+    graphs_made = []
+
+    def capture(fn, generators=()):
+        graphs_made.append(Graph(fn))
+        return graphs_made[-1]
+
+    monkeypatch.setattr(graphs, "capture_step", capture)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+
+    def run(window: bool):
+        monkeypatch.setattr(train, "WINDOW_REPLAY", window)
+        graphs_made.clear()
+        made = [first]  # the device's step counter: one_step advances it, whatever Python k it was given
+        log = type("Log", (), {"log_every": 50, "stop": False})()
+        logged, read = [first], []
+
+        def one_step(k):
+            made[0] += 1
+
+        def log_upto(k):  # _fit_graphed's: a window read where it ends
+            assert made[0] == k  # the steps made so far are the ones the loop says
+            if k - logged[0] == log.log_every or k == steps:
+                read.append(k)
+                logged[0] = k
+                log.stop = stop_at is not None and k >= stop_at
+            return log.stop
+
+        opt = type("Opt", (), {"zero_grad": lambda self, set_to_none=True: None})()
+        train._replay_segments(Stream(), steps, first, phase, opt, one_step, log_upto, log, (),
+                               window_start=lambda k: k == logged[0])
+        return made[0], read, sum(g.replays for g in graphs_made)
+
+    step_by_step, windowed = run(False), run(True)
+    assert windowed[:2] == step_by_step[:2]
+    end = steps if stop_at is None else -(-stop_at // 50) * 50
+    assert step_by_step[0] == end and step_by_step[1][-1] == end
+    if steps - first >= 200 and phase is None:
+        assert windowed[2] < step_by_step[2] / 10  # far fewer replays
