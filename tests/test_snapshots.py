@@ -191,21 +191,30 @@ def test_a_sigterm_saves_the_fit_in_training_and_the_rerun_continues_it(tmp_path
     import sys
     import time
 
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "genbench.cli", "run", "--models", "vae", "--datasets", "ring8", "--seeds", "0",
-           "--device", "cpu", "--budget", "converged", "--param", "vae.train_steps=6000", "--n-samples", "300",
-           "--floor-draws", "2", "--score-jobs", "0", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
-    deadline = time.time() + 120
-    while not (out / "manifest.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(10)  # the data and floors made, the fit training (6,000 steps take tens of seconds here)
+    out, started = tmp_path / "run", tmp_path / "training"
+    args = ["run", "--models", "vae", "--datasets", "ring8", "--seeds", "0", "--device", "cpu", "--budget", "converged",
+            "--param", "vae.train_steps=6000", "--n-samples", "300", "--floor-draws", "2", "--score-jobs", "0",
+            "--out", str(out)]
+    # the CLI as a user runs it, but saying when its fit's loop begins (a marker file), so that the
+    # signal lands in the training however slow the machine is, not after a guessed delay
+    marked = ("import sys, pathlib; from genbench.models import train; loop = train.fit_loop\n"
+              "def fit_loop(*a, **k):\n"
+              f"    pathlib.Path({str(started)!r}).touch()\n"
+              "    return loop(*a, **k)\n"
+              "train.fit_loop = fit_loop; from genbench.cli import main; sys.argv = ['genbench'] + sys.argv[1:]; main()")
+    proc = subprocess.Popen([sys.executable, "-c", marked, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ))
+    deadline = time.time() + 300
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), "the fit never began"
+    time.sleep(1)  # into its 6,000 steps (tens of seconds here)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)  # a run that goes on training meets this timeout
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "the fits in training where they were" in err, err
     assert list((out / "partial").glob("vae__ring8__s0*"))  # saved at the signal: timed ones come a minute apart
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "-m", "genbench.cli", *args], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     record = json.loads((out / "fits" / "vae__ring8__s0.json").read_text())
     assert record["resumed_step"] > 0 and record["resumed_step"] % 50 == 0 and record["steps"] == 6000
