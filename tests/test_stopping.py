@@ -21,9 +21,10 @@ class Curve(ValidationMonitor):
     """A monitor whose energy at each step is read off a given curve (the samples are ignored; every
     sample on the support): its score is the energy's excess in units of the floor's std."""
 
-    def __init__(self, values, cap=100_000, floor=(0.01, 0.002), log_every=50, anneal=False):
+    def __init__(self, values, cap=100_000, floor=(0.01, 0.002), log_every=50, anneal=False, first_step=0):
         floors = {"energy": floor, "off_support": (0.0, binomial_sd(0.0, 2000))}
-        super().__init__(RING8, np.zeros((4, 2)), floors, cap=cap, log_every=log_every, seed=0, anneal=anneal)
+        super().__init__(RING8, np.zeros((4, 2)), floors, cap=cap, log_every=log_every, seed=0, anneal=anneal,
+                         first_step=first_step)
         self.values = values
         self.anneals = []
 
@@ -71,6 +72,22 @@ def test_the_evaluations_and_the_stop_do_not_depend_on_the_cap():
     small, large = Curve(curve, cap=100_000), Curve(curve, cap=400_000)
     assert small.run() == large.run() is not None and small.best_step == large.best_step
     assert [p["step"] for p in small.curve] == [p["step"] for p in large.curve]
+
+
+def test_evaluations_from_a_first_step_fall_on_the_schedules_later_steps():
+    """A tune's rungs before the last evaluate from a quarter of their steps on: the same steps as
+    the whole schedule has there (so the same scores), the earlier ones passed over, the cap kept."""
+    curve = lambda s: 0.5 - s / 40_000 + (0.2 if 1_000 < s < 1_400 else 0.0)  # noqa: E731 - a bump, then better
+    full, late = Curve(curve, cap=8_000), Curve(curve, cap=8_000, first_step=2_000)
+    full.run(), late.run()
+    steps = [p["step"] for p in full.curve]
+    assert [p["step"] for p in late.curve] == [s for s in steps if s >= 2_000] and steps[0] < 2_000
+    drop = lambda c: [{k: v for k, v in p.items() if k != "train_s"} for p in c]  # noqa: E731 - its own clock
+    assert drop(late.curve) == drop([p for p in full.curve if p["step"] >= 2_000])
+    assert late.best_step == full.best_step == 8_000 and late.record()["kept_score"] == full.record()["kept_score"]
+    short = Curve(curve, cap=1_500, first_step=2_000)
+    short.run()
+    assert [p["step"] for p in short.curve] == [1_500]  # a fit shorter than its first step: evaluated at its cap
 
 
 def test_slow_steady_improvement_runs_to_the_cap():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from genbench import api, tune
+from genbench.runner import monitor
 from genbench.registry import resolve
 
 VAE = resolve(["vae"])[0].cls
@@ -294,10 +295,13 @@ def test_max_members_bounds_a_stacked_group_and_bad_values_are_refused(tmp_path,
 def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell(tmp_path, monkeypatch):
     """At the converged budget (the VAE's cap cut to 600 steps), a halving tune's rungs before the
     last write their fits' rows alone (no samples, no metric), each trial going on by its fit's
-    score at its kept evaluation during training; the last rung's cells (fresh samples) select."""
+    score at its kept evaluation during training, evaluated from a fraction of the rung's steps on
+    (here 0.7: the schedule's steps are 100, 150, 200, 250, ...); the last rung's cells (fresh
+    samples) select, its fits evaluated from the start."""
     from genbench.models.vae import VAE
 
     monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 600}})
+    monkeypatch.setattr(tune, "PROMOTION_EVALUATIONS_FROM", 0.7)
     out = tmp_path / "tune"
     _, results, best, _ = tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0], n_trials=4, studies=1,
                                         budget="converged", out=out, device="cpu", threads=1, jobs=1, seed=0,
@@ -305,6 +309,10 @@ def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell
     rows = [json.loads(line) for line in (out / "trials" / "rows.jsonl").read_text().splitlines()]
     by_steps = {s: [r for r in rows if r["model"].endswith(f"~{s}")] for s in (150, 300, 600)}
     assert [len(v) for v in by_steps.values()] == [4, 2, 1] and all(r["status"] == "done" for r in rows)
+    curves = {s: [json.loads((out / "trials" / "fits" / f"{r['model']}__ring8__s0.json").read_text())["eval_curve"]
+                  for r in rs] for s, rs in by_steps.items()}
+    assert {c[0]["step"] for c in curves[150]} == {150} and {c[0]["step"] for c in curves[300]} == {250}
+    assert curves[600][0][0]["step"] == monitor.FIRST_STEP  # the last rung's fits: the whole schedule
     for r in by_steps[150] + by_steps[300]:  # fit rows: the kept score, nothing sampled or scored
         assert math.isfinite(r["kept_score"]) and r.get("samples_sha256") is None
         assert all(r.get(c) is None for c in ("val_energy", "hq_frac", "w2", "energy"))
@@ -319,7 +327,7 @@ def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell
     chosen = best[("vae", "ring8", 0)]
     assert chosen["rung"] == 2 and last["model"].split("~")[1] == next(t["key"] for t in results
                                                                       if t["index"] == chosen["trial"])
-    assert json.loads((out / "tune.json").read_text())["settings"]["promoted_by"] == "kept evaluation"
+    assert json.loads((out / "tune.json").read_text())["settings"]["promoted_by"].startswith("kept evaluation")
 
 
 def test_promotion_reads_only_the_kept_score():

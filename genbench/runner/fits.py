@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 
 from .. import __version__
 from .. import datasets as ds_mod
@@ -74,8 +75,10 @@ class FitStore:
             self._validation[key] = (val, validation_floor(ds, unit.seed, val))
         val, floor = self._validation[key]
         c = model.config
+        trial = unit.model in self.r.plan.trials
         return ValidationMonitor(ds, val, floor, cap=c.train_steps, log_every=getattr(c, "log_every", 50),
-                                 seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu")
+                                 seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu",
+                                 first_step=math.ceil(self.r.plan.evaluate_from * c.train_steps) if trial else 0)
 
     def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str):
         """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the

@@ -96,6 +96,10 @@ class ValidationMonitor(Monitor):
     next_step: int = 0
     started: float = field(default_factory=time.perf_counter)
     evaluating_s: float = 0.0
+    #: no evaluation before this step (but at the cap): the schedule's steps before it are passed
+    #: over, so the later evaluations fall on the steps they would (a tune's rungs before the last,
+    #: where only the best evaluation's score counts: runner.plan.Plan.evaluate_from)
+    first_step: int = 0
     _energy: object = field(default=None, init=False, repr=False)  # the energy distance to val (metrics.EnergyTo)
 
     def __post_init__(self):
@@ -117,6 +121,10 @@ class ValidationMonitor(Monitor):
         return len(self.val), 20_000 + self.seed
 
     def due(self, step: int) -> bool:
+        if step < self.first_step and step < self.cap:
+            if step >= self.next_step:  # an evaluation passed over: the next one is where it would be
+                self.next_step = max(step + self.log_every, math.ceil(step * GROWTH))
+            return False
         return step >= self.next_step or step >= self.cap  # next_step is at most a decay's end
 
     def evaluate(self, step: int, sample, train_s: float | None = None) -> Verdict:

@@ -91,6 +91,11 @@ class Plan:
     #: before the last, promoted by that score. Not a setting: such rows are told by their empty
     #: metrics (a tune's run dir holds both kinds, each trial's rung its own name)
     cells: bool = True
+    #: a trial's evaluations during training begin at this fraction of its steps (the earlier steps
+    #: of the evaluation schedule passed over): with ``cells`` False, a tune's rungs before the last,
+    #: whose rows carry the best evaluation's score alone, and the early evaluations are seldom the
+    #: best (benchmarks/evaluate_from.py). Teachers evaluate from the start. Not a setting, as ``cells``
+    evaluate_from: float = 0.0
     # resources
     device: str = "auto"
     threads: int = 1
