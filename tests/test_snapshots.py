@@ -86,9 +86,14 @@ def test_a_fit_stopped_in_its_middle_continues_to_the_same_fit(name, params, sho
 
 @pytest.mark.parametrize("name,each", [("vae", [{"lr": "3e-3"}, {"lr": "1e-3"}]),
                                        ("gan", [{"beta1": "0.2"}, {"beta1": "0.8"}])])  # MemberAdam's moments
-def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(short_patience, name, each):
+@pytest.mark.parametrize("together", [False, True])  # True: the members' best kept stacked (Keeper), as on a GPU
+def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(short_patience, name, each, together,
+                                                                             monkeypatch):
+    from genbench.models import train
     from genbench.registry import resolve
 
+    if together:
+        monkeypatch.setattr(train, "EVALUATE_TOGETHER_ON", ("cuda", "cpu"))
     cls = resolve([name])[0].cls
     datas = [RING8.sample(4000, [s, 0]) for s in (0, 1)]
     make = lambda: [cls(budget="converged", params={"train_steps": "400"} | e) for e in each]  # noqa: E731

@@ -400,6 +400,58 @@ def test_members_evaluated_at_once_sample_what_each_samples_alone(name, params, 
     assert not torch.allclose(monitors[0].x, monitors[2].x)  # members of one dataset, their own weights
 
 
+class BestAt(Monitor):
+    """Best at the evaluations ``best``, stopping at evaluation ``stop`` (each member its own)."""
+
+    sample_args = (300, 7)
+
+    def __init__(self, best, stop):
+        self.best_at, self.stop_at, self.samples = best, stop, []
+
+    def due(self, step):
+        return True
+
+    def evaluate(self, step, sample, train_s=None):
+        self.samples.append(sample(*self.sample_args).clone())
+        return Verdict(best=len(self.samples) in self.best_at, stop=len(self.samples) == self.stop_at)
+
+
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "gan", "flow"])
+def test_members_evaluated_at_once_from_the_stacked_weights_are_those_written_back(name, monkeypatch):
+    """Members drawn at once sample from the stacked fit's own weights and keep their best there
+    (``Keeper``'s stacked view), their modules untouched until the end: the same samples at every
+    evaluation, the same weights kept and restored, to the bit, as when each member's weights are
+    written into its modules at every evaluation (EMA, target networks, ActNorm's flags; members
+    stopping at their own evaluations, one best at once with another's)."""
+    from genbench.models import train
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    monkeypatch.setattr(train, "EVALUATE_TOGETHER_ON", ("cuda", "cpu"))
+    datas = [datasets.get(d).sample(2000, [s, 0]) for d, s in (("ring8", 0), ("moons", 1), ("ring8", 2))]
+    plans = [({1, 2}, 3), ({2}, 2), ({1, 3}, 4)]  # (best at evaluations, stop at): 50 steps apart
+    out = {}
+    for view in (True, False):
+        if not view:  # every evaluation writes each due member's weights into its modules first
+            on_log = train.Keeper.on_log
+            monkeypatch.setattr(train.Keeper, "on_log", lambda self, k, t, sync=None, stacked=None: on_log(self, k, t, sync))
+        group = [cls(budget="quick", params={"train_steps": "200"}) for _ in datas]
+        monitors = [BestAt(*p) for p in plans]
+        cls.fit_side_by_side(group, datas, device="cpu", seeds=[0, 1, 2], monitors=monitors)
+        out[view] = ([m.samples for m in monitors], [m.state_dict() for m in group], [m.sample_now(300, 9) for m in group])
+    assert [len(s) for s in out[True][0]] == [3, 2, 4]
+    for a, b in zip(out[True][0], out[False][0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    assert all(same(a, b) for a, b in zip(out[True][1], out[False][1]))
+    assert all(torch.equal(x, y) for x, y in zip(out[True][2], out[False][2]))
+
+
 def test_on_the_cpu_members_are_evaluated_one_at_a_time(monkeypatch):
     """Where the batched pass is slower (the CPU: ``EVALUATE_TOGETHER_ON``), each member samples on its own."""
     from genbench.models.vae import VAE

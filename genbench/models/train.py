@@ -288,41 +288,78 @@ class Keeper:
         self.anneal = Anneal(len(models), device) if plateau else None
         self.modules = [s.ema if s.ema is not None else s.trained for s in setups]
         self.best: list[dict | None] = [None] * len(models)
+        # a stacked fit's members drawn at once keep their best weights stacked too: slices of
+        # ``best_stack`` (those in ``in_stack``), copied in one kernel a tensor for all of them
+        self.best_stack: dict | None = None
+        self.in_stack: set[int] = set()
         self.stopped = [m is None for m in monitors]
         self.together = torch.device(device).type in EVALUATE_TOGETHER_ON
 
-    def on_log(self, k: int, train_s: float, sync=None) -> bool:
+    def on_log(self, k: int, train_s: float, sync=None, stacked=None) -> bool:
         """After step ``k`` (0-based), ``train_s`` seconds of training (the loop's, evaluations
-        left out); ``sync(i)`` first writes member i's current weights into its modules (a stacked
-        fit). Each evaluation is stamped with the fit's share of those seconds (a stacked fit's
+        left out); ``sync(i)`` writes member i's current weights into its modules (a stacked fit),
+        where it is sampled on its own; ``stacked()``: the stacked fit's sampling weights and
+        floating buffers ({name: [members, ...]}), which the members drawn at once are sampled
+        from and keep their best in, their modules left as they are. Each evaluation is stamped
+        with the fit's share of those seconds (a stacked fit's
         members share the group's, as their ``train_s`` does: every member's evaluations are left
         out of every member's time). Returns True when every fit has stopped."""
         step, share = k + 1, train_s / len(self.models)
         due = [i for i, m in enumerate(self.monitors) if not self.stopped[i] and m.due(step)]
-        if sync is not None:
+        view = stacked() if stacked is not None and self.together else None
+        if sync is not None and view is None:
             for i in due:
                 sync(i)
-        drawn = self._sample_together(due) if sync is not None and self.together else {}
+        drawn = self._sample_together(due, view) if sync is not None and self.together else {}
+        if sync is not None and view is not None:
+            for i in due:
+                if i not in drawn:  # sampled on its own, from its modules
+                    sync(i)
         verdicts = {}
         for kind in {type(self.monitors[i]) for i in drawn}:  # scored at once where the monitor class can
             mine = [i for i in drawn if type(self.monitors[i]) is kind]
             verdicts |= zip(mine, kind.evaluate_many([self.monitors[i] for i in mine], step, [drawn[i] for i in mine],
                                                      train_s=share))
+        best_in_view = []
         for i in due:
             monitor = self.monitors[i]
             verdict = verdicts[i] if i in verdicts else monitor.evaluate(step, self.models[i].sample_now, train_s=share)
             if verdict.anneal and self.anneal is not None:
                 self.anneal.start(i, step, verdict.anneal)
-            if verdict.best:
+            if verdict.best and view is not None and i in drawn:
+                best_in_view.append(i)
+            elif verdict.best:
                 self.best[i] = {k_: v.detach().clone() for k_, v in self.modules[i].state_dict().items()}
+                self.in_stack.discard(i)
             self.stopped[i] = verdict.stop
+        if best_in_view:
+            self._keep_stacked(best_in_view, view)
         return all(self.stopped)
 
-    def _sample_together(self, due: list[int]) -> dict:
-        """The evaluation samples of the members ``due`` (their weights written into their modules),
-        drawn in one vmapped pass over their stacked sampling weights where their model offers
-        ``sample_parts`` and their monitors say what they will ask for (``sample_args``: n, seed):
-        {member: points}; {} where not (each is then sampled on its own)."""
+    def _keep_stacked(self, members: list[int], view: dict) -> None:
+        """Members' best weights: their slices of the stacked sampling weights, into ``best_stack``."""
+        with torch.no_grad():
+            if self.best_stack is None:
+                self.best_stack = {k: torch.empty_like(v) for k, v in view.items()}
+            idx = torch.tensor(members, device=next(iter(view.values())).device)
+            for k, v in view.items():
+                self.best_stack[k].index_copy_(0, idx, v.index_select(0, idx))
+        for i in members:
+            self.best[i] = None
+            self.in_stack.add(i)
+
+    def _best(self, i: int) -> dict | None:
+        """Member i's best weights (its sampling module's floating tensors at least), or None."""
+        if i in self.in_stack:
+            return {k: v[i] for k, v in self.best_stack.items()}
+        return self.best[i]
+
+    def _sample_together(self, due: list[int], view: dict | None = None) -> dict:
+        """The evaluation samples of the members ``due``, drawn in one vmapped pass over their
+        stacked sampling weights (their slices of ``view``, the stacked fit's; without it, their
+        modules' weights, written there first) where their model offers ``sample_parts`` and their
+        monitors say what they will ask for (``sample_args``: n, seed): {member: points}; {} where
+        not (each is then sampled on its own)."""
         args = [getattr(self.monitors[i], "sample_args", None) for i in due]
         if len(due) < 2 or any(a is None for a in args) or len({a[0] for a in args}) > 1:
             return {}  # (one stacked pass needs one sample size)
@@ -330,7 +367,14 @@ class Keeper:
         if any(p is None for p in parts):
             return {}
         modules = [self.modules[i] for i in due]
-        params, buffers = _stack(modules)
+        if view is None:
+            params, buffers = _stack(modules)
+        else:
+            idx = torch.tensor(due, device=next(iter(view.values())).device)
+            names = {k for k, _ in modules[0].named_parameters()}
+            taken = {k: v.index_select(0, idx) for k, v in view.items()}
+            params = {k: v for k, v in taken.items() if k in names}
+            buffers = {k: v for k, v in taken.items() if k not in names}
         bound = _Bound(modules[0], parts[0].map)  # the members share the config sampling reads
 
         def one(p, b, *draws):
@@ -344,7 +388,7 @@ class Keeper:
     def on_diverge(self, i: int, step: int) -> bool:
         """Fit i's loss stopped being finite at ``step``: where it has kept a best evaluation, it
         ends with those weights (True); else it is a diverged fit (False)."""
-        if self.best[i] is None or self.monitors[i] is None:
+        if self._best(i) is None or self.monitors[i] is None:
             return False
         self.monitors[i].diverged(step)
         self.stopped[i] = True
@@ -352,16 +396,19 @@ class Keeper:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for module, best in zip(self.modules, self.best):
-                if best is not None:
-                    module.load_state_dict(best)
+            for i, module in enumerate(self.modules):
+                best = self._best(i)
+                if best is not None:  # (a stacked best holds the floating tensors, non-persistent buffers
+                    own = module.state_dict()  # too: the flags stay the module's, those are not loaded)
+                    module.load_state_dict(own | {k: v for k, v in best.items() if k in own})
 
     def snapshot_part(self, snapshots: "Snapshots") -> None:
         """Registers what a continued fit needs of the evaluation: each monitor's state, the best
         weights kept, which fits stopped, the anneals begun."""
         def state():
             return {"monitors": [m.state() if m is not None else None for m in self.monitors],
-                    "best": [None if b is None else {k: v.to("cpu", copy=True) for k, v in b.items()} for b in self.best],
+                    "best": [None if b is None else {k: v.to("cpu", copy=True) for k, v in b.items()}
+                             for b in map(self._best, range(len(self.models)))],
                     "stopped": list(self.stopped),
                     "anneal": None if self.anneal is None else _cpu([self.anneal.begin, self.anneal.length])}
 
@@ -370,6 +417,7 @@ class Keeper:
                 if m is not None:
                     m.load_state(st)
             self.best = list(saved["best"])  # on the host: ``restore`` loads them into the modules
+            self.in_stack = set()
             self.stopped = list(saved["stopped"])
             if self.anneal is not None:
                 _copy_into([self.anneal.begin, self.anneal.length], saved["anneal"])
@@ -1031,7 +1079,13 @@ def fit_stacked(modules: list[nn.Module], member_loss, draw, *, steps: int, lr, 
                 _copy_into(list(f.values()), v)
 
         snapshots.add("stacked", state, load)
-    on_log = (lambda k, train_s: evaluate.on_log(k, train_s, sync=write_back)) if evaluate is not None else None
+    sampling = shadows["ema"][1] if ema is not None else params  # the weights the members sample with
+
+    def stacked() -> dict:
+        return sampling | buffers
+
+    on_log = (lambda k, train_s: evaluate.on_log(k, train_s, sync=write_back, stacked=stacked)
+              if evaluate is not None else None)
     infos = fit_loop(list(params.values()), loss_fn, steps=steps, lr=lr, after_step=after_step, device=device,
                      cuda_graph=cuda_graph, generators=generators, phase=phase, members=len(modules), on_log=on_log,
                      on_diverge=evaluate.on_diverge if evaluate is not None else None, snapshots=snapshots, **loop)
