@@ -242,6 +242,13 @@ class Generator:
             ("stopping", cls.monitored), ("resumable", cls.resumable), ("tuning", bool(cls.search_space))) if ok]
         return caps + ([f"teacher: {cls.teacher}"] if cls.teacher else [])
 
+    def continues_to_longer_caps(self) -> bool:
+        """True where this model's fit does not depend on its step cap (its first k steps, draws and
+        evaluations are those of any longer fit of its config) and its ``fit_side_by_side`` hands
+        ``Snapshots.at_cap`` its state at the cap: a tune's trial promoted to a longer rung then
+        continues from its fit at the previous rung instead of training from step 0. Default: False."""
+        return False
+
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
     def state_dict(self) -> dict:
         raise NotImplementedError

@@ -470,6 +470,24 @@ class RunDir:
         with contextlib.suppress(OSError):
             (self.path / "partial" / f"{name}.pt").unlink()
 
+    # -- fits' states at their cap (ends/): kept for a longer fit of the same path to continue from
+    def save_end(self, name: str, state: dict) -> None:
+        atomic_write(self.path / "ends" / f"{name}.pt", torch_bytes(state), root=self.path)
+
+    def load_end(self, name: str, device: str):
+        """The state ends/<name>.pt read as data, or None where there is none (or it cannot be read)."""
+        p = self.path / "ends" / f"{name}.pt"
+        if not p.is_file():
+            return None
+        no_links(p, self.path)
+        try:
+            return load_state(p.read_bytes(), device)
+        except Exception:  # noqa: BLE001 - a torn state: the fit starts from step 0
+            return None
+
+    def has_end(self, name: str) -> bool:
+        return (self.path / "ends" / f"{name}.pt").is_file()
+
     def tidy_partial(self) -> None:
         """Removes partial/ where it is empty (every fit saved): called at a run's end, under its
         lock, when nothing writes snapshots any more; a folder still holding one is kept."""

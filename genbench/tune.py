@@ -14,7 +14,9 @@ reference sample the tables use; the best trial per (model, dataset) and study i
 ``OUT/tuned.json``, which ``genbench run --tuned`` reads. With successive halving at the converged
 budget, the rungs before the last sample no cell: a trial goes on by its fit's score at its kept
 evaluation during training (the same score on the same validation sample; its evaluations there
-from a quarter of the rung's steps on, ``PROMOTION_EVALUATIONS_FROM``); the last rung's cells,
+from a quarter of the rung's steps on, ``PROMOTION_EVALUATIONS_FROM``), and its fits continue from
+their states at the previous rung's cap where their model's path does not depend on it
+(``Plan.continues``: side by side, ``Generator.continues_to_longer_caps``); the last rung's cells,
 fresh samples of the kept weights, select.
 
 The study store is the run dirs themselves (their rows are the trials' records) and ``tune.json``,
@@ -268,16 +270,19 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     rungs = {e.name: halving_rungs(n_trials, halving, e.cls(budget=budget).config.train_steps) for e in entries}
     teachers = list(dict.fromkeys(e.cls.teacher for e in entries if e.cls.teacher))  # each fitted once, at its defaults
 
-    def plan_for(want: dict, cells: bool = True) -> "Run":
+    def plan_for(want: dict, cells: bool = True, continues: dict | None = None) -> "Run":
         """The run of one rung: ``want`` maps a trial's name to (its model, its params, the datasets it
-        trains on); ``cells`` False: its fits' rows alone (``Plan.cells``)."""
+        trains on); ``cells`` False: its fits' rows alone (``Plan.cells``), each fit's state at its cap
+        kept for the next rung; ``continues``: a trial's name -> its name at the previous rung, whose
+        fits it continues (``Plan.continues``)."""
         names = list(want)
         only = {n: tuple(d for d in datasets if d in ds) for n, (_, _, ds) in want.items() if set(ds) != set(datasets)}
         return Run(Plan(models=teachers + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
                         metrics=METRICS, floor_draws=2, params={n: p for n, (_, p, _) in want.items()},
                         trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
                         threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False, cells=cells,
-                        evaluate_from=0.0 if cells else PROMOTION_EVALUATIONS_FROM,
+                        evaluate_from=0.0 if cells else PROMOTION_EVALUATIONS_FROM, keep_ends=not cells,
+                        continues=continues or {},
                         **({"max_members": max_members} if max_members else {}),
                         out=str(out / "trials")))
 
@@ -306,7 +311,13 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     reused = total = fits = 0
     for r in range(last + 1):
         if r or by_kept:
-            runner = plan_for(rung_trials(r, alive), cells=not (by_kept and r < last))
+            want = rung_trials(r, alive)
+            # a promoted trial's fits continue from their previous rung's (at the converged budget
+            # their path does not depend on the cap): the rung trains only the steps it adds
+            before = {trial_name(e.name, t.key, rungs[e.name][r][1]): trial_name(e.name, t.key, rungs[e.name][r - 1][1])
+                      for e in entries for t in drawn[e.name]} if by_kept and r else {}
+            runner = plan_for(want, cells=not (by_kept and r < last),
+                              continues={n: before[n] for n in want if n in before})
         done = runner.ledger.done_cells()
         units = runner.r.units()
         names = [n for n in runner.plan.models if n in runner.plan.trials]

@@ -387,6 +387,45 @@ def test_a_captured_fit_stopped_in_its_middle_continues_to_the_same_fit(name, mo
         assert len(sa) > 2 and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "gan"])
+def test_captured_members_at_their_cap_continue_to_their_longer_fits(name):
+    """A tune's promoted trials on CUDA: a captured group's members' states at their cap (before that
+    window's evaluation: ``Snapshots.at_cap``), split and stacked again (``member_states``,
+    ``join_states``), continue to the fits the longer cap makes from step 0: the same losses,
+    evaluations and weights, to the bit (cm-ct across its curriculum's stages)."""
+    from genbench.models.train import Snapshots, join_states, member_states
+    from genbench.registry import resolve
+    from genbench.runner.monitor import ValidationMonitor, validation_floor
+    from genbench.scoring import validation_sample
+
+    ds = datasets.get("ring8")
+    cls = resolve([name])[0].cls
+    seeds = [0, 1, 2]
+    datas = [ds.sample(4000, [s, 0]) for s in seeds]
+
+    def fit(cap, saved=None, at_cap=None):
+        params = {"train_steps": str(cap)} | ({"stage_steps": "150"} if name == "cm-ct" else {})
+        group = [cls(budget="converged", params=params) for _ in seeds]
+        monitors = [ValidationMonitor(ds, v, validation_floor(ds, s, v), cap=cap, log_every=50, seed=s, device="cuda")
+                    for s, v in ((s, validation_sample(ds, s)) for s in seeds)]
+        infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=seeds, monitors=monitors,
+                                     snapshots=Snapshots(saved, lambda st: None, 1e9, at_cap=at_cap))
+        return group, infos, monitors
+
+    whole, infos, monitors = fit(600)
+    ends = []
+    fit(300, at_cap=ends.append)
+    group, infos2, monitors2 = fit(600, saved=join_states(member_states(ends[0], len(seeds))))
+    from test_snapshots import _weights
+
+    strip = lambda c: [{k: v for k, v in p.items() if k != "train_s"} for p in c]  # noqa: E731
+    for j in range(len(seeds)):
+        assert infos2[j].losses == infos[j].losses
+        assert strip(monitors2[j].curve) == strip(monitors[j].curve)
+        sa, sb = _weights(whole[j]), _weights(group[j])
+        assert len(sa) > 2 and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "flow", "gan"])
 def test_members_evaluated_at_once_on_cuda_sample_what_each_samples_alone(name, monkeypatch):
     """On CUDA a stacked fit's members draw their evaluation samples in one vmapped pass (no

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genbench import datasets
-from genbench.models.train import Snapshots
+from genbench.models.train import Snapshots, join_states, member_states
 from genbench.runner import monitor as monitor_mod
 from genbench.runner.monitor import ValidationMonitor, validation_floor
 from genbench.scoring import validation_sample
@@ -112,6 +112,78 @@ def test_fits_side_by_side_stopped_in_their_middle_continue_to_the_same_fits(sho
         assert i.losses == j.losses
         a, b = _weights(x), _weights(y)
         assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,each", [("vae", [{"lr": "3e-3"}, {"lr": "1e-3"}, {}]),
+                                       ("gan", [{"beta1": "0.2"}, {"beta1": "0.8"}, {}])])
+def test_members_at_their_cap_continue_in_another_group_to_their_longer_fits(name, each):
+    """A tune's promoted trial: each member's state at its cap (``Snapshots.at_cap``: before that
+    window's evaluation), split off its group and stacked into another, continues to the fit the
+    longer cap makes from the start: the same losses, evaluations and kept weights, to the bit (the
+    converged budget's path does not depend on its cap)."""
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    seeds = order = [0, 1, 2]  # (another order gives the same fits to float rounding: a stack's numbers)
+    datas = [RING8.sample(4000, [s, 0]) for s in seeds]
+
+    def make(cap, idx):
+        return [cls(budget="converged", params={"train_steps": str(cap)} | each[i]) for i in idx]
+
+    def fit(models, idx, cap, saved=None, at_cap=None):
+        monitors = [_monitor(seeds[i], cap) for i in idx]
+        infos = cls.fit_side_by_side(models, [datas[i] for i in idx], device="cpu", seeds=[seeds[i] for i in idx],
+                                     monitors=monitors, snapshots=Snapshots(saved, lambda s: None, 1e9, at_cap=at_cap))
+        return infos, monitors
+
+    whole = make(400, order)  # trained to 400 from the start
+    infos, monitors = fit(whole, order, 400)
+    ends = []
+    fit(make(200, seeds), seeds, 200, at_cap=ends.append)  # (200: an evaluation the schedule has, made on continuing)
+    assert [e["step"] for e in ends] == [200] and ends[0]["pending_log"]
+    parts = member_states(ends[0], len(seeds))
+    group = make(400, order)
+    infos2, monitors2 = fit(group, order, 400, saved=join_states([parts[i] for i in order]))
+    strip = lambda c: [{k: v for k, v in p.items() if k != "train_s"} for p in c]  # noqa: E731
+    for j in range(len(order)):
+        assert infos2[j].losses == infos[j].losses and infos2[j].steps == 400
+        assert strip(monitors2[j].curve) == strip(monitors[j].curve) and monitors2[j].best_step == monitors[j].best_step
+        a, b = _weights(whole[j]), _weights(group[j])
+        assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_members_states_joined_in_any_order_split_back_to_themselves():
+    """``join_states`` of members' states (``member_states``) from two groups, in another order:
+    splitting the joined group gives each member's state back (its tensors, generator, curve,
+    monitor, best weights, anneal), and the group's clock is its longest member's."""
+    from genbench.models.vae import VAE
+
+    ends = []
+    for seeds in ([0, 1], [2]):
+        group = [VAE(budget="converged", params={"train_steps": "150"}) for _ in seeds]
+        VAE.fit_side_by_side(group, [RING8.sample(2000, [s, 0]) for s in seeds], device="cpu", seeds=seeds,
+                             monitors=[_monitor(s, 150) for s in seeds],
+                             snapshots=Snapshots(None, lambda s: None, 1e9, at_cap=ends.append))
+    parts = member_states(ends[0], 2) + member_states(ends[1], 1)
+    order = [2, 0, 1]
+    back = member_states(join_states([parts[i] for i in order]), 3)
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    train_s = lambda p: p["loop"]["log"]["train_s"]  # noqa: E731
+    for j, i in enumerate(order):
+        mine, theirs = dict(back[j]), dict(parts[i])
+        assert same(mine["keeper"], theirs["keeper"]) and same(mine["stacked"], theirs["stacked"])
+        no_log = [{k: v for k, v in x["loop"].items() if k != "log"} for x in (mine, theirs)]
+        assert same(*no_log)
+        assert mine["loop"]["log"]["curves"] == theirs["loop"]["log"]["curves"]
+    longest = max(parts, key=lambda p: p["loop"]["log"]["train_s"] - p["loop"]["log"]["paused"])
+    assert all(train_s(b) == train_s(longest) for b in back)
 
 
 @pytest.mark.parametrize("side_by_side", [False, True])

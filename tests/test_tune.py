@@ -338,3 +338,45 @@ def test_promotion_reads_only_the_kept_score():
     assert math.isinf(tune.kept_scores([row | {"status": "error"}])[("ring8", 0)])
     assert math.isinf(tune.kept_scores([row | {"kept_score": None}])[("ring8", 0)])
     assert set(tune.PROMOTION_COLUMNS) == {"kept_score"}
+
+
+def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, monkeypatch):
+    """Side by side at the converged budget (the VAE's cap cut to 400 steps, halving 2): a rung's
+    fits keep their state at their cap (ends/), and a promoted trial's fits continue from it: their
+    records say so and the rung trains only the steps it adds; and they are the fits that the same
+    tune trains from step 0 without continuing (the same losses, to float rounding)."""
+    import functools
+
+    from genbench import runner
+    from genbench.models.vae import VAE
+    from genbench.runner import fits as fits_mod
+
+    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 400}})
+    monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
+
+    def tune_into(out):
+        tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
+                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(), halving=2)
+        fits = {}
+        for f in (out / "trials" / "fits").glob("*.json"):
+            fits[f.stem] = json.loads(f.read_text())
+        return fits
+
+    continued = tune_into(tmp_path / "a")
+    rungs = {s: {n: r for n, r in continued.items() if n.split("__")[0].endswith(f"~{s}")} for s in (100, 200, 400)}
+    assert [len(v) for v in rungs.values()] == [8, 4, 2]
+    assert len(list((tmp_path / "a" / "trials" / "ends").glob("*.pt"))) == 12  # the rungs before the last
+    for steps, prev in ((200, 100), (400, 200)):
+        for name, record in rungs[steps].items():
+            assert record["continued_from"] == name.replace(f"~{steps}__", f"~{prev}__")
+            assert record["resumed_step"] == prev and record["steps"] == steps
+    monkeypatch.setattr(fits_mod.FitStore, "continuation", lambda self, unit, model: None)
+    fresh = tune_into(tmp_path / "b")
+    assert fresh.keys() == continued.keys() and all("continued_from" not in r for r in fresh.values())
+    for name, record in continued.items():  # the same fits, to the float rounding that another stack of
+        # members gives (a continued fit's first steps were made in its previous rung's group)
+        assert record["losses"] == pytest.approx(fresh[name]["losses"], rel=1e-5)
+        assert record["kept_step"] == fresh[name]["kept_step"]
+    for name, record in rungs[200].items():  # the steps before the cap are the previous rung's own
+        prev = continued[record["continued_from"]]
+        assert record["losses"][:len(prev["losses"])] == prev["losses"]

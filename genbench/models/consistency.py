@@ -377,6 +377,9 @@ class ConsistencyTraining(_Consistency):
         c = self.config
         return ct_discretisation(k, c.train_steps, c.s0, c.s1, c.stage_steps)
 
+    def continues_to_longer_caps(self) -> bool:
+        return super().continues_to_longer_caps() and bool(self.config.stage_steps)  # (else N(k) follows the cap)
+
     def train_levels(self, N: int, device: str) -> torch.Tensor:
         """The N ascending noise levels of discretisation N (cached per N)."""
         cache = self.__dict__.setdefault("_train_levels", {})

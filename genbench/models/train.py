@@ -32,6 +32,7 @@ differ in (the learning rate: each member its own, for tuning trials fitted toge
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -177,6 +178,11 @@ class TorchGenerator(Generator):
                     log_every=getattr(c, "log_every", 50), phase=self.phase,
                     betas=(getattr(c, "beta1", 0.9), getattr(c, "beta2", 0.999)),
                     schedule=getattr(c, "schedule", "plateau" if self.budget == CONVERGED else "cosine"))
+
+    def continues_to_longer_caps(self) -> bool:
+        """The plateau schedule (the converged budget's) makes the fit's path independent of its cap:
+        a constant rate after the warm-up, each fit's decay begun by its own validation curve."""
+        return self._loop_settings()["schedule"] == "plateau"
 
     def sample_now(self, n: int, seed: int):
         """``sample(n, seed=)`` from the weights as they are now, mid-fit: eagerly (a captured
@@ -459,11 +465,16 @@ class Snapshots:
     handed, read back) starts from it: the same steps, draws and weights as the fit that was not
     stopped. The state holds tensors and plain containers only (read back as data)."""
 
-    def __init__(self, saved: dict | None, save: Callable[[dict], None], every_s: float = 60.0):
+    def __init__(self, saved: dict | None, save: Callable[[dict], None], every_s: float = 60.0,
+                 at_cap: Callable[[dict], None] | None = None):
         self.saved, self._save, self.every_s = saved, save, every_s
         self.parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.last = time.perf_counter()
         self.resumed_at: int | None = None  # the step a fit continued from
+        #: handed the fit's state at its cap, before that window's evaluation (``pending_log``): the
+        #: state a longer fit of the same path continues from (a tune's promoted trial, next rung)
+        self.at_cap = at_cap
+        self.pending_log = False  # the state restored was taken before its window's evaluation
 
     def add(self, name: str, state: Callable[[], Any], load: Callable[[Any], None]) -> None:
         """A part of the fit's state: ``state()`` what it saves, ``load(saved)`` what restores it."""
@@ -476,17 +487,92 @@ class Snapshots:
         for name, (_, load) in self.parts.items():
             load(self.saved[name])
         self.resumed_at = int(self.saved["step"])
+        self.pending_log = bool(self.saved.get("pending_log"))
         return self.resumed_at
+
+    def state(self, step: int) -> dict:
+        """The fit's whole state after ``step`` steps."""
+        return {"step": step} | {name: state() for name, (state, _) in self.parts.items()}
+
+    def capped(self, step: int) -> None:
+        """At the cap (``step`` steps made), before the last window's evaluation: ``at_cap`` is
+        handed the state, marked so that a fit continuing from it makes that evaluation first."""
+        if self.at_cap is not None:  # (a copy: the parts' states hold the live curves, which the evaluation extends)
+            self.at_cap(copy.deepcopy(self.state(step)) | {"pending_log": True})
 
     def due(self, step: int) -> None:
         """At the end of a logged window (``step`` steps made): a snapshot where one is due, or where a
         stop was asked for (``STOP``: then the fit ends here, raising ``Stopped``)."""
         stop = STOP.is_set()
         if stop or time.perf_counter() - self.last >= self.every_s:
-            self._save({"step": step} | {name: state() for name, (state, _) in self.parts.items()})
+            self._save(self.state(step))
             self.last = time.perf_counter()
         if stop:
             raise Stopped(f"stopped at step {step}, its snapshot saved")
+
+
+def member_states(state: dict, members: int) -> list[dict]:
+    """A stacked fit's state (``Snapshots.state``: its parts "loop", "stacked" and, where it
+    evaluates, "keeper") split into one state per member, each that of a group of one (its slices of
+    the stacked tensors, its generator, curve, flags, monitor, best weights and anneal; the step,
+    the group's seconds and shared scalars as they are); ``join_states`` stacks members' states
+    back into a group's, in any order and from any groups at one step."""
+    def part(x, i):  # a stacked tensor's member i, kept as a stack of one
+        return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+
+    out = []
+    for i in range(members):
+        loop = state["loop"]
+        log = loop["log"]
+        one = {k: v for k, v in state.items() if k not in ("loop", "stacked", "keeper")}
+        one["loop"] = {"params": [p[i:i + 1] for p in loop["params"]],
+                       "opt": [{k: part(v, i) for k, v in st.items()} for st in loop["opt"]],
+                       "generators": [loop["generators"][i]],
+                       "log": log | {"curves": [log["curves"][i]], "diverged": [log["diverged"][i]],
+                                     "ended": [0] if i in log["ended"] else []}}
+        st = state["stacked"]
+        one["stacked"] = {"buffers": [b[i:i + 1] for b in st["buffers"]],
+                          "shadows": {n: [w[i:i + 1] for w in ws] for n, ws in st["shadows"].items()},
+                          "flags": [st["flags"][i]]}
+        if "keeper" in state:
+            kp = state["keeper"]
+            one["keeper"] = {"monitors": [kp["monitors"][i]], "best": [kp["best"][i]], "stopped": [kp["stopped"][i]],
+                             "anneal": None if kp["anneal"] is None else [a[i:i + 1] for a in kp["anneal"]]}
+        out.append(one)
+    return out
+
+
+def join_states(states: list[dict]) -> dict:
+    """Members' states (``member_states``, each a group of one at one step) as one group's state,
+    in the order given; the group's training seconds so far are the longest of theirs."""
+    first = states[0]
+    if len({int(s["step"]) for s in states}) > 1:
+        raise ValueError("members at different steps cannot continue as one group")
+    cat = lambda xs: torch.cat(list(xs))  # noqa: E731
+    logs = [s["loop"]["log"] for s in states]
+    longest = max(logs, key=lambda lg: lg["train_s"] - lg["paused"])  # its clock: seconds and evaluations
+    out = {k: v for k, v in first.items() if k not in ("loop", "stacked", "keeper")}
+    out["loop"] = {"params": [cat(ps) for ps in zip(*(s["loop"]["params"] for s in states))],
+                   "opt": [{k: cat(x[k] for x in sts) if sts[0][k].dim() > 0 else sts[0][k] for k in sts[0]}
+                           for sts in zip(*(s["loop"]["opt"] for s in states))],
+                   "generators": [g for s in states for g in s["loop"]["generators"]],
+                   "log": logs[0] | {"curves": [c for lg in logs for c in lg["curves"]],
+                                     "diverged": [d for lg in logs for d in lg["diverged"]],
+                                     "ended": [i for i, lg in enumerate(logs) if lg["ended"]],
+                                     "paused": longest["paused"], "train_s": longest["train_s"]}}
+    sts = [s["stacked"] for s in states]
+    out["stacked"] = {"buffers": [cat(b) for b in zip(*(st["buffers"] for st in sts))],
+                      "shadows": {n: [cat(w) for w in zip(*(st["shadows"][n] for st in sts))]
+                                  for n in sts[0]["shadows"]},
+                      "flags": [f for st in sts for f in st["flags"]]}
+    if "keeper" in first:
+        kps = [s["keeper"] for s in states]
+        out["keeper"] = {"monitors": [m for kp in kps for m in kp["monitors"]],
+                         "best": [b for kp in kps for b in kp["best"]],
+                         "stopped": [x for kp in kps for x in kp["stopped"]],
+                         "anneal": None if kps[0]["anneal"] is None
+                         else [cat(a) for a in zip(*(kp["anneal"] for kp in kps))]}
+    return out
 
 
 def _cpu(tensors) -> list:
@@ -530,7 +616,11 @@ def _loop_part(snapshots, params, opt, generators, log, t0: float) -> int:
         log.paused, log.before_s, log.ended = float(d["paused"]), float(d["train_s"]), set(d["ended"])
 
     snapshots.add("loop", state, load)
-    return snapshots.restore()
+    log.at_cap = snapshots.capped
+    first = snapshots.restore()
+    if first and snapshots.pending_log:  # continued from a state taken before its window's evaluation
+        log.log_now(first - 1)
+    return first
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -611,7 +701,9 @@ def fit_loop(params, loss_fn, *, steps: int, lr, warmup: int = 200, clip: float 
     current step, so what depends on it must be arithmetic that works on a number and a tensor
     alike (``at_most``)."""
     params = [p for p in params if p.requires_grad]
-    warmup = max(1, min(warmup, steps // 10))
+    if schedule != "plateau":  # (the plateau schedule's path does not depend on the cap: nor its warm-up)
+        warmup = min(warmup, steps // 10)
+    warmup = max(1, warmup)
     log = LossLog(steps, log_every, members, on_log, on_diverge)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -790,6 +882,7 @@ class LossLog:
         self.before_s = 0.0  # the loop's seconds before it was stopped and continued (Snapshots)
         self.started = time.perf_counter()  # the loop's start (the loops set it once they start timing)
         self.ended: set[int] = set()  # fits whose loss diverged after a kept best (they end with it)
+        self.at_cap: Callable[[int], None] | None = None  # called at the cap, before its window's on_log
 
     def add(self, means: torch.Tensor, k: int) -> None:
         """The window ending at step k (its mean: a scalar, or [members]); reads it to the host."""
@@ -803,6 +896,12 @@ class LossLog:
         if not self.members and self.diverged[0] is not None:
             raise Diverged(f"non-finite loss at step {k}")
         self.trained = k + 1
+        if self.trained == self.steps and self.at_cap is not None:
+            self.at_cap(self.trained)
+        self.log_now(k)
+
+    def log_now(self, k: int) -> None:
+        """The end of the window ending at step k: ``on_log`` (the evaluations), its time left out."""
         if self.on_log is not None:
             t0 = time.perf_counter()
             self.stop = bool(self.on_log(k, max(0.0, self.before_s + t0 - self.started - self.paused)))
@@ -843,7 +942,7 @@ def _fit_eager(params, loss_fn, *, steps, lr, warmup, clip, after_step, device, 
             sched.last_epoch = start
             for group, base in zip(opt.param_groups, sched.base_lrs):
                 group["lr"] = base * factor(start, steps, warmup)
-    for k in range(start, steps):
+    for k in range(start, steps if not log.stop else start):
         loss = loss_fn(k, k)
         opt.zero_grad(set_to_none=True)
         (loss.sum() if members else loss).backward()
@@ -926,7 +1025,9 @@ def _fit_graphed(params, loss_fn, *, steps, lr, warmup, clip, after_step, device
         return log.stop
 
     with graphs.own_stream() as side:  # the eager warm-up steps' stream (no other thread's)
-        _replay_segments(side, steps, first, phase, opt, one_step, log_upto, log, generators, window_start=lambda k: k == logged)
+        if not log.stop:  # (a continued fit's pending evaluation may have stopped it)
+            _replay_segments(side, steps, first, phase, opt, one_step, log_upto, log, generators,
+                             window_start=lambda k: k == logged)
     _sync(device)
     return log.result(time.perf_counter() - t0)
 

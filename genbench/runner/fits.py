@@ -61,6 +61,23 @@ class FitStore:
             return None
         return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", name, ".json")}
 
+    def continuation(self, unit: Unit, model: Generator) -> str | None:
+        """The kept state (ends/) this unit's fit continues from, or None (it trains from step 0):
+        its trial continues a trial of the previous rung (``Plan.continues``) whose fit on this
+        dataset and seed kept its state at its cap and was neither diverged nor cut short in a
+        decay (the longer fit's decay would be longer), for a model whose path does not depend on
+        its cap."""
+        prev = self.r.plan.continues.get(unit.model)
+        if prev is None or not model.continues_to_longer_caps():
+            return None
+        name = cell_name(prev, unit.dataset, unit.seed)
+        record = self.record(Unit(prev, unit.dataset, unit.seed))
+        if record is None or not self.store.has_end(name):
+            return None
+        if str(record.get("stop_reason") or "").startswith(("cap reached while annealing", "diverged")):
+            return None
+        return name
+
     def monitor(self, unit: Unit, model: Generator):
         """The fit's evaluation during training (the converged budget, a model that offers it), or None."""
         if not (self.r.converged and model.monitored):
@@ -80,7 +97,7 @@ class FitStore:
                                  seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu",
                                  first_step=math.ceil(self.r.plan.evaluate_from * c.train_steps) if trial else 0)
 
-    def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str):
+    def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str, start: dict | None = None):
         """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the
         ``resumable`` capability, saved as partial/<name>.pt: a fit started with one continues from
         it, where it belongs to the same units and configs (a snapshot that cannot be read, or of
@@ -89,7 +106,7 @@ class FitStore:
         the capability."""
         if not all(type(m).resumable for m in models):
             return None
-        from ..models.train import Snapshots
+        from ..models.train import Snapshots, member_states
 
         key = hashlib.sha256(repr([__version__, *((tuple(u), repr(m.config)) for u, m in zip(units, models))]).encode()
                              ).hexdigest()
@@ -100,6 +117,8 @@ class FitStore:
             self.notes.append(f"{name}: its mid-fit snapshot could not be read ({type(e).__name__}); trained from step 0")
         if saved is not None and (not isinstance(saved, dict) or saved.get("key") != key):
             saved = None
+        if saved is None and start is not None:  # the fits' states at a shorter cap (a tune's previous rung)
+            saved = start
         if saved is not None:
             self.progress.update(f"{name}: continuing from step {saved.get('step')}")
         cap = max((getattr(m.config, "train_steps", 0) for m in models), default=0)
@@ -108,7 +127,12 @@ class FitStore:
             self.store.save_partial(name, {"key": key} | state)
             self.progress.update(f"{doing}: step {state['step']:,}" + (f" of {cap:,}" if cap else ""))
 
-        return Snapshots(saved, save, SNAPSHOT_EVERY_S)
+        def at_cap(state: dict) -> None:  # each member's state, for the longer fit that continues it
+            for unit, one in zip(units, member_states(state, len(units)), strict=True):
+                self.store.save_end(cell_name(*unit), one)
+
+        keep = self.r.plan.keep_ends and len(units) > 1
+        return Snapshots(saved, save, SNAPSHOT_EVERY_S, at_cap=at_cap if keep else None)
 
     @staticmethod
     def _resumed(snapshots) -> dict:
@@ -176,9 +200,12 @@ class FitStore:
             model = self.r.model(unit.model, unit.dataset)
             record, refit = self.reuse(unit, model)
             if record is None:  # one group per family and config but for its member fields (a tuned
-                # config is per dataset; tuning trials differing in a learning rate share a group)
+                # config is per dataset; tuning trials differing in a learning rate share a group),
+                # and per step it starts at (fits continued from a previous rung's with each other)
                 fields = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in type(model).member_fields}
-                todo.setdefault((type(model), repr(sorted(fields.items()))), []).append((unit, refit))
+                start = self.continuation(unit, model)
+                key = (type(model), repr(sorted(fields.items())), start is not None)
+                todo.setdefault(key, []).append((unit, refit))
                 steps[unit] = getattr(model.config, "train_steps", 0)
         size = self.r.plan.max_members
         chunks = [group[at:at + size] for group in todo.values() for at in range(0, len(group), size)]
@@ -267,8 +294,11 @@ class FitStore:
             raise errors[0]
 
     def fit_group(self, chunk: list[tuple[Unit, str | None]]) -> None:
-        """One group fitted side by side; a group the GPU's memory cannot hold is split in halves."""
+        """One group fitted side by side (from its fits' states at a previous rung's cap, where they
+        continue one: ``continuation``); a group the GPU's memory cannot hold is split in halves."""
         import torch
+
+        from ..models.train import join_states
 
         if len(chunk) < 2:
             return
@@ -292,11 +322,22 @@ class FitStore:
                 kw["monitors"] = monitors
             units = [u for u, _ in chunk]
             partial = f"{name}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
-            snapshots = self.snapshots(partial, units, models, f"{name}: {len(chunk)} fits side by side")
+            starts = [self.continuation(u, m) for u, m in zip(units, models)]
+            start = None
+            if all(starts):  # (a group is of continued fits or of fresh ones: the grouping's key)
+                states = [self.store.load_end(n, "cpu") for n in starts]
+                try:  # (states that cannot be stacked: the fits start from step 0)
+                    start = join_states(states) if all(isinstance(st, dict) for st in states) else None
+                except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+                    start = None
+            snapshots = self.snapshots(partial, units, models, f"{name}: {len(chunk)} fits side by side", start=start)
             if snapshots is not None:
                 kw["snapshots"] = snapshots
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
                                                **kw)
+            if start is not None and snapshots is not None and snapshots.resumed_at == start["step"]:
+                for ex, n in zip(extras, starts):  # (not where the group's own snapshot was later)
+                    ex["continued_from"] = n
         except torch.cuda.OutOfMemoryError:
             pass  # split below, once the exception (and the memory its frames hold) is gone
         except RunDirError:

@@ -96,6 +96,12 @@ class Plan:
     #: whose rows carry the best evaluation's score alone, and the early evaluations are seldom the
     #: best (benchmarks/evaluate_from.py). Teachers evaluate from the start. Not a setting, as ``cells``
     evaluate_from: float = 0.0
+    #: True: each side-by-side fit's state at its cap is kept (ends/) for a longer fit to continue
+    #: from (a tune's rungs before the last); ``continues``: a trial's name -> the trial (at the
+    #: previous rung) whose kept states its fits continue from, where its model's path does not
+    #: depend on the cap (``Generator.continues_to_longer_caps``). Not settings, as ``cells``
+    keep_ends: bool = False
+    continues: dict[str, str] = field(default_factory=dict)
     # resources
     device: str = "auto"
     threads: int = 1
