@@ -488,6 +488,18 @@ class RunDir:
     def has_end(self, name: str) -> bool:
         return (self.path / "ends" / f"{name}.pt").is_file()
 
+    def keep_ends(self, names: set[str]) -> None:
+        """Removes every kept state but those named (none left: the folder too)."""
+        folder = self.path / "ends"
+        if not folder.is_dir():
+            return
+        for p in folder.glob("*.pt"):
+            if p.stem not in names:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
     def tidy_partial(self) -> None:
         """Removes partial/ where it is empty (every fit saved): called at a run's end, under its
         lock, when nothing writes snapshots any more; a folder still holding one is kept."""

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import __version__
 from .api import UsageError, check_space
-from .store import atomic_write, dumps, json_checksum
+from .store import atomic_write, cell_name, dumps, json_checksum
 
 #: points each trial samples per cell and scores (the validation sample's size)
 N_SAMPLES = 2000
@@ -342,6 +342,12 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                 keep = rungs[e.name][r + 1][0]
                 alive[e.name] = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
                                  for k, idxs in alive[e.name].items()}
+        # the kept states (ends/) the next rung continues from; the rest (trials that go no further,
+        # the previous rung's, all of them after the last rung) removed: a rung's states, ~2 MB a fit
+        going_on = {cell_name(trial_name(e.name, drawn[e.name][st * n_trials + i].key, rungs[e.name][r][1]), d, s)
+                    for e in entries if r + 1 < len(rungs[e.name])
+                    for (st, d), idxs in alive[e.name].items() for i in idxs for s in seeds}
+        runner.store.keep_ends(going_on)
     results = []
     for e in entries:
         for t in drawn[e.name]:

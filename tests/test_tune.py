@@ -354,9 +354,15 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 400}})
     monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
 
+    kept = []  # the states kept when each rung starts
+
+    def run(runner):
+        kept.append(sorted(p.stem for p in (runner.store.path / "ends").glob("*.pt")))
+        return runner.run()
+
     def tune_into(out):
         tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
-                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(), halving=2)
+                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=run, halving=2)
         fits = {}
         for f in (out / "trials" / "fits").glob("*.json"):
             fits[f.stem] = json.loads(f.read_text())
@@ -365,7 +371,11 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     continued = tune_into(tmp_path / "a")
     rungs = {s: {n: r for n, r in continued.items() if n.split("__")[0].endswith(f"~{s}")} for s in (100, 200, 400)}
     assert [len(v) for v in rungs.values()] == [8, 4, 2]
-    assert len(list((tmp_path / "a" / "trials" / "ends").glob("*.pt"))) == 12  # the rungs before the last
+    went_on = [sorted({n.split("__")[0].replace(f"~{s}", "~100" if s == 200 else "~200") for n in rungs[s]})
+               for s in (200, 400)]
+    assert [len(k) for k in kept] == [0, 4, 2]  # the next rung's: two trials, then one, on two seeds
+    assert [sorted({n.split("__")[0] for n in k}) for k in kept[1:]] == went_on
+    assert not (tmp_path / "a" / "trials" / "ends").exists()  # none left after the last rung
     for steps, prev in ((200, 100), (400, 200)):
         for name, record in rungs[steps].items():
             assert record["continued_from"] == name.replace(f"~{steps}__", f"~{prev}__")
