@@ -378,7 +378,8 @@ class Keeper:
         else:
             idx = torch.tensor(due, device=next(iter(view.values())).device)
             names = {k for k, _ in modules[0].named_parameters()}
-            taken = {k: v.index_select(0, idx) for k, v in view.items()}
+            with torch.no_grad():
+                taken = {k: v.index_select(0, idx) for k, v in view.items()}
             params = {k: v for k, v in taken.items() if k in names}
             buffers = {k: v for k, v in taken.items() if k not in names}
         bound = _Bound(modules[0], parts[0].map)  # the members share the config sampling reads
