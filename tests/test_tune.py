@@ -340,6 +340,7 @@ def test_promotion_reads_only_the_kept_score():
     assert set(tune.PROMOTION_COLUMNS) == {"kept_score"}
 
 
+@pytest.mark.slow
 def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, monkeypatch):
     """Side by side at the converged budget (the VAE's cap cut to 400 steps, halving 2): a rung's
     fits keep their state at their cap (ends/), and a promoted trial's fits continue from it: their
