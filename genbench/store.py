@@ -454,17 +454,25 @@ class RunDir:
         return load_state(self.checkpoint_bytes(name, sha), device)
 
     # -- mid-fit snapshots (partial/): a fit's state while it trains, gone once its fit is saved --
+    def _save_state(self, folder: str, name: str, state: dict) -> None:
+        atomic_write(self.path / folder / f"{name}.pt", torch_bytes(state), root=self.path)
+
+    def _state_bytes(self, folder: str, name: str) -> bytes | None:
+        """The bytes of folder/<name>.pt (no link on its way), or None where there is none."""
+        p = self.path / folder / f"{name}.pt"
+        if not p.is_file():
+            return None
+        no_links(p, self.path)
+        return p.read_bytes()
+
     def save_partial(self, name: str, state: dict) -> None:
-        atomic_write(self.path / "partial" / f"{name}.pt", torch_bytes(state), root=self.path)
+        self._save_state("partial", name, state)
 
     def load_partial(self, name: str, device: str):
         """The snapshot partial/<name>.pt read as data (``load_state``), or None where there is none
         (a torn or unreadable one raises: the caller says why it starts over)."""
-        p = self.path / "partial" / f"{name}.pt"
-        if not p.is_file():
-            return None
-        no_links(p, self.path)
-        return load_state(p.read_bytes(), device)
+        data = self._state_bytes("partial", name)
+        return None if data is None else load_state(data, device)
 
     def drop_partial(self, name: str) -> None:
         with contextlib.suppress(OSError):
@@ -472,16 +480,13 @@ class RunDir:
 
     # -- fits' states at their cap (ends/): kept for a longer fit of the same path to continue from
     def save_end(self, name: str, state: dict) -> None:
-        atomic_write(self.path / "ends" / f"{name}.pt", torch_bytes(state), root=self.path)
+        self._save_state("ends", name, state)
 
     def load_end(self, name: str, device: str):
         """The state ends/<name>.pt read as data, or None where there is none (or it cannot be read)."""
-        p = self.path / "ends" / f"{name}.pt"
-        if not p.is_file():
-            return None
-        no_links(p, self.path)
+        data = self._state_bytes("ends", name)
         try:
-            return load_state(p.read_bytes(), device)
+            return None if data is None else load_state(data, device)
         except Exception:  # noqa: BLE001 - a torn state: the fit starts from step 0
             return None
 

@@ -32,7 +32,6 @@ differ in (the learning rate: each member its own, for tuning trials fitted toge
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import threading
@@ -492,14 +491,15 @@ class Snapshots:
         return self.resumed_at
 
     def state(self, step: int) -> dict:
-        """The fit's whole state after ``step`` steps."""
+        """The fit's whole state after ``step`` steps: copies (each part's ``state`` copies), which
+        the fit going on leaves as they were."""
         return {"step": step} | {name: state() for name, (state, _) in self.parts.items()}
 
     def capped(self, step: int) -> None:
         """At the cap (``step`` steps made), before the last window's evaluation: ``at_cap`` is
         handed the state, marked so that a fit continuing from it makes that evaluation first."""
-        if self.at_cap is not None:  # (a copy: the parts' states hold the live curves, which the evaluation extends)
-            self.at_cap(copy.deepcopy(self.state(step)) | {"pending_log": True})
+        if self.at_cap is not None:
+            self.at_cap(self.state(step) | {"pending_log": True})
 
     def due(self, step: int) -> None:
         """At the end of a logged window (``step`` steps made): a snapshot where one is due, or where a
@@ -604,7 +604,8 @@ def _loop_part(snapshots, params, opt, generators, log, t0: float) -> int:
     every part; returns the step to start at."""
     def state():
         return {"params": _cpu(params), "opt": _optimizer_state(opt, params), "generators": [g.get_state() for g in generators],
-                "log": {"curves": log.curves, "diverged": log.diverged, "trained": log.trained, "paused": log.paused,
+                "log": {"curves": [list(c) for c in log.curves], "diverged": list(log.diverged), "trained": log.trained,
+                        "paused": log.paused,
                         "ended": sorted(log.ended), "train_s": log.before_s + time.perf_counter() - t0}}
 
     def load(saved):

@@ -204,7 +204,9 @@ class ValidationMonitor(Monitor):
               "evaluating_s")
 
     def state(self) -> dict:
-        return {name: getattr(self, name) for name in self._STATE} | {"elapsed_s": time.perf_counter() - self.started}
+        """A copy (the curve's points too: a state kept while the fit goes on stays as it was)."""
+        return ({name: getattr(self, name) for name in self._STATE} | {"curve": [dict(p) for p in self.curve],
+                                                                       "elapsed_s": time.perf_counter() - self.started})
 
     def load_state(self, state: dict) -> None:
         for name in self._STATE:
