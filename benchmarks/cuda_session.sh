@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements of baselines/README.md, in phases that each fit in one command of at most
+# ten minutes, run one after another on the same (warm) machine: each phase stops itself after W
+# seconds (SIGTERM: the run keeps its rows and its fits' snapshots, and the next call of the same
+# phase resumes it), and writes its logs under LOG.
+#
+#   PHASE=tests bash benchmarks/cuda_session.sh   # the CUDA tests, then cm-ct's window replay against
+#                                                 # a step a replay (group_step.py), then the tune
+#   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
+#   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
+#
+# W: the phase's seconds (default 570); LOG: where the logs go (default gpu_runs/); STATE: where the
+# grid and the tune write their run dirs (default /tmp/genbench-cuda: kept between calls on a warm
+# machine, so a tune resumes); DEVICE: the tune's --device (default cuda; cpu for a smoke test of
+# this script). The grid and the tune print their time split (grid_phases.py) and each group's end
+# to LOG/*.err.
+set -u
+cd "$(dirname "$0")/.."
+PHASE="${PHASE:-tests}"
+case "$PHASE" in tests|grid|tune) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, tune)" >&2; exit 2 ;; esac
+if [ "$PHASE" = grid ] && ! command -v genbench > /dev/null; then
+  echo "the grid phase needs the genbench command (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
+fi
+W="${W:-570}"
+LOG="${LOG:-gpu_runs}"
+STATE="${STATE:-/tmp/genbench-cuda}"
+mkdir -p "$LOG" "$STATE"
+start=$(date +%s)
+left() { echo $(( W - ($(date +%s) - start) )); }
+export PYTHONUNBUFFERED=1
+DATASETS=ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard
+
+tune() {
+  local t; t=$(left)
+  (( t > 30 )) || return 0
+  timeout "$t" python3 benchmarks/grid_phases.py tune --models diffusion,cm,vae,flow,gan --datasets "$DATASETS" \
+    --trials 32 --seeds 0 --device "${DEVICE:-cuda}" --groups-at-once 8 --halving 3 --max-members 96 --out "$STATE/tune" \
+    > "$LOG/tune.out" 2>> "$LOG/tune.err"
+  echo "tune: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+  ls "$STATE/tune" >> "$LOG/phases.txt" 2>&1
+}
+
+case "$PHASE" in
+  tests)
+    nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv > "$LOG/gpu.txt" 2>&1
+    python3 -c "import torch; print(torch.__version__, torch.version.cuda)" >> "$LOG/gpu.txt"
+    timeout "$(left)" python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider > "$LOG/test_cuda.txt" 2>&1
+    echo "test_cuda: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    timeout "$(( $(left) > 150 ? 150 : $(left) ))" python3 benchmarks/group_step.py --models cm-ct \
+      --replay window,step --rounds 2 > "$LOG/group_step_cmct.txt" 2>&1
+    echo "group_step cm-ct: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    tune
+    ;;
+  grid)
+    rm -rf "$STATE/grid"
+    OUT_DIR="$STATE/grid" GENBENCH="timeout $(left) python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
+      --score-jobs 14 --groups-at-once 6 > "$LOG/grid.out" 2> "$LOG/grid.err"
+    echo "grid: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    cp "$STATE/grid/rows.jsonl" "$LOG/grid_rows.jsonl" 2>/dev/null
+    cp "$STATE/grid/report.md" "$STATE/grid/results.csv" "$LOG/" 2>/dev/null
+    ;;
+  tune)
+    tune
+    cp "$STATE/tune/tune.json" "$STATE/tune/tuned.json" "$LOG/" 2>/dev/null
+    ;;
+esac
