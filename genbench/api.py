@@ -244,10 +244,18 @@ class Generator:
 
     def continues_to_longer_caps(self) -> bool:
         """True where this model's fit does not depend on its step cap (its first k steps, draws and
-        evaluations are those of any longer fit of its config) and its ``fit_side_by_side`` hands
-        ``Snapshots.at_cap`` its state at the cap: a tune's trial promoted to a longer rung then
-        continues from its fit at the previous rung instead of training from step 0. Default: False."""
+        evaluations are those of any longer fit of its config, for k a multiple of ``cap_grain``) and
+        its ``fit_side_by_side`` hands ``Snapshots.at_cap`` its state at the cap: a tune's trial
+        promoted to a longer rung then continues from its fit at the previous rung instead of
+        training from step 0. Default: False."""
         return False
+
+    def cap_grain(self) -> int:
+        """The steps a cap that a longer fit continues from is a multiple of: the length of the fit's
+        logged windows (a window ends where the loss curve gets a point and an evaluation may fall;
+        a fit cut inside one would log and evaluate where the longer fit does not). A tune's rungs
+        before the last end on a multiple of it. Default: 1."""
+        return 1
 
     # -- checkpoints (optional; the runner uses them to resume and to reuse teachers) ---------
     def state_dict(self) -> dict:

@@ -385,7 +385,7 @@ def tune(
     groups_at_once: int = typer.Option(_default("groups_at_once"), help="Side-by-side groups of trials trained at once on a GPU, each on its own CUDA stream (as 'run --groups-at-once')."),
     max_members: int = typer.Option(_default("max_members"), help="The most trials' fit units in one stacked group (as 'run --max-members')."),
     seed: int = typer.Option(0, help="Seed of the quasirandom draws (study s scrambles with seed + s)."),
-    halving: int = typer.Option(0, help="Successive halving with this factor eta (0: off, every trial at the budget): per dataset, the best 1/eta of the trials at a fraction of the budget's steps go on at eta times the steps, the last rung at the budget's (32 trials, eta 3: 32, 11, 4, 2 trials at 1/27, 1/9, 1/3, 1 of the steps)."),
+    halving: int = typer.Option(0, help="Successive halving with this factor eta (0: off, every trial at the budget): per dataset, the best 1/eta of the trials at a fraction of the budget's steps go on at eta times the steps, the last rung at the budget's (32 trials, eta 3: 32, 11, 4, 2 trials at 1/27, 1/9, 1/3, 1 of the steps; where a rung's fits are continued, cut at a logged window's end)."),
     out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials (one run dir for every model and rung, its trials its models), tune.json, tuned.json. Re-running resumes."),
 ):
     """Equal-budget tuning: the same number of quasirandom trials for every model from the search

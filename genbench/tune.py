@@ -158,11 +158,13 @@ def select(results: list[dict]) -> dict:
     return best
 
 
-def halving_rungs(n: int, eta: int, cap: int) -> list[tuple[int, int | None]]:
+def halving_rungs(n: int, eta: int, cap: int, grain: int = 1) -> list[tuple[int, int | None]]:
     """Successive halving's rungs for ``n`` trials: (trials, training steps) per rung, each rung the
     best 1/eta of the one before on eta times its steps, the last at the ``cap`` (the budget's
-    steps): for 32 trials and eta 3, 32 at cap/27, 11 at cap/9, 4 at cap/3, 2 at the cap. eta 0
-    (no halving): every trial at the budget's own steps (None)."""
+    steps): for 32 trials and eta 3, 32 at cap/27, 11 at cap/9, 4 at cap/3, 2 at the cap. The rungs
+    before the last end on a multiple of ``grain`` (``Generator.cap_grain``: there a longer fit
+    continues as the fit from step 0 would), rounded down, at least ``grain``. eta 0 (no halving):
+    every trial at the budget's own steps (None)."""
     if not eta:
         return [(n, None)]
     if eta < 2:
@@ -170,7 +172,8 @@ def halving_rungs(n: int, eta: int, cap: int) -> list[tuple[int, int | None]]:
     top = 0
     while eta ** (top + 1) <= n:
         top += 1
-    return [(math.ceil(n / eta ** r), max(1, cap // eta ** (top - r))) for r in range(top + 1)]
+    return [(math.ceil(n / eta ** r), cap if r == top else max(grain, cap // eta ** (top - r) // grain * grain))
+            for r in range(top + 1)]
 
 
 def load_tuned(path: Path) -> dict:
@@ -267,7 +270,9 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
         if not getattr(e.cls, "search_space", None):
             raise UsageError(f"model {e.name} declares no search space (Generator.search_space); it cannot be tuned")
     drawn = {e.name: trials(e.cls, n_trials, studies, seed, budget) for e in entries}  # each space checked
-    rungs = {e.name: halving_rungs(n_trials, halving, e.cls(budget=budget).config.train_steps) for e in entries}
+    rungs = {e.name: halving_rungs(n_trials, halving, m.config.train_steps,  # (where a rung's fits are continued)
+                                   m.cap_grain() if m.continues_to_longer_caps() else 1)
+             for e in entries for m in [e.cls(budget=budget)]}
     teachers = list(dict.fromkeys(e.cls.teacher for e in entries if e.cls.teacher))  # each fitted once, at its defaults
 
     def plan_for(want: dict, cells: bool = True, continues: dict | None = None) -> "Run":

@@ -220,6 +220,10 @@ def test_successive_halving_rungs():
     assert tune.halving_rungs(32, 3, 27_000) == [(32, 1000), (11, 3000), (4, 9000), (2, 27_000)]
     assert tune.halving_rungs(4, 2, 300) == [(4, 75), (2, 150), (1, 300)]
     assert tune.halving_rungs(8, 0, 300) == [(8, None)]  # off: every trial at the budget's own steps
+    # the rungs before the last end on a window's end (a promoted trial's fit continues from there)
+    assert tune.halving_rungs(32, 3, 240_000, 50) == [(32, 8850), (11, 26_650), (4, 80_000), (2, 240_000)]
+    assert tune.halving_rungs(4, 2, 430, 50) == [(4, 100), (2, 200), (1, 430)]
+    assert tune.halving_rungs(8, 2, 120, 50) == [(8, 50), (4, 50), (2, 50), (1, 120)]  # at least one window
     with pytest.raises(api.UsageError, match="halving 1"):
         tune.halving_rungs(8, 1, 300)
 
@@ -342,7 +346,8 @@ def test_promotion_reads_only_the_kept_score():
 
 @pytest.mark.slow
 def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, monkeypatch):
-    """Side by side at the converged budget (the VAE's cap cut to 400 steps, halving 2): a rung's
+    """Side by side at the converged budget (the VAE's cap cut to 430 steps, halving 2: rungs of 100,
+    200 and 430 steps, the first two cut at a logged window's end, not at 107 and 215): a rung's
     fits keep their state at their cap (ends/), and a promoted trial's fits continue from it: their
     records say so and the rung trains only the steps it adds; and they are the fits that the same
     tune trains from step 0 without continuing (the same losses, to float rounding)."""
@@ -352,7 +357,7 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     from genbench.models.vae import VAE
     from genbench.runner import fits as fits_mod
 
-    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 400}})
+    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 430}})
     monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
 
     kept = []  # the states kept when each rung starts
@@ -370,14 +375,14 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
         return fits
 
     continued = tune_into(tmp_path / "a")
-    rungs = {s: {n: r for n, r in continued.items() if n.split("__")[0].endswith(f"~{s}")} for s in (100, 200, 400)}
+    rungs = {s: {n: r for n, r in continued.items() if n.split("__")[0].endswith(f"~{s}")} for s in (100, 200, 430)}
     assert [len(v) for v in rungs.values()] == [8, 4, 2]
     went_on = [sorted({n.split("__")[0].replace(f"~{s}", "~100" if s == 200 else "~200") for n in rungs[s]})
-               for s in (200, 400)]
+               for s in (200, 430)]
     assert [len(k) for k in kept] == [0, 4, 2]  # the next rung's: two trials, then one, on two seeds
     assert [sorted({n.split("__")[0] for n in k}) for k in kept[1:]] == went_on
     assert not (tmp_path / "a" / "trials" / "ends").exists()  # none left after the last rung
-    for steps, prev in ((200, 100), (400, 200)):
+    for steps, prev in ((200, 100), (430, 200)):
         for name, record in rungs[steps].items():
             assert record["continued_from"] == name.replace(f"~{steps}__", f"~{prev}__")
             assert record["resumed_step"] == prev and record["steps"] == steps

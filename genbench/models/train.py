@@ -183,6 +183,10 @@ class TorchGenerator(Generator):
         a constant rate after the warm-up, each fit's decay begun by its own validation curve."""
         return self._loop_settings()["schedule"] == "plateau"
 
+    def cap_grain(self) -> int:
+        """The logged window (``log_every``): the loss curve's points and the evaluations fall on its ends."""
+        return self._loop_settings()["log_every"]
+
     def sample_now(self, n: int, seed: int):
         """``sample(n, seed=)`` from the weights as they are now, mid-fit: eagerly (a captured
         sampling loop would hold copies of earlier weights), without gradients."""
