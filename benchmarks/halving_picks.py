@@ -1,5 +1,5 @@
 """Does successive halving's last rung change the pick? From a halving tune's trial rows (its run
-dir, ``OUT/trials``, or a folder of per-model run dirs as older tunes wrote), per model and dataset:
+dirs, ``OUT/trials/MODEL``, or the one run dir ``OUT/trials`` of the tunes of before), per model and dataset:
 the trial the penultimate rung ranks best, the trial the last rung picks, and the finalists'
 validation scores at the last rung's steps (the converged budget's score: lower is better).
 

@@ -2,7 +2,7 @@
 sampled) keep the trials that their cells' score (``tune.validation_scores``: fresh samples) ranks
 best? On a tune's run dir whose rows have both (a rung run with cells at the converged budget):
 
-    python benchmarks/promotion_check.py TUNE_OUT/trials [--eta 3]
+    python benchmarks/promotion_check.py TUNE_OUT/trials/MODEL [--eta 3]   # (tunes of before: TUNE_OUT/trials)
 
 Per (model, dataset): the trials, how many of the top 1/eta by cells the kept score also promotes,
 whether the cells' best is among them, and the rank correlation of the two scores."""

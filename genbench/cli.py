@@ -386,7 +386,7 @@ def tune(
     max_members: int = typer.Option(_default("max_members"), help="The most trials' fit units in one stacked group (as 'run --max-members')."),
     seed: int = typer.Option(0, help="Seed of the quasirandom draws (study s scrambles with seed + s)."),
     halving: int = typer.Option(0, help="Successive halving with this factor eta (0: off, every trial at the budget): per dataset, the best 1/eta of the trials at a fraction of the budget's steps go on at eta times the steps, the last rung at the budget's (32 trials, eta 3: 32, 11, 4, 2 trials at 1/27, 1/9, 1/3, 1 of the steps; where a rung's fits are continued, cut at a logged window's end)."),
-    out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials (one run dir for every model and rung, its trials its models), tune.json, tuned.json. Re-running resumes."),
+    out: Optional[str] = typer.Option(None, help="Tune directory (default results/tune-<budget>): trials/MODEL (a run dir for each model's rungs, its trials its models), tune.json, tuned.json. Re-running resumes."),
 ):
     """Equal-budget tuning: the same number of quasirandom trials for every model from the search
     space it declares (its defaults always trial 0), each scored on the validation sample (never the
@@ -395,10 +395,23 @@ def tune(
         out_dir = _out(out) or Path(f"results/tune-{budget}")
         from .tune import run_tune
 
-        tuned_file, results, best, notes = run_tune(
-            models=_list(models, "--models"), datasets=_list(datasets, "--datasets"), seeds=_ints(seeds, "--seeds", 0),
-            n_trials=trials, studies=studies, budget=budget, out=out_dir, device=device, threads=threads, jobs=jobs,
-            seed=seed, run=_run, groups_at_once=groups_at_once, max_members=max_members, halving=halving)
+        bar = _TuneProgress()
+        try:
+            with _stop_on_sigterm():
+                tuned_file, results, best, notes = run_tune(
+                    models=_list(models, "--models"), datasets=_list(datasets, "--datasets"),
+                    seeds=_ints(seeds, "--seeds", 0), n_trials=trials, studies=studies, budget=budget, out=out_dir,
+                    device=device, threads=threads, jobs=jobs, seed=seed, run=bar.run, groups_at_once=groups_at_once,
+                    max_members=max_members, halving=halving)
+        except KeyboardInterrupt as e:
+            from .models.train import Stopped
+
+            bar.close()
+            saved = " and the fits in training where they were" if isinstance(e, Stopped) else ""
+            raise fail(f"interrupted; finished cells{saved} are kept in {out_dir / 'trials'}, re-run the same "
+                       "command to resume", EXIT_INTERRUPTED) from None
+        finally:
+            bar.close()
         from . import plots
 
         written = plots.plot_tune({"trials": results}, out_dir / "figures")
@@ -783,6 +796,40 @@ class _RichProgress:
 
     def advance(self, n: int = 1) -> None:
         self.p.advance(self.task, n)
+
+
+class _TuneProgress:
+    """One progress bar for a tune's runs (each model's rungs; on a GPU several at once), opened at
+    the first run (a tune refused before it prints its one line alone): each run adds its cells to
+    the bar's total. ``run`` is the tune's way to run one ``runner.Run``."""
+
+    def __init__(self):
+        import threading
+
+        self.bar, self.total, self.lock = None, 0, threading.Lock()
+
+    def run(self, runner) -> list[dict]:
+        with self.lock:
+            if self.bar is None:
+                self.bar = _RichProgress().__enter__()
+        return runner.run(self)
+
+    def start(self, total: int) -> None:
+        with self.lock:
+            self.total += total
+            self.bar.p.update(self.bar.task, total=self.total)
+
+    def update(self, description: str) -> None:
+        self.bar.update(description)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(n)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
 
 
 def _click_classes(name: str) -> tuple:

@@ -1,12 +1,12 @@
 """Equal-budget tuning (``genbench tune``): every model gets the same number of trials from the
 search space it declares (``Generator.search_space``), drawn quasirandomly (scrambled Sobol points,
-``scipy.stats.qmc``), its defaults always trial 0 of each study; every model's trials are the
-models of one ``genbench run`` per rung over the tuning datasets and seeds, all in the run dir
-``OUT/trials`` (a killed tune re-run finishes only what is missing: finished cells are skipped by
+``scipy.stats.qmc``), its defaults always trial 0 of each study; a model's trials are the
+models of one ``genbench run`` per rung over the tuning datasets and seeds, in its run dir
+``OUT/trials/MODEL`` (a killed tune re-run finishes only what is missing: finished cells are skipped by
 the runner), where trials that differ only in their model's member fields
 (``TorchGenerator.member_fields``: its learning rate, diffusion's noise-level centre) are fitted as
-one stacked network on a GPU, the stacked fits of every model at once, and a distilled model's
-teacher is trained once for all its trials; each trial is scored on the
+one stacked network on a GPU, every model's rungs going on at once (no model waits for another's
+rung to end), and a distilled model's teacher is trained once for all its trials; each trial is scored on the
 **validation sample only** (the energy
 distance to it and the fraction of samples off the support, each in units of the data's noise
 floor, as the converged budget's stopping rule scores them: ``SELECTION_COLUMNS``), never on the
@@ -176,6 +176,44 @@ def halving_rungs(n: int, eta: int, cap: int, grain: int = 1) -> list[tuple[int,
             for r in range(top + 1)]
 
 
+def _chains_at_once(chain, entries, groups_at_once: int) -> None:
+    """``chain(e)`` of every model at once, each in a thread of its own, their side-by-side groups
+    sharing ``groups_at_once`` training slots, the longest group first (``runner.fits.Slots``):
+    each model goes to its next rung as soon as its own rung has ended. The first error a chain
+    raises stops the others
+    (``train.request_stop``: each fit in training saves a snapshot at its next logged window and
+    ends) and is raised here once they have ended; an interrupt here is raised at once (the threads
+    are daemons, as the groups' are)."""
+    import threading
+
+    from .models import train
+    from .runner import fits
+
+    errors: list[BaseException] = []
+
+    def one(e) -> None:
+        try:
+            chain(e)
+        except BaseException as ex:  # noqa: BLE001 - raised in the calling thread below
+            errors.append(ex)
+            train.request_stop()
+
+    threads = [threading.Thread(target=one, args=(e,), daemon=True, name=f"genbench-tune-{e.name}") for e in entries]
+    fits.SLOTS = fits.Slots(groups_at_once)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    finally:
+        fits.SLOTS = None
+        if errors:
+            train.STOP.clear()  # (asked for by the chain that failed: a later fit in this process trains)
+    if errors:
+        raise errors[0]
+
+
 def load_tuned(path: Path) -> dict:
     """A tuned file, checked (data only: JSON, its kind, its checksum). UsageError, one line, if not."""
     try:
@@ -247,17 +285,19 @@ def trial_name(model: str, key: str, steps: int | None = None) -> str:
 def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_trials: int, studies: int, budget: str,
              out: Path, device: str, threads: int, jobs: int, seed: int, run,
              groups_at_once: int = 1, halving: int = 0, max_members: int | None = None) -> tuple[Path, list[dict], dict, list]:
-    """The tune: per rung, one run of every model's trials (each a model of its own there, named
-    ``trial_name``, its config under ``params``; a student's teacher at its defaults beside them),
-    all of them in one run dir, ``OUT/trials``, each rung extending it. Fitting side by side, the
-    trials that differ only in their model's member fields (its learning rate, ...) are one stacked
-    fit, and the stacked fits of every model train at once (``groups_at_once``): one model's short
-    fits beside another's. Without ``halving`` there is one rung: every trial at the budget. With
+    """The tune: per model and rung, one run of the model's trials (each a model of its own there,
+    named ``trial_name``, its config under ``params``; a student's teacher at its defaults beside
+    them) in the model's run dir ``OUT/trials/MODEL``, each rung extending it. Fitting side by side,
+    the trials that differ only in their model's member fields (its learning rate, ...) are one
+    stacked fit; with ``groups_at_once`` above 1 every model's rungs go on at once, each model to
+    its next rung as soon as its own has ended, their stacked fits sharing ``groups_at_once``
+    slots (``_chains_at_once``); else the models one after another. Without ``halving`` there is one rung: every trial at the budget. With
     ``halving`` eta, successive halving (``halving_rungs``): per model, dataset and study, the best
     1/eta of a rung's trials on their validation score go on to the next, at eta times the steps;
     the fits' paths do not depend on their cap at the converged budget, so a rung's fit is the
-    start of the next rung's. The first rung's plan is checked before anything trains (UsageError,
-    one line). ``run(runner)`` runs one ``runner.Run`` and returns its rows. Writes tune.json and
+    start of the next rung's. Every model's first rung is checked before anything trains (UsageError,
+    one line). ``run(runner)`` runs one ``runner.Run`` and returns its rows (from several threads at
+    once where the models go on at once). Writes tune.json and
     tuned.json into ``out``. Returns (the tuned file, the trials' results, the best per (model,
     dataset, study), notes for the user)."""
     from .registry import resolve
@@ -273,66 +313,78 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     rungs = {e.name: halving_rungs(n_trials, halving, m.config.train_steps,  # (where a rung's fits are continued)
                                    m.cap_grain() if m.continues_to_longer_caps() else 1)
              for e in entries for m in [e.cls(budget=budget)]}
-    teachers = list(dict.fromkeys(e.cls.teacher for e in entries if e.cls.teacher))  # each fitted once, at its defaults
 
-    def plan_for(want: dict, cells: bool = True, continues: dict | None = None) -> "Run":
-        """The run of one rung: ``want`` maps a trial's name to (its model, its params, the datasets it
-        trains on); ``cells`` False: its fits' rows alone (``Plan.cells``), each fit's state at its cap
-        kept for the next rung; ``continues``: a trial's name -> its name at the previous rung, whose
-        fits it continues (``Plan.continues``)."""
+    def plan_for(e, want: dict, cells: bool = True, continues: dict | None = None) -> "Run":
+        """Model ``e``'s run of one rung, in its run dir OUT/trials/MODEL: ``want`` maps a trial's name
+        to (its model, its params, the datasets it trains on), beside the model's teacher at its
+        defaults (fitted once for all its trials); ``cells`` False: its fits' rows alone
+        (``Plan.cells``), each fit's state at its cap kept for the next rung; ``continues``: a
+        trial's name -> its name at the previous rung, whose fits it continues (``Plan.continues``)."""
         names = list(want)
         only = {n: tuple(d for d in datasets if d in ds) for n, (_, _, ds) in want.items() if set(ds) != set(datasets)}
-        return Run(Plan(models=teachers + names, datasets=datasets, seeds=seeds, budget=budget, n_samples=N_SAMPLES,
-                        metrics=METRICS, floor_draws=2, params={n: p for n, (_, p, _) in want.items()},
+        return Run(Plan(models=([e.cls.teacher] if e.cls.teacher else []) + names, datasets=datasets, seeds=seeds,
+                        budget=budget, n_samples=N_SAMPLES, metrics=METRICS, floor_draws=2,
+                        params={n: p for n, (_, p, _) in want.items()},
                         trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
                         threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False, cells=cells,
                         evaluate_from=0.0 if cells else PROMOTION_EVALUATIONS_FROM, keep_ends=not cells,
-                        continues=continues or {},
+                        continues=continues or {}, **({"score_jobs": score_jobs} if score_jobs is not None else {}),
                         **({"max_members": max_members} if max_members else {}),
-                        out=str(out / "trials")))
+                        out=str(out / "trials" / e.name)))
 
-    def rung_trials(r: int, alive: dict) -> dict:
-        """Rung r's trials of every model: name -> (model, params, datasets), from each model's alive
-        (study, dataset) -> indices."""
+    def rung_trials(e, r: int) -> dict:
+        """Model ``e``'s trials at rung r: name -> (model, params, datasets), from its alive (study,
+        dataset) -> indices."""
         want: dict = {}
-        for e in entries:
-            steps = rungs[e.name][r][1]
-            for (study, d), idxs in alive[e.name].items():
-                for i in idxs:
-                    t = drawn[e.name][study * n_trials + i]
-                    params = t.params if steps is None else t.params | {"train_steps": str(steps)}
-                    want.setdefault(trial_name(e.name, t.key, steps), (e.name, params, set()))[2].add(d)
+        steps = rungs[e.name][r][1]
+        for (study, d), idxs in alive[e.name].items():
+            for i in idxs:
+                t = drawn[e.name][study * n_trials + i]
+                params = t.params if steps is None else t.params | {"train_steps": str(steps)}
+                want.setdefault(trial_name(e.name, t.key, steps), (e.name, params, set()))[2].add(d)
         return want
 
     alive = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
-    runner = plan_for(rung_trials(0, alive))  # every model's first rung refused before anything trains
+    score_jobs = None
+    first = {e.name: plan_for(e, rung_trials(e, 0)) for e in entries}  # every first rung refused before anything trains
+    one = first[entries[0].name]
+    # on a GPU every model's rungs go on at once, each model to its next rung as soon as its own
+    # rung has ended (no model waits for another's), their groups sharing the run's groups_at_once
+    at_once = one.r.side_by_side and groups_at_once > 1 and len(entries) > 1
+    if at_once and one.plan.score_jobs:  # the scoring processes shared out among the models' runs
+        score_jobs = max(1, one.plan.score_jobs // len(entries))
+        first = {e.name: plan_for(e, rung_trials(e, 0)) for e in entries}
     last = len(rungs[entries[0].name]) - 1  # as many rungs for every model (halving_rungs)
     # at the converged budget the rungs before the last promote by each fit's kept validation score
     # (its evaluations during training): no cell is sampled there; the last rung's cells select
-    by_kept = bool(last) and runner.r.converged and all(e.cls.monitored for e in entries)
+    by_kept = bool(last) and one.r.converged and all(e.cls.monitored for e in entries)
     floors = validation_floors((d, s) for d in datasets for s in seeds)
     # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
     reached: dict = {}
-    reused = total = fits = 0
-    for r in range(last + 1):
-        if r or by_kept:
-            want = rung_trials(r, alive)
-            # a promoted trial's fits continue from their previous rung's (at the converged budget
-            # their path does not depend on the cap): the rung trains only the steps it adds
-            before = {trial_name(e.name, t.key, rungs[e.name][r][1]): trial_name(e.name, t.key, rungs[e.name][r - 1][1])
-                      for e in entries for t in drawn[e.name]} if by_kept and r else {}
-            runner = plan_for(want, cells=not (by_kept and r < last),
-                              continues={n: before[n] for n in want if n in before})
-        done = runner.ledger.done_cells()
-        units = runner.r.units()
-        names = [n for n in runner.plan.models if n in runner.plan.trials]
-        finished = {n for n in names if all(c in done for c in runner.r.cells([u for u in units if u.model == n]))}
-        rows = run(runner)
-        reused, total = reused + len(finished), total + len(names)
-        fits += sum(1 for u in units if u.model in runner.plan.trials)
-        score_of = (lambda rs: validation_scores(rs, floors)) if runner.plan.cells else kept_scores
-        cell_scores = {n: score_of([row for row in rows if row["model"] == n]) for n in names}
-        for e in entries:
+    counts: dict = {}  # model -> [trials already done, trials, fits]
+
+    def chain(e) -> None:
+        """Model ``e``'s rungs, one after another: each rung's run, then its promotions."""
+        runner, tally = first[e.name], counts.setdefault(e.name, [0, 0, 0])
+        for r in range(last + 1):
+            if r or by_kept:
+                want = rung_trials(e, r)
+                # a promoted trial's fits continue from their previous rung's (at the converged budget
+                # their path does not depend on the cap): the rung trains only the steps it adds
+                before = {trial_name(e.name, t.key, rungs[e.name][r][1]): trial_name(e.name, t.key, rungs[e.name][r - 1][1])
+                          for t in drawn[e.name]} if by_kept and r else {}
+                runner = plan_for(e, want, cells=not (by_kept and r < last),
+                                  continues={n: before[n] for n in want if n in before})
+            done = runner.ledger.done_cells()
+            units = runner.r.units()
+            names = [n for n in runner.plan.models if n in runner.plan.trials]
+            finished = {n for n in names if all(c in done for c in runner.r.cells([u for u in units if u.model == n]))}
+            rows = run(runner)
+            tally[0] += len(finished)
+            tally[1] += len(names)
+            tally[2] += sum(1 for u in units if u.model in runner.plan.trials)
+            score_of = (lambda rs: validation_scores(rs, floors)) if runner.plan.cells else kept_scores
+            cell_scores = {n: score_of([row for row in rows if row["model"] == n]) for n in names}
             steps = rungs[e.name][r][1]
             for (study, d), idxs in alive[e.name].items():
                 for i in idxs:
@@ -343,16 +395,21 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                     if len(rung) == r:
                         rung.append({"steps": steps, "scores": {}})
                     rung[r]["scores"][d] = score
-            if r + 1 < len(rungs[e.name]):  # the best of each (study, dataset) go on; ties: the earlier trial
+            if r < last:  # the best of each (study, dataset) go on; ties: the earlier trial
                 keep = rungs[e.name][r + 1][0]
                 alive[e.name] = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
                                  for k, idxs in alive[e.name].items()}
-        # the kept states (ends/) the next rung continues from; the rest (trials that go no further,
-        # the previous rung's, all of them after the last rung) removed: a rung's states, ~2 MB a fit
-        going_on = {cell_name(trial_name(e.name, drawn[e.name][st * n_trials + i].key, rungs[e.name][r][1]), d, s)
-                    for e in entries if r + 1 < len(rungs[e.name])
-                    for (st, d), idxs in alive[e.name].items() for i in idxs for s in seeds}
-        runner.store.keep_ends(going_on)
+            # the kept states (ends/) the next rung continues from; the rest (trials that go no
+            # further, the previous rung's, all of them after the last rung) removed: ~2 MB a fit
+            going_on = {cell_name(trial_name(e.name, drawn[e.name][st * n_trials + i].key, steps), d, s)
+                        for (st, d), idxs in alive[e.name].items() for i in idxs for s in seeds} if r < last else set()
+            runner.store.keep_ends(going_on)
+
+    if at_once:
+        _chains_at_once(chain, entries, groups_at_once)
+    else:
+        for e in entries:
+            chain(e)
     results = []
     for e in entries:
         for t in drawn[e.name]:
@@ -362,12 +419,13 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
             results.append({"model": e.name, "study": t.study, "index": t.index, "key": t.key, "params": t.params,
                             "scores": furthest, **({"rungs": rung} if halving else {})})
     best = select(results)
-    settings = {"budget": runner.plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
+    settings = {"budget": one.plan.budget, "n_samples": N_SAMPLES, "metrics": list(METRICS),
                 "trials": n_trials, "studies": studies, "seeds": list(seeds), "datasets": list(datasets),
                 "seed": seed, "halving": halving, "rungs": {m: [list(x) for x in v] for m, v in rungs.items()},
                 "promoted_by": (f"kept evaluation (from {PROMOTION_EVALUATIONS_FROM:g} of each rung's steps)"
                                 if by_kept else "cells"),
                 "spaces": {e.name: {f: str(s) for f, s in e.cls.search_space.items()} for e in entries}}
+    reused, total, fits = (sum(c[i] for c in counts.values()) for i in range(3))
     notes = [f"{reused} of {total} trials were already done (their cells in {out / 'trials'} reused)",
              f"{fits} fits in all" + (f" over {max(len(v) for v in rungs.values())} rungs of successive halving"
                                       if halving else "")]

@@ -110,16 +110,16 @@ def test_a_small_tune_resumes_without_redoing_finished_trials(cli, tmp_path):
     trials, re-run with 8, trains only the 3 missing (the first 5 trials' rows are untouched)."""
     out = tmp_path / "tune"
     assert cli("tune", "--models", "vae", "--trials", "5", *QUICK, "--out", str(out), timeout=900).returncode == 0
-    rows = out / "trials" / "rows.jsonl"  # one run dir for the tune, its trials its models
+    rows = out / "trials" / "vae" / "rows.jsonl"  # a run dir for each model, its trials its models
     before = rows.read_bytes()
     assert len({json.loads(line)["model"] for line in before.splitlines()}) == 5
-    fits = {p.name: p.read_bytes() for p in (out / "trials" / "fits").glob("*.json")}
+    fits = {p.name: p.read_bytes() for p in (out / "trials" / "vae" / "fits").glob("*.json")}
     r = cli("tune", "--models", "vae", "--trials", "8", *QUICK, "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr
     after = rows.read_bytes()
     assert after.startswith(before)  # the first 5 trials' rows untouched, the 3 new ones appended
     assert len({json.loads(line)["model"] for line in after.splitlines()}) == 8
-    assert all((out / "trials" / "fits" / k).read_bytes() == v for k, v in fits.items())  # not refitted
+    assert all((out / "trials" / "vae" / "fits" / k).read_bytes() == v for k, v in fits.items())  # not refitted
     assert "5 of 8 trials were already done" in r.stderr
     results = json.loads((out / "tune.json").read_text())["trials"]
     assert [t["index"] for t in results] == list(range(8)) and results[0]["params"]["kl_warmup"] == "100"
@@ -247,7 +247,7 @@ def test_a_halving_tune_promotes_the_best_per_dataset_and_selects_at_the_last_ru
         chosen = _tuned(out)["configs"]["vae"][d]
         last = [t for t in trials if len(t["rungs"]) == 3 and d in t["rungs"][2]["scores"]]
         assert len(last) == 1 and chosen["trial"] == last[0]["index"] and "train_steps" not in chosen["params"]
-    fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "fits").glob("*.json")}
+    fits = {p.name: json.loads(p.read_text()) for p in (out / "trials" / "vae" / "fits").glob("*.json")}
     assert len(fits) == 14 and all(f["steps"] == int(name.split("__")[0].rsplit("~", 1)[1]) for name, f in fits.items())
 
 
@@ -310,10 +310,10 @@ def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell
     _, results, best, _ = tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0], n_trials=4, studies=1,
                                         budget="converged", out=out, device="cpu", threads=1, jobs=1, seed=0,
                                         run=lambda runner: runner.run(), halving=2)
-    rows = [json.loads(line) for line in (out / "trials" / "rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "trials" / "vae" / "rows.jsonl").read_text().splitlines()]
     by_steps = {s: [r for r in rows if r["model"].endswith(f"~{s}")] for s in (150, 300, 600)}
     assert [len(v) for v in by_steps.values()] == [4, 2, 1] and all(r["status"] == "done" for r in rows)
-    curves = {s: [json.loads((out / "trials" / "fits" / f"{r['model']}__ring8__s0.json").read_text())["eval_curve"]
+    curves = {s: [json.loads((out / "trials" / "vae" / "fits" / f"{r['model']}__ring8__s0.json").read_text())["eval_curve"]
                   for r in rs] for s, rs in by_steps.items()}
     assert {c[0]["step"] for c in curves[150]} == {150} and {c[0]["step"] for c in curves[300]} == {250}
     assert curves[600][0][0]["step"] == monitor.FIRST_STEP  # the last rung's fits: the whole schedule
@@ -322,7 +322,7 @@ def test_rungs_before_the_last_promote_by_the_kept_evaluation_and_sample_no_cell
         assert all(r.get(c) is None for c in ("val_energy", "hq_frac", "w2", "energy"))
     last = by_steps[600][0]
     assert last["val_energy"] is not None and last["samples_sha256"] is not None
-    assert len(list((out / "trials" / "samples").glob("*.npz"))) == 1
+    assert len(list((out / "trials" / "vae" / "samples").glob("*.npz"))) == 1
     kept = {r["model"].split("~")[1]: r["kept_score"] for r in by_steps[150]}
     for t in results:  # each rung's score of a cell-less rung is its fit's kept score
         assert t["rungs"][0]["scores"]["ring8"] == kept[t["key"]]
@@ -370,7 +370,7 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
         tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
                       out=out, device="cpu", threads=1, jobs=1, seed=0, run=run, halving=2)
         fits = {}
-        for f in (out / "trials" / "fits").glob("*.json"):
+        for f in (out / "trials" / "vae" / "fits").glob("*.json"):
             fits[f.stem] = json.loads(f.read_text())
         return fits
 
@@ -381,7 +381,7 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
                for s in (200, 430)]
     assert [len(k) for k in kept] == [0, 4, 2]  # the next rung's: two trials, then one, on two seeds
     assert [sorted({n.split("__")[0] for n in k}) for k in kept[1:]] == went_on
-    assert not (tmp_path / "a" / "trials" / "ends").exists()  # none left after the last rung
+    assert not (tmp_path / "a" / "trials" / "vae" / "ends").exists()  # none left after the last rung
     for steps, prev in ((200, 100), (430, 200)):
         for name, record in rungs[steps].items():
             assert record["continued_from"] == name.replace(f"~{steps}__", f"~{prev}__")
@@ -396,3 +396,84 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     for name, record in rungs[200].items():  # the steps before the cap are the previous rung's own
         prev = continued[record["continued_from"]]
         assert record["losses"][:len(prev["losses"])] == prev["losses"]
+
+
+def test_models_go_on_at_once_each_to_its_next_rung_when_its_own_rung_ends(tmp_path, monkeypatch):
+    """Side by side with two groups at once, every model's rungs go on at once, each model in its run
+    dir OUT/trials/MODEL: the VAE's first rung is held until the flow's second has begun (with the
+    rungs of every model one run, as before, the flow's second rung waited for the VAE's first);
+    never more groups train at once than asked; and the trials, scores and picks are those of the
+    models tuned one after another."""
+    import functools
+    import threading
+
+    from genbench import runner
+    from genbench.runner import fits as fits_mod
+
+    monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
+    rungs_begun = {"vae": 0, "flow": 0}
+    flow_second = threading.Event()
+    training, most = [0], [0]
+    lock = threading.Lock()
+    fit_group = fits_mod.FitStore.fit_group
+
+    def counted(self, chunk):
+        with lock:
+            training[0] += 1
+            most[0] = max(most[0], training[0])
+        try:
+            return fit_group(self, chunk)
+        finally:
+            with lock:
+                training[0] -= 1
+
+    monkeypatch.setattr(fits_mod.FitStore, "fit_group", counted)
+
+    def held(r):
+        model = next(iter(r.plan.trials.values()))
+        rungs_begun[model] += 1
+        if model == "flow" and rungs_begun[model] == 2:
+            flow_second.set()
+        if model == "vae" and rungs_begun[model] == 1:
+            assert flow_second.wait(300), "the flow's second rung waited for the VAE's first"
+        return r.run()
+
+    def tune_into(out, at_once, run):
+        _, results, best, _ = tune.run_tune(models=["vae", "flow"], datasets=["ring8"], seeds=[0], n_trials=4,
+                                            studies=1, budget="quick", out=out, device="cpu", threads=1, jobs=1,
+                                            seed=0, run=run, groups_at_once=at_once, halving=2)
+        return results, best
+
+    together = tune_into(tmp_path / "a", 2, held)
+    assert flow_second.is_set() and rungs_begun == {"vae": 3, "flow": 3} and most[0] <= 2
+    assert {p.name for p in (tmp_path / "a" / "trials").iterdir()} == {"vae", "flow"}
+    assert fits_mod.SLOTS is None  # (the shared slots are the tune's alone)
+    apart = tune_into(tmp_path / "b", 1, lambda r: r.run())
+    assert together == apart
+
+
+def test_shared_slots_go_to_the_longest_group_waiting():
+    """``fits.Slots``: no more holders than slots, and a freed slot goes to the longest group waiting
+    (ties: the first to ask)."""
+    import threading
+    import time
+
+    from genbench.runner.fits import Slots
+
+    slots, order, lock = Slots(1), [], threading.Lock()
+
+    def ask(steps, tag):
+        with slots.slot(steps):
+            with lock:
+                order.append(tag)
+
+    with slots.slot(5):  # held while the others ask
+        threads = [threading.Thread(target=ask, args=a) for a in ((10, "a"), (30, "b"), (20, "c"), (30, "d"))]
+        for t in threads:
+            t.start()
+            while len(slots.waiting) < threads.index(t) + 1:  # each asks before the next
+                time.sleep(0.01)
+        assert order == []
+    for t in threads:
+        t.join(10)
+    assert order == ["b", "d", "c", "a"] and slots.free == 1

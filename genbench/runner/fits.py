@@ -3,9 +3,13 @@ record and bytes check out, else fitted (after its teacher) and saved; and the u
 fitted side by side in groups, whose checkpoints the unit-by-unit pass then reuses."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import heapq
+import itertools
 import math
+import threading
 
 from .. import __version__
 from .. import datasets as ds_mod
@@ -16,6 +20,35 @@ from .plan import Resolved, Unit, make_model
 #: a fit (or a group of fits side by side) saves a snapshot of its state this often (seconds of its
 #: wall time): a run stopped in the middle of a fit continues it from there
 SNAPSHOT_EVERY_S = 60.0
+#: where several runs of this process fit groups at the same time (a tune's models, each its own run
+#: of its rungs): the ``Slots`` their groups train in, shared; None: each run's own groups_at_once
+SLOTS: "Slots | None" = None
+
+
+class Slots:
+    """``n`` slots that the groups of several runs train in, each granted to the longest group
+    waiting (its members' most steps; ties: the first to ask), as one run orders its own groups
+    (``longest_first``)."""
+
+    def __init__(self, n: int):
+        self.free, self.cv, self.waiting, self.asked = n, threading.Condition(), [], itertools.count()
+
+    @contextlib.contextmanager
+    def slot(self, steps: int):
+        with self.cv:
+            me = (-steps, next(self.asked))
+            heapq.heappush(self.waiting, me)
+            while not (self.free and self.waiting[0] == me):
+                self.cv.wait()
+            heapq.heappop(self.waiting)
+            self.free -= 1
+            self.cv.notify_all()  # the next in line, where another slot is free
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.free += 1
+                self.cv.notify_all()
 
 
 def longest_first(chunks: list, steps, teaches, learns) -> list:
@@ -213,18 +246,21 @@ class FitStore:
             teacher = {c[0][0].model: self.r.entry(c[0][0].model).cls.teacher for c in chunks}
             chunks = longest_first(chunks, lambda c: max(steps[u] for u, _ in c),
                                    lambda c: c[0][0].model in teacher.values(), lambda c: teacher[c[0][0].model])
-        if self.r.plan.groups_at_once > 1 and len(chunks) > 1:
-            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended)
+        if self.r.plan.groups_at_once > 1 and (len(chunks) > 1 or (chunks and SLOTS is not None)):
+            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended,
+                                    lengths=[max(steps[u] for u, _ in c) for c in chunks])
         else:
             for chunk in chunks:
                 self.fit_group(chunk)
                 if on_ended is not None:
                     on_ended([u for u, _ in chunk])
 
-    def fit_groups_at_once(self, chunks: list[list], at_once: int, on_ended=None) -> None:
+    def fit_groups_at_once(self, chunks: list[list], at_once: int, on_ended=None, lengths: list | None = None) -> None:
         """``fit_group`` of each chunk, ``at_once`` of them at a time in threads of this process,
         each on a CUDA stream of its own (the GPU runs one group's kernels between another's); a
-        student's group starts once its teacher's groups have ended. The threads are daemons and
+        student's group starts once its teacher's groups have ended. Where other runs of this
+        process fit groups too (``SLOTS``), each group trains in one of their shared slots, the
+        longest first (``lengths``: each chunk's most steps). The threads are daemons and
         joined with a timeout, so an interrupt is not held up by a group still training; the first
         error a group raises (a run dir that cannot be written) is raised here once all have ended.
         ``on_ended(units)`` runs here, in the calling thread, for each group that ended without an
@@ -256,12 +292,12 @@ class FitStore:
                 try:
                     for j in needs[i]:
                         ended[j].wait()
-                    if not errors:
-                        if cuda:  # a stream no other group's thread has (graphs.own_stream)
+                    with SLOTS.slot(lengths[i] if lengths else 0) if SLOTS else contextlib.nullcontext():
+                        if not errors and cuda:  # a stream no other group's thread has (graphs.own_stream)
                             with own_stream(self.r.device) as stream, torch.cuda.stream(stream):
                                 self.fit_group(chunks[i])
                                 torch.cuda.current_stream().synchronize()
-                        else:
+                        elif not errors:
                             self.fit_group(chunks[i])
                 except BaseException as e:  # noqa: BLE001 - raised in the run's thread below
                     errors.append(e)
