@@ -467,3 +467,34 @@ def test_own_stream_never_hands_out_a_stream_held():
         with pytest.raises(RuntimeError, match="groups-at-once"):
             for _ in range(16):
                 stack.enter_context(own_stream())
+
+
+def test_a_tune_of_models_at_once_on_cuda_is_the_tune_of_one_after_another(tmp_path, monkeypatch):
+    """A halving tune at the converged budget at small caps on CUDA, `cm-cd` (with its teacher), the
+    VAE and the flow: their chains of rungs at once (their captured groups on streams of their own,
+    sharing two slots; promoted fits continued from their states at the previous rung's cap),
+    against the models one after another: every trial's first-rung score to float rounding (groups
+    at once are their one-after-another fits to 1e-5, above), a finite score for every trial at
+    every rung it reached, and the same number of trials at each rung."""
+    import math
+
+    from genbench import tune
+    from genbench.registry import resolve
+
+    for name, cap in (("diffusion", 1200), ("cm-cd", 600), ("vae", 600), ("flow", 600)):
+        cls = resolve([name])[0].cls
+        monkeypatch.setattr(cls, "budgets", {**cls.budgets, "converged": {**cls.budgets["converged"], "train_steps": cap}})
+    results = {}
+    for at_once in (2, 1):
+        _, res, _, _ = tune.run_tune(models=["cm-cd", "vae", "flow"], datasets=["ring8"], seeds=[0], n_trials=4,
+                                     studies=1, budget="converged", out=tmp_path / f"t{at_once}", device="cuda",
+                                     threads=1, jobs=1, seed=0, run=lambda r: r.run(), groups_at_once=at_once,
+                                     halving=2)
+        results[at_once] = res
+        assert (tmp_path / f"t{at_once}" / "tuned.json").exists()
+        assert all(math.isfinite(s) for t in res for g in t["rungs"] for s in g["scores"].values())
+    for a, b in zip(results[2], results[1], strict=True):
+        assert (a["model"], a["index"]) == (b["model"], b["index"])
+        assert a["rungs"][0]["scores"]["ring8"] == pytest.approx(b["rungs"][0]["scores"]["ring8"], rel=1e-3)
+    reached = {k: sorted(len(t["rungs"]) for t in res) for k, res in results.items()}
+    assert reached[2] == reached[1]
