@@ -8,6 +8,8 @@
 #                                                 # a step a replay (group_step.py), then the tune
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
 #   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
+#   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
+#                                                 # resumed (PACKS=1,2,3,4 by default)
 #
 # W: the phase's seconds (default 570); LOG: where the logs go (default gpu_runs/); STATE: where the
 # grid and the tune write their run dirs (default /tmp/genbench-cuda: kept between calls on a warm
@@ -17,9 +19,9 @@
 set -u
 cd "$(dirname "$0")/.."
 PHASE="${PHASE:-tests}"
-case "$PHASE" in tests|grid|tune) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, tune)" >&2; exit 2 ;; esac
-if [ "$PHASE" = grid ] && ! command -v genbench > /dev/null; then
-  echo "the grid phase needs the genbench command (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
+case "$PHASE" in tests|grid|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, tune, pacgan)" >&2; exit 2 ;; esac
+if [ "$PHASE" = grid ] || [ "$PHASE" = pacgan ] && ! command -v genbench > /dev/null; then
+  echo "the $PHASE phase needs the genbench command (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
 fi
 W="${W:-570}"
 LOG="${LOG:-gpu_runs}"
@@ -62,5 +64,14 @@ case "$PHASE" in
   tune)
     tune
     cp "$STATE/tune/tune.json" "$STATE/tune/tuned.json" "$LOG/" 2>/dev/null
+    ;;
+  pacgan)
+    timeout "$(left)" genbench reproduce pacgan --packs "${PACKS:-1,2,3,4}" --device cuda --out "$STATE/pacgan" \
+      > "$LOG/pacgan.out" 2>> "$LOG/pacgan.err"
+    echo "pacgan: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    for d in "$STATE"/pacgan/*/; do
+      mkdir -p "$LOG/pacgan/$(basename "$d")"
+      cp "$d"rows.jsonl "$d"manifest.json "$d"report.md "$LOG/pacgan/$(basename "$d")/" 2>/dev/null
+    done
     ;;
 esac
