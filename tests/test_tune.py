@@ -477,3 +477,29 @@ def test_shared_slots_go_to_the_longest_group_waiting():
     for t in threads:
         t.join(10)
     assert order == ["b", "d", "c", "a"] and slots.free == 1
+
+
+def test_an_error_in_one_models_rungs_ends_the_tune_with_it_and_stops_the_others(tmp_path, monkeypatch):
+    """Models going on at once: a run dir that cannot be written in the flow's first rung ends the
+    tune with that error (one line at the CLI) once the VAE's fits have stopped; the stop asked
+    of them is cleared afterwards (a later fit in the process trains), and nothing waits forever."""
+    import functools
+
+    from genbench import runner
+    from genbench.models import train
+    from genbench.runner import fits as fits_mod
+
+    monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
+    fit_group = fits_mod.FitStore.fit_group
+
+    def failing(self, chunk):
+        if chunk[0][0].model.startswith("flow"):
+            raise api.RunDirError("cannot write the flow's run dir (a full disk)")
+        return fit_group(self, chunk)
+
+    monkeypatch.setattr(fits_mod.FitStore, "fit_group", failing)
+    with pytest.raises(api.RunDirError, match="full disk"):
+        tune.run_tune(models=["vae", "flow"], datasets=["ring8"], seeds=[0], n_trials=4, studies=1, budget="quick",
+                      out=tmp_path / "t", device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(),
+                      groups_at_once=2, halving=2)
+    assert not train.STOP.is_set() and fits_mod.SLOTS is None
