@@ -329,7 +329,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                         threads=threads, jobs=jobs, groups_at_once=groups_at_once, timed=False, cells=cells,
                         evaluate_from=0.0 if cells else PROMOTION_EVALUATIONS_FROM, keep_ends=not cells,
                         continues=continues or {}, **({"score_jobs": score_jobs} if score_jobs is not None else {}),
-                        **({"max_members": max_members} if max_members else {}),
+                        **({"max_members": max_members} if max_members is not None else {}),
                         out=str(out / "trials" / e.name)))
 
     def rung_trials(e, r: int) -> dict:

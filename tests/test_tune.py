@@ -67,6 +67,16 @@ def test_bad_spaces_are_refused_before_anything_runs(space, why, monkeypatch, cl
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,why", [(("--max-members", "0"), "--max-members 0"),
+                                      (("--groups-at-once", "0"), "--groups-at-once 0"),
+                                      (("--jobs", "-1"), "--jobs -1")])
+def test_bad_resources_are_refused_before_anything_runs(args, why, cli, tmp_path):
+    out = tmp_path / "tune"
+    r = cli("tune", "--models", "vae,gan", "--trials", "2", *QUICK, *args, "--out", str(out))
+    assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
 def test_selection_reads_only_the_validation_columns():
     floors = {("ring8", 0): {"energy": (0.001, 0.0005), "off_support": (0.003, 0.0012)}}
     row = {"dataset": "ring8", "seed": 0, "status": "done", "val_energy": 0.002, "hq_frac": 0.99,
