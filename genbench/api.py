@@ -161,7 +161,7 @@ class Generator:
         """``config`` is taken as given; otherwise the budget's preset, then ``params`` (strings
         from ``--param``, parsed to each field's type), are applied to the defaults."""
         if budget not in self.budgets and budget != CONVERGED:
-            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join([*self.budgets, CONVERGED])}")
+            raise UsageError(f"unknown budget {budget!r}; valid: {', '.join(dict.fromkeys([*self.budgets, CONVERGED]))}")
         preset = self.budgets.get(budget, self.budgets.get("full", {}))
         if config is None:
             config = apply_params(dataclasses.replace(self.Config(), **preset), params or {})

@@ -160,3 +160,12 @@ def test_nfe_counts_only_the_counting_threads_calls():
         stop.set()
         t.join()
     assert counter.count == 100 and not counter.undeclared
+
+
+def test_an_unknown_budget_is_refused_naming_each_valid_one_once():
+    from genbench.api import UsageError
+
+    with pytest.raises(UsageError, match="unknown budget 'fast'") as e:
+        VAE(budget="fast")
+    valid = str(e.value).split("valid: ")[1].split(", ")
+    assert sorted(valid) == sorted(set(valid)) and "converged" in valid and "quick" in valid
