@@ -449,6 +449,10 @@ class RunDir:
             raise ValueError("missing, or its sha256 does not match the fit record")
         return data
 
+    def copy_checkpoint(self, src: str, dst: str, sha: str) -> str:
+        """checkpoints/<src>.pt (checked against ``sha``) written as checkpoints/<dst>.pt; its sha256."""
+        return self._write_artefact("checkpoints", dst, ".pt", self.checkpoint_bytes(src, sha))
+
     def load_checkpoint(self, name: str, sha: str | None, device: str):
         """The state dict of checkpoints/<name>.pt, read as data (``load_state``)."""
         return load_state(self.checkpoint_bytes(name, sha), device)

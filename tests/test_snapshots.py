@@ -333,3 +333,31 @@ def test_a_stop_request_saves_at_the_next_window_and_ends_the_fit():
     whole.fit(data, seed=0)
     a, b = _weights(model), _weights(whole)
     assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_members_that_converged_before_their_cap_are_the_fits_of_a_longer_cap(monkeypatch):
+    """What a tune's promoted trial whose fit converged keeps (``FitStore.adopt``): members that
+    stopped before their cap (the stopping rule made quick: patience of one evaluation, from step 0,
+    a short anneal) are, under a cap twice as long, the same fits: the same losses, evaluations,
+    stop and kept weights, to the bit."""
+    from genbench.models.vae import VAE
+
+    for name, value in (("MIN_STEPS", 0), ("PATIENCE_EVALS", 1), ("PATIENCE_FACTOR", 1.0), ("ANNEAL_FRACTION", 0.1)):
+        monkeypatch.setattr(monitor_mod, name, value)
+    seeds = [0, 1, 2]
+    datas = [RING8.sample(4000, [s, 0]) for s in seeds]
+
+    def fit(cap):
+        models = [VAE(budget="converged", params={"train_steps": str(cap)}) for _ in seeds]
+        monitors = [_monitor(s, cap) for s in seeds]
+        infos = VAE.fit_side_by_side(models, datas, device="cpu", seeds=seeds, monitors=monitors)
+        return models, infos, monitors
+
+    (short, infos, mons), (long_, infol, monl) = fit(1500), fit(3000)
+    strip = lambda c: [{k: v for k, v in p.items() if k != "train_s"} for p in c]  # noqa: E731
+    for j in range(len(seeds)):
+        assert mons[j].stop_reason.startswith("converged") and mons[j].curve[-1]["step"] < 1500, mons[j].stop_reason
+        assert (monl[j].stop_reason, monl[j].best_step) == (mons[j].stop_reason, mons[j].best_step)
+        assert strip(monl[j].curve) == strip(mons[j].curve) and infol[j].losses == infos[j].losses
+        a, b = _weights(short[j]), _weights(long_[j])
+        assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)

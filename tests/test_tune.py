@@ -513,3 +513,52 @@ def test_an_error_in_one_models_rungs_ends_the_tune_with_it_and_stops_the_others
                       out=tmp_path / "t", device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(),
                       groups_at_once=2, halving=2)
     assert not train.STOP.is_set() and fits_mod.SLOTS is None
+
+
+@pytest.mark.slow
+def test_a_promoted_trial_whose_fit_converged_keeps_that_fit(tmp_path, monkeypatch):
+    """Side by side at the converged budget (the VAE's cap cut to 6,000 steps, halving 2; the stopping
+    rule made quick to stop: patience of one evaluation, from step 0, a short anneal): a promoted
+    trial whose fit converged before its rung's cap keeps that fit at the next rung (its checkpoint
+    and record, ``continued_from`` naming it) instead of training it again, and it stops where the
+    tune that trains it again stops it, at the same kept step; a fit whose plateau came at its cap
+    itself trains on (a longer cap anneals there)."""
+    import functools
+
+    from genbench import runner
+    from genbench.models.vae import VAE
+    from genbench.runner import fits as fits_mod
+
+    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 6000}})
+    monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
+    for name, value in (("MIN_STEPS", 0), ("PATIENCE_EVALS", 1), ("PATIENCE_FACTOR", 1.0), ("ANNEAL_FRACTION", 0.1)):
+        monkeypatch.setattr(monitor, name, value)
+
+    def tune_into(out):
+        tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
+                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(), halving=2)
+        return {f.stem: json.loads(f.read_text()) for f in (out / "trials" / "vae" / "fits").glob("*.json")}
+
+    kept = tune_into(tmp_path / "a")
+    converged = {n for n, r in kept.items() if r["stop_reason"].startswith("converged")}
+    before_cap = {n for n in converged if kept[n]["stopped_step"] < kept[n]["eval_cap"]}
+    adopted = {n: r for n, r in kept.items() if r.get("continued_from") in before_cap}
+    assert adopted, "no promoted trial's fit had converged: the test's stopping rule is not quick enough"
+    for name, record in kept.items():  # a plateau found at the cap itself: the longer fit anneals there
+        if record.get("continued_from") in converged - before_cap:
+            assert record["steps"] > kept[record["continued_from"]]["steps"]
+    for name, record in adopted.items():
+        prev = kept[record["continued_from"]]
+        own = ("continued_from", "checkpoint_sha256", "checksum")  # (the previous fit may have kept its own)
+        assert {k: v for k, v in record.items() if k not in own} == {k: v for k, v in prev.items() if k not in own}
+        assert (tmp_path / "a" / "trials" / "vae" / "checkpoints" / f"{name}.pt").read_bytes() == \
+               (tmp_path / "a" / "trials" / "vae" / "checkpoints" / f"{record['continued_from']}.pt").read_bytes()
+    # without adoption the fit is trained again (from step 0, in another stack of members), or, where
+    # its group trained on to the cap, continued as a stopped member of the next rung's group: the
+    # same stop and kept step (its numbers only to rounding, which training amplifies over thousands
+    # of steps; to the bit in one stack: tests/test_snapshots.py)
+    monkeypatch.setattr(fits_mod.FitStore, "adopt", lambda self, unit, model: None)
+    again = tune_into(tmp_path / "b")
+    assert again.keys() == kept.keys()
+    for name, record in adopted.items():
+        assert (again[name]["stop_reason"], again[name]["kept_step"]) == (record["stop_reason"], record["kept_step"])

@@ -70,6 +70,8 @@ class FitStore:
         be fitted: None where it never was)."""
         name = cell_name(*unit)
         record = self.record(unit)
+        if record is None and not self.store.has("fits", name):
+            record = self.adopt(unit, model)
         if record is not None and record.get("checkpoint_sha256"):
             try:  # tensors and plain containers only: a checkpoint is data, never code
                 state = self.store.load_checkpoint(name, record["checkpoint_sha256"], self.r.device)
@@ -93,6 +95,30 @@ class FitStore:
         if not isinstance(record, dict):
             return None
         return {**record, "refit_reason": None, "fit_sha256": self.store.sha("fits", name, ".json")}
+
+    def adopt(self, unit: Unit, model: Generator) -> dict | None:
+        """The fit record of a previous rung's fit that is this unit's fit, saved as this unit's with
+        its checkpoint (``continued_from`` names it), or None: where the unit's trial continues a
+        trial of the previous rung (``Plan.continues``) whose fit on this dataset and seed converged
+        before its cap (``eval_cap``), for a model whose path does not depend on its cap, the longer
+        cap stops the fit at the same step with the same weights kept."""
+        prev = self.r.plan.continues.get(unit.model)
+        if prev is None or not model.continues_to_longer_caps():
+            return None
+        before = Unit(prev, unit.dataset, unit.seed)
+        record = self.record(before)
+        if (record is None or not str(record.get("stop_reason") or "").startswith("converged")
+                or not record.get("checkpoint_sha256") or record.get("eval_cap") is None
+                or not (record.get("stopped_step") or math.inf) < record["eval_cap"]):
+            return None  # (a plateau found at the cap itself ends a fit that a longer cap anneals)
+        name, was = cell_name(*unit), cell_name(*before)
+        try:
+            sha = self.store.copy_checkpoint(was, name, record["checkpoint_sha256"])
+        except ValueError:  # its checkpoint is gone or altered: the unit is fitted
+            return None
+        self.store.save_json("fits", name, {k: v for k, v in record.items() if k != "fit_sha256"}
+                             | {"checkpoint_sha256": sha, "continued_from": was})
+        return self.record(unit)
 
     def continuation(self, unit: Unit, model: Generator) -> str | None:
         """The kept state (ends/) this unit's fit continues from, or None (it trains from step 0):

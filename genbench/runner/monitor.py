@@ -229,7 +229,7 @@ class ValidationMonitor(Monitor):
         return next((p for p in self.curve if p.get("score") is not None and all(inside[m](p) for m in which)), None)
 
     def record(self) -> dict:
-        """What the fit record keeps: the curve, the stop reason, the step kept, the floors, and the
+        """What the fit record keeps: the curve, the stop reason, the step kept, the floors, the cap, and the
         time to target (the first evaluation within the floor band: of each metric, and of both;
         None where none was)."""
         out = {"eval_metric": "score", "eval_curve": self.curve, "eval_floor": self.floor["energy"][0],
@@ -238,7 +238,7 @@ class ValidationMonitor(Monitor):
                "stopped_step": self.curve[-1]["step"] if self.curve else None,
                "stop_reason": self.stop_reason or "cap reached", "kept_step": self.best_step,
                "kept_score": None if self.best_step is None else self.best_score, "eval_s": self.evaluating_s,
-               "anneal_step": self.anneal_from}
+               "anneal_step": self.anneal_from, "eval_cap": self.cap}
         kept = next((p for p in self.curve if p["step"] == self.best_step), None)
         out |= {"kept_energy": kept and kept["energy"], "kept_hq_frac": kept and kept["hq_frac"]}
         for suffix, which in (("", ("energy", "hq_frac")), ("_energy", ("energy",)), ("_support", ("hq_frac",))):
