@@ -102,11 +102,7 @@ class FitStore:
         trial of the previous rung (``Plan.continues``) whose fit on this dataset and seed converged
         before its cap (``eval_cap``), for a model whose path does not depend on its cap, the longer
         cap stops the fit at the same step with the same weights kept."""
-        prev = self.r.plan.continues.get(unit.model)
-        if prev is None or not model.continues_to_longer_caps():
-            return None
-        before = Unit(prev, unit.dataset, unit.seed)
-        record = self.record(before)
+        before, record = self._previous(unit, model)
         if (record is None or not str(record.get("stop_reason") or "").startswith("converged")
                 or not record.get("checkpoint_sha256") or record.get("eval_cap") is None
                 or not (record.get("stopped_step") or math.inf) < record["eval_cap"]):
@@ -126,16 +122,21 @@ class FitStore:
         dataset and seed kept its state at its cap and was neither diverged nor cut short in a
         decay (the longer fit's decay would be longer), for a model whose path does not depend on
         its cap."""
-        prev = self.r.plan.continues.get(unit.model)
-        if prev is None or not model.continues_to_longer_caps():
-            return None
-        name = cell_name(prev, unit.dataset, unit.seed)
-        record = self.record(Unit(prev, unit.dataset, unit.seed))
-        if record is None or not self.store.has_end(name):
+        before, record = self._previous(unit, model)
+        if record is None or not self.store.has_end(cell_name(*before)):
             return None
         if str(record.get("stop_reason") or "").startswith(("cap reached while annealing", "diverged")):
             return None
-        return name
+        return cell_name(*before)
+
+    def _previous(self, unit: Unit, model: Generator) -> tuple[Unit | None, dict | None]:
+        """The unit of the previous rung's trial this unit's trial continues (``Plan.continues``), and
+        its fit record; (None, None) where there is none, or the model's path depends on its cap."""
+        prev = self.r.plan.continues.get(unit.model)
+        if prev is None or not model.continues_to_longer_caps():
+            return None, None
+        before = Unit(prev, unit.dataset, unit.seed)
+        return before, self.record(before)
 
     def monitor(self, unit: Unit, model: Generator):
         """The fit's evaluation during training (the converged budget, a model that offers it), or None."""
