@@ -302,6 +302,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
     dataset, study), notes for the user)."""
     from .registry import resolve
     from .runner import Plan, Run
+    from .runner.plan import check
 
     if n_trials < 1 or studies < 1:
         raise UsageError(f"--trials {n_trials} --studies {studies}: both must be >= 1")
@@ -314,15 +315,15 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                                    m.cap_grain() if m.continues_to_longer_caps() else 1)
              for e in entries for m in [e.cls(budget=budget)]}
 
-    def plan_for(e, want: dict, cells: bool = True, continues: dict | None = None) -> "Run":
-        """Model ``e``'s run of one rung, in its run dir OUT/trials/MODEL: ``want`` maps a trial's name
+    def plan_for(e, want: dict, cells: bool = True, continues: dict | None = None) -> "Plan":
+        """Model ``e``'s plan of one rung, into its run dir OUT/trials/MODEL: ``want`` maps a trial's name
         to (its model, its params, the datasets it trains on), beside the model's teacher at its
         defaults (fitted once for all its trials); ``cells`` False: its fits' rows alone
         (``Plan.cells``), each fit's state at its cap kept for the next rung; ``continues``: a
         trial's name -> its name at the previous rung, whose fits it continues (``Plan.continues``)."""
         names = list(want)
         only = {n: tuple(d for d in datasets if d in ds) for n, (_, _, ds) in want.items() if set(ds) != set(datasets)}
-        return Run(Plan(models=([e.cls.teacher] if e.cls.teacher else []) + names, datasets=datasets, seeds=seeds,
+        return Plan(models=([e.cls.teacher] if e.cls.teacher else []) + names, datasets=datasets, seeds=seeds,
                         budget=budget, n_samples=N_SAMPLES, metrics=METRICS, floor_draws=2,
                         params={n: p for n, (_, p, _) in want.items()},
                         trials={n: m for n, (m, _, _) in want.items()}, trial_datasets=only, device=device,
@@ -330,7 +331,7 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                         evaluate_from=0.0 if cells else PROMOTION_EVALUATIONS_FROM, keep_ends=not cells,
                         continues=continues or {}, **({"score_jobs": score_jobs} if score_jobs is not None else {}),
                         **({"max_members": max_members} if max_members is not None else {}),
-                        out=str(out / "trials" / e.name)))
+                        out=str(out / "trials" / e.name))
 
     def rung_trials(e, r: int) -> dict:
         """Model ``e``'s trials at rung r: name -> (model, params, datasets), from its alive (study,
@@ -346,18 +347,17 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
 
     alive = {e.name: {(st, d): list(range(n_trials)) for st in range(studies) for d in datasets} for e in entries}
     score_jobs = None
-    first = {e.name: plan_for(e, rung_trials(e, 0)) for e in entries}  # every first rung refused before anything trains
-    one = first[entries[0].name]
+    one = check(plan_for(entries[0], rung_trials(entries[0], 0)))
     # on a GPU every model's rungs go on at once, each model to its next rung as soon as its own
     # rung has ended (no model waits for another's), their groups sharing the run's groups_at_once
-    at_once = one.r.side_by_side and groups_at_once > 1 and len(entries) > 1
+    at_once = one.side_by_side and groups_at_once > 1 and len(entries) > 1
     if at_once and one.plan.score_jobs:  # the scoring processes shared out among the models' runs
         score_jobs = max(1, one.plan.score_jobs // len(entries))
-        first = {e.name: plan_for(e, rung_trials(e, 0)) for e in entries}
+    first = {e.name: Run(plan_for(e, rung_trials(e, 0))) for e in entries}  # every first rung refused before anything trains
     last = len(rungs[entries[0].name]) - 1  # as many rungs for every model (halving_rungs)
     # at the converged budget the rungs before the last promote by each fit's kept validation score
     # (its evaluations during training): no cell is sampled there; the last rung's cells select
-    by_kept = bool(last) and one.r.converged and all(e.cls.monitored for e in entries)
+    by_kept = bool(last) and one.converged and all(e.cls.monitored for e in entries)
     floors = validation_floors((d, s) for d in datasets for s in seeds)
     # (model, study, index) -> per rung: {"steps": s, "scores": {dataset: mean validation score}}
     reached: dict = {}
@@ -373,8 +373,8 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                 # their path does not depend on the cap): the rung trains only the steps it adds
                 before = {trial_name(e.name, t.key, rungs[e.name][r][1]): trial_name(e.name, t.key, rungs[e.name][r - 1][1])
                           for t in drawn[e.name]} if by_kept and r else {}
-                runner = plan_for(e, want, cells=not (by_kept and r < last),
-                                  continues={n: before[n] for n in want if n in before})
+                runner = Run(plan_for(e, want, cells=not (by_kept and r < last),
+                                      continues={n: before[n] for n in want if n in before}))
             done = runner.ledger.done_cells()
             units = runner.r.units()
             names = [n for n in runner.plan.models if n in runner.plan.trials]
