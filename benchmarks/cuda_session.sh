@@ -11,19 +11,21 @@
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
 #                                                 # resumed (PACKS=1,2,3,4 by default)
 #
-# W: the phase's seconds (default 570); LOG: where the logs go (default gpu_runs/); STATE: where the
-# grid and the tune write their run dirs (default /tmp/genbench-cuda: kept between calls on a warm
-# machine, so a tune resumes); DEVICE: the tune's --device (default cuda; cpu for a smoke test of
-# this script). The grid and the tune print their time split (grid_phases.py) and each group's end
-# to LOG/*.err.
+# W: the phase's seconds (default 540): leave a minute of the command's limit after it, for a
+# stopped run saves its fits' snapshots at their next window ends (up to 30 s measured in the tune),
+# and a command that runs past the device's limit loses the machine and what STATE held. LOG: where
+# the logs go (default gpu_runs/); STATE: where the grid and the tune write their run dirs (default
+# /tmp/genbench-cuda: kept between calls on a warm machine, so a tune resumes); DEVICE: the tune's
+# --device (default cuda; cpu for a smoke test of this script). The grid and the tune print their
+# time split (grid_phases.py) and each group's end to LOG/*.err.
 set -u
 cd "$(dirname "$0")/.."
 PHASE="${PHASE:-tests}"
 case "$PHASE" in tests|grid|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, tune, pacgan)" >&2; exit 2 ;; esac
-if [ "$PHASE" = grid ] || [ "$PHASE" = pacgan ] && ! command -v genbench > /dev/null; then
-  echo "the $PHASE phase needs the genbench command (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
+if ! command -v genbench > /dev/null; then  # (the built-in models are found through the package's entry points)
+  echo "the $PHASE phase needs genbench installed (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
 fi
-W="${W:-570}"
+W="${W:-540}"
 LOG="${LOG:-gpu_runs}"
 STATE="${STATE:-/tmp/genbench-cuda}"
 mkdir -p "$LOG" "$STATE"

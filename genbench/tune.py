@@ -178,7 +178,8 @@ def halving_rungs(n: int, eta: int, cap: int, grain: int = 1) -> list[tuple[int,
 
 def _chains_at_once(chain, entries, groups_at_once: int) -> None:
     """``chain(e)`` of every model at once, each in a thread of its own, their side-by-side groups
-    sharing ``groups_at_once`` training slots, the longest group first (``runner.fits.Slots``):
+    sharing ``groups_at_once`` training slots (``runner.fits.Slots``: a freed slot to the chain
+    that holds fewest, then to its longest group):
     each model goes to its next rung as soon as its own rung has ended. The first error a chain
     raises stops the others
     (``train.request_stop``: each fit in training saves a snapshot at its next logged window and
@@ -193,13 +194,16 @@ def _chains_at_once(chain, entries, groups_at_once: int) -> None:
 
     def one(e) -> None:
         try:
-            chain(e)
+            with fits.as_chain(e.name):
+                chain(e)
         except BaseException as ex:  # noqa: BLE001 - raised in the calling thread below
             errors.append(ex)
             train.request_stop()
+        finally:
+            slots.leave(e.name)
 
     threads = [threading.Thread(target=one, args=(e,), daemon=True, name=f"genbench-tune-{e.name}") for e in entries]
-    fits.SLOTS = fits.Slots(groups_at_once)
+    fits.SLOTS = slots = fits.Slots(groups_at_once, [e.name for e in entries])
     try:
         for t in threads:
             t.start()

@@ -462,31 +462,97 @@ def test_models_go_on_at_once_each_to_its_next_rung_when_its_own_rung_ends(tmp_p
     assert together == apart
 
 
+class _Asker:
+    """Threads that ask ``slots`` for a slot one after another (each waiting before the next asks),
+    each holding its slot until ``release(tag)``; ``order``: the tags in the order granted."""
+
+    def __init__(self, slots):
+        import threading
+
+        self.slots, self.order, self.lock, self.threads, self.go = slots, [], threading.Lock(), [], {}
+
+    def ask(self, steps, chain, tag):
+        import threading
+        import time
+
+        self.go[tag] = threading.Event()
+
+        def hold():
+            with self.slots.slot(steps, chain):
+                with self.lock:
+                    self.order.append(tag)
+                self.go[tag].wait(10)
+
+        waiting = len(self.slots.waiting)
+        self.threads.append(threading.Thread(target=hold, daemon=True))
+        self.threads[-1].start()
+        while len(self.slots.waiting) == waiting and tag not in self.order:
+            time.sleep(0.005)
+        return self
+
+    def granted(self, n, wait=2.0):
+        import time
+
+        end = time.monotonic() + wait
+        while len(self.order) < n and time.monotonic() < end:
+            time.sleep(0.005)
+        time.sleep(0.05)  # (none more than n)
+        return list(self.order)
+
+    def release(self, *tags):
+        for t in tags or list(self.go):
+            self.go[t].set()
+        for t in self.threads:
+            t.join(0.05 if tags else 5)
+
+
 def test_shared_slots_go_to_the_longest_group_waiting():
-    """``fits.Slots``: no more holders than slots, and a freed slot goes to the longest group waiting
-    (ties: the first to ask)."""
-    import threading
+    """``fits.Slots`` of one chain: no more holders than slots, and a freed slot goes to the longest
+    group waiting (ties: the first to ask)."""
+    from genbench.runner.fits import Slots
+
+    slots = Slots(1)
+    a = _Asker(slots).ask(5, None, "first")  # held while the others ask
+    for steps, tag in ((10, "a"), (30, "b"), (20, "c"), (30, "d")):
+        a.ask(steps, None, tag)
+    assert a.granted(2) == ["first"]
+    for n, tag in enumerate(["first", "b", "d", "c", "a"][:-1], 2):
+        a.release(tag)
+        a.granted(n)
+    a.release()
+    assert a.order == ["first", "b", "d", "c", "a"] and slots.free == 1
+
+
+def test_shared_slots_go_to_the_chain_that_holds_fewest_and_keep_one_for_a_chain_not_started():
+    """``fits.Slots`` of several chains: a freed slot goes to the chain holding the fewest slots,
+    however short its groups (the VAE's long groups do not starve a consistency model's short ones);
+    a chain that has not asked yet has a slot kept for it, so the first chain to ask does not take
+    them all; the kept slot is the others' once that chain asked, left, or the time ran out."""
     import time
 
     from genbench.runner.fits import Slots
 
-    slots, order, lock = Slots(1), [], threading.Lock()
+    slots = Slots(3, ["vae", "cm", "flow"])
+    a = _Asker(slots).ask(100, "vae", "vae1").ask(100, "vae", "vae2")
+    assert a.granted(2) == ["vae1"] and slots.free == 2  # two kept: cm and flow have not asked
+    a.ask(1, "cm", "cm1").ask(1, "cm", "cm2")
+    assert a.granted(2) == ["vae1", "cm1"]  # cm holds fewest (0 < 1), however short; flow's slot kept
+    slots.leave("flow")  # flow ended without a group: its slot to the longest of those holding fewest
+    assert a.granted(3) == ["vae1", "cm1", "vae2"]  # (vae 1 = cm 1 held: the longest)
+    a.ask(100, "vae", "vae3")
+    a.release("cm1")
+    assert a.granted(4) == ["vae1", "cm1", "vae2", "cm2"]  # cm holds 0, the VAE 2: cm's short group
+    a.release("cm2")
+    assert a.granted(5) == ["vae1", "cm1", "vae2", "cm2", "vae3"]  # none waiting but the VAE's
+    a.release()
+    assert slots.free == 3 and set(slots.held.values()) == {0}
 
-    def ask(steps, tag):
-        with slots.slot(steps):
-            with lock:
-                order.append(tag)
-
-    with slots.slot(5):  # held while the others ask
-        threads = [threading.Thread(target=ask, args=a) for a in ((10, "a"), (30, "b"), (20, "c"), (30, "d"))]
-        for t in threads:
-            t.start()
-            while len(slots.waiting) < threads.index(t) + 1:  # each asks before the next
-                time.sleep(0.01)
-        assert order == []
-    for t in threads:
-        t.join(10)
-    assert order == ["b", "d", "c", "a"] and slots.free == 1
+    late = Slots(2, ["a", "b"], keep_s=0.3)  # b never asks: its kept slot is the others' after keep_s
+    t0 = time.monotonic()
+    b = _Asker(late).ask(1, "a", "a1").ask(1, "a", "a2")
+    assert b.granted(1) == ["a1"]
+    assert b.granted(2) == ["a1", "a2"] and time.monotonic() - t0 >= 0.3
+    b.release()
 
 
 def test_an_error_in_one_models_rungs_ends_the_tune_with_it_and_stops_the_others(tmp_path, monkeypatch):

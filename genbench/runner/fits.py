@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import heapq
 import itertools
 import math
 import threading
+import time
 
 from .. import __version__
 from .. import datasets as ds_mod
@@ -26,21 +26,40 @@ SLOTS: "Slots | None" = None
 
 
 class Slots:
-    """``n`` slots that the groups of several runs train in, each granted to the longest group
-    waiting (its members' most steps; ties: the first to ask), as one run orders its own groups
-    (``longest_first``)."""
+    """``n`` slots that the groups of several chains train in (a tune's models, each going from
+    rung to rung in a thread of its own: ``chains``, their names). A freed slot goes to a group of
+    the chain that holds the fewest slots, then to the longest group (its members' most steps;
+    ties: the first to ask): no chain waits behind another's third group because its steps are
+    fewer (a consistency model's rungs behind the VAE's). And a chain that has not asked yet (at the
+    start, its plans being resolved) has a slot kept for it for ``keep_s`` seconds, so that the
+    chain that asks first does not take them all. ``leave(chain)`` when a chain has ended. The chain
+    of the calling thread: ``chain_of_thread`` (set by ``as_chain``)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, chains: list[str] = (), keep_s: float = 60.0):
         self.free, self.cv, self.waiting, self.asked = n, threading.Condition(), [], itertools.count()
+        self.held: dict[str, int] = {}
+        self.unasked = set(chains)  # chains that have not asked yet: a slot kept for each
+        self.keep_until = time.monotonic() + keep_s
+
+    def _first(self):
+        """The request to grant now (None: none may have a slot): the fewest held, then the longest."""
+        kept = len(self.unasked) if time.monotonic() < self.keep_until else 0
+        if self.free <= kept or not self.waiting:
+            return None
+        return min(self.waiting, key=lambda w: (self.held.get(w[2], 0), w[0], w[1]))
 
     @contextlib.contextmanager
-    def slot(self, steps: int):
+    def slot(self, steps: int, chain: str | None = None):
         with self.cv:
-            me = (-steps, next(self.asked))
-            heapq.heappush(self.waiting, me)
-            while not (self.free and self.waiting[0] == me):
-                self.cv.wait()
-            heapq.heappop(self.waiting)
+            me = (-steps, next(self.asked), chain)
+            self.waiting.append(me)
+            self.unasked.discard(chain)
+            self.cv.notify_all()  # (a slot kept for this chain is free for the others now)
+            while self._first() is not me:
+                left = self.keep_until - time.monotonic()
+                self.cv.wait(left if left > 0 else None)  # (woken at the kept slots' end)
+            self.waiting.remove(me)
+            self.held[chain] = self.held.get(chain, 0) + 1
             self.free -= 1
             self.cv.notify_all()  # the next in line, where another slot is free
         try:
@@ -48,7 +67,31 @@ class Slots:
         finally:
             with self.cv:
                 self.free += 1
+                self.held[chain] -= 1
                 self.cv.notify_all()
+
+    def leave(self, chain: str) -> None:
+        """``chain`` has ended: no slot is kept for it any more."""
+        with self.cv:
+            self.unasked.discard(chain)
+            self.cv.notify_all()
+
+
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def as_chain(name: str):
+    """The calling thread's groups belong to chain ``name`` (``Slots``) until the block ends."""
+    _THREAD.chain = name
+    try:
+        yield
+    finally:
+        _THREAD.chain = None
+
+
+def chain_of_thread() -> str | None:
+    return getattr(_THREAD, "chain", None)
 
 
 def longest_first(chunks: list, steps, teaches, learns) -> list:
@@ -286,8 +329,8 @@ class FitStore:
         """``fit_group`` of each chunk, ``at_once`` of them at a time in threads of this process,
         each on a CUDA stream of its own (the GPU runs one group's kernels between another's); a
         student's group starts once its teacher's groups have ended. Where other runs of this
-        process fit groups too (``SLOTS``), each group trains in one of their shared slots, the
-        longest first (``lengths``: each chunk's most steps). The threads are daemons and
+        process fit groups too (``SLOTS``), each group trains in one of their shared slots, as
+        ``Slots`` grants them (``lengths``: each chunk's most steps; the chain: ``chain_of_thread``). The threads are daemons and
         joined with a timeout, so an interrupt is not held up by a group still training; the first
         error a group raises (a run dir that cannot be written) is raised here once all have ended.
         ``on_ended(units)`` runs here, in the calling thread, for each group that ended without an
@@ -309,6 +352,7 @@ class FitStore:
         for i in range(len(chunks)):
             todo.put(i)
         cuda = self.r.device.startswith("cuda")
+        chain = chain_of_thread()  # (the workers are threads of their own)
 
         def worker() -> None:
             while True:
@@ -319,7 +363,7 @@ class FitStore:
                 try:
                     for j in needs[i]:
                         ended[j].wait()
-                    with SLOTS.slot(lengths[i] if lengths else 0) if SLOTS else contextlib.nullcontext():
+                    with SLOTS.slot(lengths[i] if lengths else 0, chain) if SLOTS else contextlib.nullcontext():
                         if not errors and cuda:  # a stream no other group's thread has (graphs.own_stream)
                             with own_stream(self.r.device) as stream, torch.cuda.stream(stream):
                                 self.fit_group(chunks[i])
