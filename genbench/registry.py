@@ -80,6 +80,9 @@ def resolve(names: list[str], found: dict[str, Entry] | None = None) -> list[Ent
     out: list[Entry] = []
     for name in names:
         for n in ALIASES.get(name, [name]):
+            if n not in found and not any(e.dist == "genbench" for e in found.values()):
+                raise UsageError(f"unknown model {n!r}: genbench's own models are not registered, for the package is "
+                                 "not installed (its models are its entry points); pip install -e . in its source tree")
             if n not in found:
                 valid = sorted([k for k, e in found.items() if e.source != "broken"] + list(ALIASES))
                 raise UsageError(f"unknown model {n!r}; valid: {', '.join(valid)}")

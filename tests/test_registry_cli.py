@@ -20,6 +20,15 @@ def test_unknown_model_is_usage_error():
         registry.resolve(["nope"])
 
 
+def test_a_source_tree_not_installed_is_named_as_the_cause(monkeypatch):
+    """Without the package's metadata (a source tree on the path, never pip-installed) no built-in is
+    registered: the error says so and how to mend it, not that 'vae' is unknown beside a list of
+    aliases."""
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    with pytest.raises(UsageError, match="'vae': genbench's own models are not registered.*pip install -e ."):
+        registry.resolve(["vae"])
+
+
 def test_list_shows_plugin_and_broken_plugin(cli):
     r = cli("list")
     assert r.returncode == 0, r.stderr
