@@ -547,6 +547,11 @@ def test_shared_slots_go_to_the_chain_that_holds_fewest_and_keep_one_for_a_chain
     a.release()
     assert slots.free == 3 and set(slots.held.values()) == {0}
 
+    few = Slots(2, ["a", "b", "c"])  # fewer slots than chains: one is never kept
+    c = _Asker(few).ask(1, "a", "a1").ask(1, "a", "a2")
+    assert c.granted(2) == ["a1"]
+    c.release()
+
     late = Slots(2, ["a", "b"], keep_s=0.3)  # b never asks: its kept slot is the others' after keep_s
     t0 = time.monotonic()
     b = _Asker(late).ask(1, "a", "a1").ask(1, "a", "a2")

@@ -31,19 +31,19 @@ class Slots:
     the chain that holds the fewest slots, then to the longest group (its members' most steps;
     ties: the first to ask): no chain waits behind another's third group because its steps are
     fewer (a consistency model's rungs behind the VAE's). And a chain that has not asked yet (at the
-    start, its plans being resolved) has a slot kept for it for ``keep_s`` seconds, so that the
-    chain that asks first does not take them all. ``leave(chain)`` when a chain has ended. The chain
+    start, its plans being resolved) has a slot kept for it for ``keep_s`` seconds (of all the
+    slots but one), so that the chain that asks first does not take them all. ``leave(chain)`` when a chain has ended. The chain
     of the calling thread: ``chain_of_thread`` (set by ``as_chain``)."""
 
     def __init__(self, n: int, chains: list[str] = (), keep_s: float = 60.0):
-        self.free, self.cv, self.waiting, self.asked = n, threading.Condition(), [], itertools.count()
+        self.n, self.free, self.cv, self.waiting, self.asked = n, n, threading.Condition(), [], itertools.count()
         self.held: dict[str, int] = {}
         self.unasked = set(chains)  # chains that have not asked yet: a slot kept for each
         self.keep_until = time.monotonic() + keep_s
 
     def _first(self):
         """The request to grant now (None: none may have a slot): the fewest held, then the longest."""
-        kept = len(self.unasked) if time.monotonic() < self.keep_until else 0
+        kept = min(len(self.unasked), self.n - 1) if time.monotonic() < self.keep_until else 0  # (one slot never kept)
         if self.free <= kept or not self.waiting:
             return None
         return min(self.waiting, key=lambda w: (self.held.get(w[2], 0), w[0], w[1]))
