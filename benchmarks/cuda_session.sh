@@ -5,7 +5,8 @@
 # phase resumes it), and writes its logs under LOG.
 #
 #   PHASE=tests bash benchmarks/cuda_session.sh   # the CUDA tests, then cm-ct's window replay against
-#                                                 # a step a replay (group_step.py), then the tune
+#                                                 # a step a replay (group_step.py), groups at once in
+#                                                 # threads and in processes, then the tune
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
 #   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
@@ -53,6 +54,11 @@ case "$PHASE" in
     timeout "$(( $(left) > 150 ? 150 : $(left) ))" python3 benchmarks/group_step.py --models cm-ct \
       --replay window,step --rounds 2 > "$LOG/group_step_cmct.txt" 2>&1
     echo "group_step cm-ct: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    for how in "" --processes; do  # what bounds groups at once: the GPU, or the one interpreter
+      timeout "$(( $(left) > 120 ? 120 : $(left) ))" python3 benchmarks/group_step.py --models vae,flow \
+        --members 24 --at-once 1,2,4,8,12 $how >> "$LOG/at_once.txt" 2>&1
+      echo "group_step at once $how: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    done
     tune
     ;;
   grid)

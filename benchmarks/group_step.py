@@ -5,15 +5,27 @@ warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
                                     [--replay window,step] [--rounds 1] [--pacgan PACK]
+                                    [--at-once 1,4,8 [--processes]] [--device cuda]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
 ``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
+
+``--at-once 1,4,8`` trains that many such groups at the same time, each in a thread of its own on a
+CUDA stream of its own (as a grid's or a tune's groups at once), and prints the wall from the first
+group's start to the last one's end, each group's pace and the groups' steps a second together
+against one group alone; ``--processes`` puts each group in a process of its own instead (its own
+interpreter: the groups then share no interpreter lock, but the GPU time-slices between processes).
+Together they say what bounds groups at once: the GPU, or the one interpreter that launches them.
 
 To compare two versions of genbench side by side, run it alternately with each on PYTHONPATH
 (``git archive REV genbench | tar -x -C /tmp/old``; ``PYTHONPATH=/tmp/old python benchmarks/group_step.py``):
 the line says which source it ran.
 """
 import argparse
+import multiprocessing
+import statistics
+import threading
+import time
 
 import torch
 
@@ -33,7 +45,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--pacgan", type=int, default=0, metavar="PACK",
                     help="gan only: at the PacGAN reproduction's settings with this packing degree")
+    ap.add_argument("--at-once", default="", help="K[,K...]: that many groups trained at the same time (threads)")
+    ap.add_argument("--processes", action="store_true", help="with --at-once: each group in a process of its own")
+    ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script)")
     args = ap.parse_args()
+    if args.at_once:
+        return at_once(args)
     from genbench.models import train
 
     datas = [datasets.get("ring8").sample(20000, [s, 0]) for s in range(args.members)]
@@ -61,6 +78,76 @@ def main() -> None:
                       f"{' (a beta1 each)' if args.member_beta1 else ''}, "
                       f"{args.steps} steps, a {replay} a replay: group {g:.2f} s, {g / args.steps * 1e3:.3f} ms/step "
                       f"({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
+
+
+def _group(name: str, steps: int, members: int, index: int, device: str) -> tuple[float, float, float]:
+    """One group of ``members`` (seeds of their own: ``index``) trained ``steps`` steps on its own CUDA
+    stream: (its start, its end, its group_train_s)."""
+    import contextlib
+
+    from genbench.models.graphs import own_stream
+
+    cls = resolve([name])[0].cls
+    base = float(cls(budget="converged").config.lr)
+    seeds = [index * members + i for i in range(members)]
+    datas = [datasets.get("ring8").sample(20000, [s, 0]) for s in seeds]
+    group = [cls(budget="converged", params={"train_steps": str(steps), "lr": str(base * (1 + 0.01 * i))})
+             for i in range(members)]
+    cuda = device.startswith("cuda")
+    with (own_stream(device) if cuda else contextlib.nullcontext()) as stream, \
+            (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
+        start = time.time()
+        infos = cls.fit_side_by_side(group, datas, device=device, seeds=seeds)
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+        end = time.time()
+    return start, end, infos[0].extras.get("group_train_s", end - start)
+
+
+def _in_process(queue, *a) -> None:
+    torch.set_num_threads(1)
+    _group(a[0], 100, a[2], 10_000, a[4])  # warm-up: the process's CUDA context, kernels' first loads
+    queue.put(_group(*a))
+
+
+def at_once(args) -> None:
+    """``--at-once``: K groups of each model at the same time, for each K."""
+    for name in args.models.split(","):
+        if resolve([name])[0].cls.teacher is not None:
+            raise SystemExit(f"{name}: a distilled model needs teachers; time its teacher's family instead")
+        alone = None
+        _group(name, 100, args.members, 10_000, args.device)  # warm-up (as each process's, below)
+        for k in [int(x) for x in args.at_once.split(",")]:
+            a = (name, args.steps, args.members)
+            if args.processes:
+                ctx = multiprocessing.get_context("spawn")
+                q = ctx.Queue()
+                procs = [ctx.Process(target=_in_process, args=(q, *a, i, args.device)) for i in range(k)]
+                for p in procs:
+                    p.start()
+                got = [q.get() for _ in procs]
+                for p in procs:
+                    p.join()
+            else:
+                got = [None] * k
+
+                def run(i: int) -> None:
+                    got[i] = _group(*a, i, args.device)
+
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            wall = max(e for _, e, _ in got) - min(s for s, _, _ in got)
+            rate = k * args.steps / wall
+            alone = alone or rate
+            pace = statistics.median(g / args.steps * 1e3 for _, _, g in got)
+            print(f"{name} x{args.members}, {k} group(s) at once ({'processes' if args.processes else 'threads'}), "
+                  f"{args.steps} steps each: wall {wall:.1f} s, a group's pace {pace:.2f} ms/step (median), "
+                  f"{rate:.0f} group-steps/s together, {rate / alone:.2f}x the first line's "
+                  f"({args.device}{': ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}, "
+                  f"torch {torch.__version__})", flush=True)
 
 
 if __name__ == "__main__":
