@@ -497,15 +497,12 @@ class RunDir:
     def has_end(self, name: str) -> bool:
         return (self.path / "ends" / f"{name}.pt").is_file()
 
-    def keep_ends(self, names: set[str]) -> None:
-        """Removes every kept state but those named (none left: the folder too)."""
+    def drop_ends(self, names: set[str]) -> None:
+        """Removes the kept states named (where there are); the folder too where none is left."""
         folder = self.path / "ends"
-        if not folder.is_dir():
-            return
-        for p in folder.glob("*.pt"):
-            if p.stem not in names:
-                with contextlib.suppress(OSError):
-                    p.unlink()
+        for name in names:
+            with contextlib.suppress(OSError):
+                (folder / f"{name}.pt").unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()
 

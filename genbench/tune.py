@@ -403,11 +403,15 @@ def run_tune(*, models: list[str], datasets: list[str], seeds: list[int], n_tria
                 keep = rungs[e.name][r + 1][0]
                 alive[e.name] = {k: sorted(idxs, key=lambda i, k=k: (reached[(e.name, k[0], i)][r]["scores"][k[1]], i))[:keep]
                                  for k, idxs in alive[e.name].items()}
-            # the kept states (ends/) the next rung continues from; the rest (trials that go no
-            # further, the previous rung's, all of them after the last rung) removed: ~2 MB a fit
+            # the kept states (ends/) the next rung continues from stay; this rung's other trials' and
+            # the previous rung's (all of them after the last rung) are removed: ~2 MB a fit. Only
+            # those two rungs': a tune resumed replays its finished rungs, and the states that a
+            # later rung, begun before the stop, continues from must outlive that replay
             going_on = {cell_name(trial_name(e.name, drawn[e.name][st * n_trials + i].key, steps), d, s)
                         for (st, d), idxs in alive[e.name].items() for i in idxs for s in seeds} if r < last else set()
-            runner.store.keep_ends(going_on)
+            runner.store.drop_ends({cell_name(trial_name(e.name, t.key, rungs[e.name][x][1]), d, s)
+                                    for x in {r, max(r - 1, 0)} for t in drawn[e.name]
+                                    for d in datasets for s in seeds} - going_on)
 
     if at_once:
         _chains_at_once(chain, entries, groups_at_once)

@@ -360,7 +360,9 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     200 and 430 steps, the first two cut at a logged window's end, not at 107 and 215): a rung's
     fits keep their state at their cap (ends/), and a promoted trial's fits continue from it: their
     records say so and the rung trains only the steps it adds; and they are the fits that the same
-    tune trains from step 0 without continuing (the same losses, to float rounding)."""
+    tune trains from step 0 without continuing (the same losses, to float rounding); a tune stopped
+    after its second rung continues them as well when re-run (its replay of the finished rungs keeps
+    the states that the last rung continues from)."""
     import functools
 
     from genbench import runner
@@ -396,6 +398,22 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
         for name, record in rungs[steps].items():
             assert record["continued_from"] == name.replace(f"~{steps}__", f"~{prev}__")
             assert record["resumed_step"] == prev and record["steps"] == steps
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_last_rung(runner):  # a tune stopped once its second rung has ended
+        if any(n.endswith("~430") for n in runner.plan.trials):
+            raise Stop
+        return runner.run()
+
+    with pytest.raises(Stop):
+        tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
+                      out=tmp_path / "c", device="cpu", threads=1, jobs=1, seed=0, run=stop_at_the_last_rung, halving=2)
+    resumed = tune_into(tmp_path / "c")  # its re-run replays the first two rungs: their states stay for the last
+    for name, record in rungs[430].items():
+        assert resumed[name]["continued_from"] == record["continued_from"]
+        assert resumed[name]["losses"] == record["losses"]
     monkeypatch.setattr(fits_mod.FitStore, "continuation", lambda self, unit, model: None)
     fresh = tune_into(tmp_path / "b")
     assert fresh.keys() == continued.keys() and all("continued_from" not in r for r in fresh.values())
