@@ -1,2 +1,2 @@
-"""genbench: diffusion, consistency, VAE and flow generators compared on 2D data."""
+"""genbench: diffusion, consistency models, VAEs, flows, GANs and plugins compared on 2D data."""
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from .api import BUDGETS, CONVERGED, RunDirError, UsageError
 from .runner.plan import default as _default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark diffusion, consistency, VAE and flow generators on 2D data.")
+                  help="Benchmark generative models on 2D data: diffusion, consistency models, VAEs, flows, GANs and plugins.")
 
 
 def _version(value: bool) -> None:
@@ -33,7 +33,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                           help="Print genbench's version and exit.")) -> None:
-    """Benchmark diffusion, consistency, VAE and flow generators on 2D data."""
+    """Benchmark generative models on 2D data: diffusion, consistency models, VAEs, flows, GANs and plugins."""
 EXIT_ENVIRONMENT, EXIT_USAGE, EXIT_CELLS_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
 err = Console(stderr=True)
 console = Console()
