@@ -605,6 +605,30 @@ def test_an_error_in_one_models_rungs_ends_the_tune_with_it_and_stops_the_others
 
 
 @pytest.mark.slow
+def test_a_trial_alone_in_its_setting_continues_too(tmp_path, monkeypatch):
+    """On one seed, a rung's trial is often the only fit of its setting (a batch size no other trial
+    drew): it is still fitted as a group (of one), keeps its state at its cap, and the next rung's
+    fit continues it (before, it was fitted alone from step 0 and kept no state); the last rung's
+    single trial is a group of one that continues its previous rung's fit."""
+    import functools
+
+    from genbench import runner
+    from genbench.models.vae import VAE
+
+    monkeypatch.setattr(VAE, "budgets", {**VAE.budgets, "converged": {"train_steps": 430}})
+    monkeypatch.setattr(runner, "Plan", functools.partial(runner.Plan, side_by_side=True))
+    tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0], n_trials=4, studies=1, budget="converged",
+                  out=tmp_path, device="cpu", threads=1, jobs=1, seed=0, run=lambda r: r.run(), halving=2)
+    fits = {f.stem: json.loads(f.read_text()) for f in (tmp_path / "trials" / "vae" / "fits").glob("*.json")}
+    later = {n: r for n, r in fits.items() if not n.split("__")[0].endswith("~100")}
+    assert len(later) == 3  # two trials at 200 steps, one at 430
+    for name, record in later.items():
+        steps = int(name.split("__")[0].rsplit("~", 1)[1])
+        assert record["continued_from"] == name.replace(f"~{steps}__", f"~{ {200: 100, 430: 200}[steps]}__")
+        assert record["resumed_step"] == {200: 100, 430: 200}[steps]
+
+
+@pytest.mark.slow
 def test_a_promoted_trial_whose_fit_converged_keeps_that_fit(tmp_path, monkeypatch):
     """Side by side at the converged budget (the VAE's cap cut to 6,000 steps, halving 2; the stopping
     rule made quick to stop: patience of one evaluation, from step 0, a short anneal): a promoted

@@ -200,13 +200,15 @@ class FitStore:
                                  seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu",
                                  first_step=math.ceil(self.r.plan.evaluate_from * c.train_steps) if trial else 0)
 
-    def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str, start: dict | None = None):
+    def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str, start: dict | None = None,
+                  stacked: bool = False):
         """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the
         ``resumable`` capability, saved as partial/<name>.pt: a fit started with one continues from
         it, where it belongs to the same units and configs (a snapshot that cannot be read, or of
         other fits, is left and the fit starts over); each snapshot also tells the progress ``doing``
-        and the step it is at (a long fit's only sign of life in a log). None for a model without
-        the capability."""
+        and the step it is at (a long fit's only sign of life in a log); ``stacked``: a group's
+        (side by side, however many members), whose members' states at their cap are kept where the
+        plan keeps them (``Plan.keep_ends``). None for a model without the capability."""
         if not all(type(m).resumable for m in models):
             return None
         from ..models.train import Snapshots, member_states
@@ -234,7 +236,8 @@ class FitStore:
             for unit, one in zip(units, member_states(state, len(units)), strict=True):
                 self.store.save_end(cell_name(*unit), one)
 
-        keep = self.r.plan.keep_ends and len(units) > 1
+        # a tune's trials' states (a teacher's goes no further), stacked: the next rung's group stacks them
+        keep = self.r.plan.keep_ends and stacked and all(u.model in self.r.plan.trials for u in units)
         return Snapshots(saved, save, SNAPSHOT_EVERY_S, at_cap=at_cap if keep else None)
 
     @staticmethod
@@ -407,8 +410,10 @@ class FitStore:
 
         from ..models.train import join_states
 
-        if len(chunk) < 2:
-            return
+        p, trial = self.r.plan, chunk[0][0].model
+        if len(chunk) < 2 and not (trial in p.trials and (p.keep_ends or p.continues.get(trial))):
+            return  # a fit alone is the unit-by-unit pass's; but not a tune's trial whose fit continues a
+            # previous rung's, or keeps its state for the next rung (a group of one: a stacked state)
         name = chunk[0][0].model
         entry = self.r.entry(name)
         self.progress.update(f"{name}: {len(chunk)} fits side by side")
@@ -437,7 +442,8 @@ class FitStore:
                     start = join_states(states) if all(isinstance(st, dict) for st in states) else None
                 except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
                     start = None
-            snapshots = self.snapshots(partial, units, models, f"{name}: {len(chunk)} fits side by side", start=start)
+            snapshots = self.snapshots(partial, units, models, f"{name}: {len(chunk)} fits side by side", start=start,
+                                       stacked=True)
             if snapshots is not None:
                 kw["snapshots"] = snapshots
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
