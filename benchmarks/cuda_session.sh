@@ -5,8 +5,9 @@
 # phase resumes it), and writes its logs under LOG.
 #
 #   PHASE=tests bash benchmarks/cuda_session.sh   # the CUDA tests, then cm-ct's window replay against
-#                                                 # a step a replay (group_step.py), groups at once in
-#                                                 # threads and in processes, then the tune
+#                                                 # a step a replay (group_step.py), one group of mixed
+#                                                 # batches against a group per batch, groups at once
+#                                                 # in threads and in processes, then the tune
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
 #   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
@@ -54,6 +55,16 @@ case "$PHASE" in
     timeout "$(( $(left) > 150 ? 150 : $(left) ))" python3 benchmarks/group_step.py --models cm-ct \
       --replay window,step --rounds 2 > "$LOG/group_step_cmct.txt" 2>&1
     echo "group_step cm-ct: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    for spec in "vae,diffusion 256 512 1024" "flow 128 256 512"; do  # a batch as a member field: one mixed
+      set -- $spec; m=$1; shift                                       # group against a group per batch
+      timeout "$(( $(left) > 90 ? 90 : $(left) ))" python3 benchmarks/group_step.py --models "$m" --members 96 \
+        --steps 2000 --batches "$(IFS=,; echo "$*")" >> "$LOG/batches.txt" 2>&1
+      for b in "$@"; do
+        timeout "$(( $(left) > 60 ? 60 : $(left) ))" python3 benchmarks/group_step.py --models "$m" --members 32 \
+          --steps 2000 --batches "$b" >> "$LOG/batches.txt" 2>&1
+      done
+    done
+    echo "group_step batches: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     for how in "" --processes; do  # what bounds groups at once: the GPU, or the one interpreter
       timeout "$(( $(left) > 120 ? 120 : $(left) ))" python3 benchmarks/group_step.py --models vae,flow \
         --members 24 --at-once 1,2,4,8,12 $how >> "$LOG/at_once.txt" 2>&1

@@ -4,11 +4,16 @@ converged run), the step captured in a CUDA graph. The group's wall time (``grou
 warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
-                                    [--replay window,step] [--rounds 1] [--pacgan PACK]
+                                    [--batches B[,B...]] [--replay window,step] [--rounds 1] [--pacgan PACK]
                                     [--at-once 1,4,8 [--processes]] [--device cuda]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
 ``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
+
+``--batches 256,512,1024``: the members' batches in turn (a batch is a member field of a family
+whose loss is a mean over it: a member whose batch is smaller trains on its draws repeated up to the
+group's largest); against ``--batches B --members M/3`` for each B, one mixed group's step against
+the three groups a knob outside the member fields would make.
 
 ``--at-once 1,4,8`` trains that many such groups at the same time, each in a thread of its own on a
 CUDA stream of its own (as a grid's or a tune's groups at once), and prints the wall from the first
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=24)
     ap.add_argument("--member-beta1", action="store_true",
                     help="each member its own Adam beta1 (MemberAdam; a model with beta1 among its member fields)")
+    ap.add_argument("--batches", default="", help="B[,B...]: the members' batch sizes in turn (default: the preset's)")
     ap.add_argument("--replay", default="window", help="window, step, or both in turn (window,step)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--pacgan", type=int, default=0, metavar="PACK",
@@ -65,19 +71,23 @@ def main() -> None:
             extra = dict(PACGAN.params) | {"pack": str(args.pacgan)}
         base = float(cls(budget="converged", params=extra).config.lr)
         beta1 = lambda i: {"beta1": str(0.5 + 0.01 * i)} if args.member_beta1 else {}  # noqa: E731
+        sizes = args.batches.split(",") if args.batches else []
+        batch = lambda i: {"batch": sizes[i % len(sizes)]} if sizes else {}  # noqa: E731
         for _ in range(args.rounds):
             for replay in args.replay.split(","):
                 if replay not in ("window", "step"):
                     raise SystemExit(f"--replay {replay!r}: valid: window, step")
                 train.WINDOW_REPLAY = replay == "window"
                 group = [cls(budget="converged", params=extra | {"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
-                             | beta1(i)) for i in range(args.members)]
-                infos = cls.fit_side_by_side(group, datas, device="cuda", seeds=list(range(args.members)))
+                             | beta1(i) | batch(i)) for i in range(args.members)]
+                infos = cls.fit_side_by_side(group, datas, device=args.device, seeds=list(range(args.members)))
                 g = infos[0].extras["group_train_s"]
                 print(f"{genbench.__file__}: {name}{f' (PacGAN{args.pacgan})' if args.pacgan else ''} x{args.members}"
-                      f"{' (a beta1 each)' if args.member_beta1 else ''}, "
+                      f"{' (a beta1 each)' if args.member_beta1 else ''}"
+                      f"{f' (batches {args.batches} in turn)' if sizes else ''}, "
                       f"{args.steps} steps, a {replay} a replay: group {g:.2f} s, {g / args.steps * 1e3:.3f} ms/step "
-                      f"({torch.cuda.get_device_name()}, torch {torch.__version__})", flush=True)
+                      f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
+                      f"torch {torch.__version__})", flush=True)
 
 
 def _group(name: str, steps: int, members: int, index: int, device: str) -> tuple[float, float, float]:

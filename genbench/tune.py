@@ -4,7 +4,8 @@ search space it declares (``Generator.search_space``), drawn quasirandomly (scra
 models of one ``genbench run`` per rung over the tuning datasets and seeds, in its run dir
 ``OUT/trials/MODEL`` (a killed tune re-run finishes only what is missing: finished cells are skipped by
 the runner), where trials that differ only in their model's member fields
-(``TorchGenerator.member_fields``: its learning rate, diffusion's noise-level centre) are fitted as
+(``TorchGenerator.member_fields``: its learning rate, diffusion's noise-level centre, a batch size
+whose draws are repeated up to the group's) are fitted as
 one stacked network on a GPU, every model's rungs going on at once (no model waits for another's
 rung to end), and a distilled model's teacher is trained once for all its trials; each trial is scored on the
 **validation sample only** (the energy

@@ -265,6 +265,26 @@ def test_captured_members_each_train_at_their_own_learning_rate():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["diffusion", "cm-ct", "vae", "flow"])
+def test_captured_members_each_train_at_their_own_batch(name):
+    """Members of other batches (their draws repeated up to the group's largest, inside the captured
+    step) against eager solo fits on the GPU."""
+    from genbench.registry import resolve
+
+    cls = resolve([name])[0].cls
+    data = [datasets.get("ring8").sample(20000, [s, 0]) for s in (0, 1)]
+    batches = ["128", "512"]
+    group = [cls(budget="quick", params={"train_steps": "20", "batch": b}) for b in batches]
+    cls.fit_side_by_side(group, data, device="cuda", seeds=[0, 1])
+    weights = lambda m: [t for v in m.state_dict().values() for t in (v.values() if isinstance(v, dict) else [v])  # noqa: E731
+                         if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for member, d, seed, b in zip(group, data, (0, 1), batches):
+        solo = cls(budget="quick", params={"train_steps": "20", "batch": b, "cuda_graph": "false"})
+        solo.fit(d, device="cuda", seed=seed)
+        for x, y in zip(weights(member), weights(solo), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=f"{name} batch {b}")
+
+
 def test_captured_members_each_train_at_their_own_beta1():
     """Per-member Adam beta1 (``MemberAdam``) in a captured stacked step against eager solo fits
     (torch's fused Adam) on the GPU."""

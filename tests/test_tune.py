@@ -194,7 +194,8 @@ def test_best_of_k_curves_fall_from_a_typical_trial_to_the_best():
 
 def test_trials_that_differ_in_member_fields_are_one_stacked_fit_and_share_the_teacher(tmp_path, monkeypatch):
     """A tune's run: trials are models of their own; fitting side by side, those that differ only in
-    member fields (diffusion: lr, p_mean) are one stacked fit, one with another batch its own, and
+    member fields (diffusion: lr, p_mean, a batch that divides the group's largest) are one stacked
+    fit, one with a batch that divides no other its own, and
     the distilled model's trials share one teacher fit per dataset and seed, fitted first."""
     from genbench.models.consistency import ConsistencyDistillation
     from genbench.models.diffusion import Diffusion
@@ -210,9 +211,10 @@ def test_trials_that_differ_in_member_fields_are_one_stacked_fit_and_share_the_t
 
         monkeypatch.setattr(cls, "fit_side_by_side", classmethod(spy))
     trials = {"diffusion~a": "diffusion", "diffusion~b": "diffusion", "diffusion~c": "diffusion",
-              "cm-cd~a": "cm-cd", "cm-cd~b": "cm-cd"}
+              "diffusion~d": "diffusion", "cm-cd~a": "cm-cd", "cm-cd~b": "cm-cd"}
     params = {"diffusion~a": {"lr": "1e-3", "p_mean": "-2.0"}, "diffusion~b": {"lr": "3e-3", "p_mean": "-1.0"},
-              "diffusion~c": {"batch": "128"}, "cm-cd~a": {"lr": "1e-3"}, "cm-cd~b": {"lr": "2e-3"}}
+              "diffusion~c": {"batch": "96"}, "diffusion~d": {"batch": "128"}, "cm-cd~a": {"lr": "1e-3"},
+              "cm-cd~b": {"lr": "2e-3", "batch": "512"}}
     rows = run(Plan(models=["diffusion", *trials], trials=trials, params=params, datasets=["ring8"], seeds=[0, 1],
                     budget="quick", n_samples=200, metrics=tune.METRICS, floor_draws=2, device="cpu",
                     side_by_side=True, jobs=1, score_jobs=0,
@@ -220,7 +222,7 @@ def test_trials_that_differ_in_member_fields_are_one_stacked_fit_and_share_the_t
     assert all(r["status"] == "done" for r in rows) and {r["model"] for r in rows} == {"diffusion", *trials}
     # the teacher at its defaults differs from trials a and b in member fields only: one group with them
     assert sorted(groups) == sorted([["diffusion", "diffusion", "diffusion~a", "diffusion~a", "diffusion~b",
-                                     "diffusion~b"], ["diffusion~c", "diffusion~c"],
+                                     "diffusion~b", "diffusion~d", "diffusion~d"], ["diffusion~c", "diffusion~c"],
                                      ["cm-cd~a", "cm-cd~a", "cm-cd~b", "cm-cd~b"]])
     fits = sorted(p.name for p in (tmp_path / "run" / "fits").glob("diffusion__*.json"))
     assert fits == ["diffusion__ring8__s0.json", "diffusion__ring8__s1.json"]  # one teacher per dataset and seed

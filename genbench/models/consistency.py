@@ -271,7 +271,7 @@ class ConsistencyDistillation(_Consistency):
     #: the tuning space: the learning rate, the batch, the target network's decay
     search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 512, 1024)), "target_decay": Uniform(0.0, 0.99)}
     #: members of one stacked fit (tuning trials) may differ in these: each member's target moves at its own decay
-    member_fields = ("lr", "target_decay")
+    member_fields = ("lr", "target_decay", "batch")
 
     def setup(self, data, *, device: str, seed: int, teacher: Generator | None = None) -> Setup:
         """Checks the teacher, builds the student (from the teacher's network where it starts from
@@ -360,7 +360,7 @@ class ConsistencyTraining(_Consistency):
     search_space = {"lr": LogUniform(1e-4, 1e-2), "batch": Choice((256, 384, 512, 1024)), "p_mean": Uniform(-2.0, -0.2)}
     #: members of one stacked fit (tuning trials) may differ in these: each member draws its levels
     #: from its own p_mean's distribution
-    member_fields = ("lr", "p_mean")
+    member_fields = ("lr", "p_mean", "batch")
 
     def setup(self, data, *, device: str, seed: int, teacher=None) -> Setup:
         """The network and its EMA built from the seed, the data standardised to sigma_data."""

@@ -169,7 +169,7 @@ class Diffusion(TorchGenerator):
     #: the tuning space (3 knobs, as every built-in): the learning rate, the batch, the training noise levels' centre
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "p_mean": Uniform(-2.4, -0.6)}
     #: members of one stacked fit (tuning trials) may differ in these: p_mean reaches the loss as a draw
-    member_fields = ("lr", "p_mean")
+    member_fields = ("lr", "p_mean", "batch")
     multistep = True
 
     def _build(self, device: str):

@@ -143,6 +143,8 @@ class RealNVP(TorchGenerator):
                "converged": {"train_steps": 100000, "layers": 8}}
     #: the tuning space: the learning rate, the batch, the coupling networks' width
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((128, 256, 512)), "hidden": Choice((32, 64, 128))}
+    #: members of one stacked fit (tuning trials) may differ in these: the loss is a mean over the batch
+    member_fields = ("lr", "batch")
 
     def _build(self, device: str):
         c = self.config

@@ -129,7 +129,9 @@ class TorchGenerator(Generator):
     #: config fields in which the members of one side-by-side fit may differ: the learning rate
     #: (each member's own, ``fit_loop``); a family adds fields its hooks read per member (``draws``
     #: is called on each member's own model). Training knobs only: members evaluated at once
-    #: (``sample_parts``) sample through the first member's map
+    #: (``sample_parts``) sample through the first member's map. ``batch`` may be one where the loss
+    #: is a mean over the batch's points: a member whose batch divides the group's largest trains on
+    #: its own draws repeated up to it (``repeat_draws``), the same mean, so the same step
     member_fields: tuple[str, ...] = ("lr",)
     #: fit takes monitor= (evaluation during training, stopping, the best weights kept)
     monitored = True
@@ -157,6 +159,15 @@ class TorchGenerator(Generator):
         if value is None or value.device != torch.device(device):
             value = cache[(name, dtype)] = torch.tensor(float(getattr(self.config, name)), device=device, dtype=dtype)
         return value
+
+    def repeat_draws(self, draws: tuple, times: int) -> tuple:
+        """One step's ``draws`` for a batch ``times`` as large: each tensor whose first dimension is
+        the batch repeated along it (the same points ``times`` over: a loss that is their mean is
+        unchanged, and so are its gradients), the others (a member value) as they are. What a
+        member of a stacked fit whose batch is smaller than the group's trains on; a family whose
+        draws are shaped otherwise overrides it."""
+        b = self.config.batch
+        return tuple(d.repeat(times, *[1] * (d.dim() - 1)) if d.dim() and d.shape[0] == b else d for d in draws)
 
     def sample_parts(self, n: int, seed: int) -> SampleParts | None:
         """``sample_now(n, seed)`` in parts (``SampleParts``: the same points), for evaluating the
@@ -252,9 +263,17 @@ class TorchGenerator(Generator):
             if not all(isinstance(f, nn.Module) and type(f) is type(frozen[0]) for f in frozen):
                 raise TypeError("the members' frozen networks are not modules of one structure; fit one by one")
         x0s = torch.stack([s.x0 for s in setups])
+        rows = max(m.config.batch for m in models) if "batch" in cls.member_fields else None
+        if rows is not None and any(rows % m.config.batch for m in models):
+            raise ValueError(f"fits side by side: batches {sorted({m.config.batch for m in models})} do not all divide "
+                             f"the largest ({rows}); group by batch_groups")
+
+        def own(m, s):  # a member's draws, repeated up to the group's batch where its own is smaller
+            d = m.draws(s.x0, s.generator)
+            return d if rows is None or m.config.batch == rows else m.repeat_draws(d, rows // m.config.batch)
 
         def draw(k, t):
-            return (x0s, *stack_draws(m.draws(s.x0, s.generator) for m, s in zip(models, setups)))
+            return (x0s, *stack_draws(own(m, s) for m, s in zip(models, setups)))
 
         settings = first._loop_settings() | {"device": device, "lr": [m.config.lr for m in models]}
         if "beta1" in cls.member_fields:  # each member's own (MemberAdam)
@@ -1114,6 +1133,17 @@ def _stack(modules: list[nn.Module]) -> tuple[dict, dict]:
     own: a batched flag cannot steer Python."""
     params, buffers = stack_module_state(modules)
     return params, {k: v for k, v in buffers.items() if v.is_floating_point()}
+
+
+def batch_groups(batches: list[int]) -> list[int]:
+    """For the batch of each member of a would-be stacked fit (``batch`` a member field), the index
+    of its group: the fewest groups, each of batches that divide the group's largest (a batch goes
+    to the largest that it divides), so that each member trains on its draws repeated up to it."""
+    tops: list[int] = []
+    for b in sorted(set(batches), reverse=True):
+        if not any(t % b == 0 for t in tops):
+            tops.append(b)
+    return [next(i for i, t in enumerate(tops) if t % b == 0) for b in batches]
 
 
 def stack_draws(per_member) -> tuple:

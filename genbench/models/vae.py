@@ -85,7 +85,7 @@ class VAE(TorchGenerator):
     #: the tuning space: the learning rate, the batch, the KL annealing's length
     search_space = {"lr": LogUniform(3e-4, 1e-2), "batch": Choice((256, 512, 1024)), "kl_warmup": IntRange(0, 2000)}
     #: members of one stacked fit (tuning trials) may differ in these: the warm-up reaches the loss as a draw
-    member_fields = ("lr", "kl_warmup")
+    member_fields = ("lr", "kl_warmup", "batch")
 
     def _build(self, device: str):
         self.device = device

@@ -94,6 +94,20 @@ def chain_of_thread() -> str | None:
     return getattr(_THREAD, "chain", None)
 
 
+def by_batch(key: tuple, group: list, batch: dict) -> dict:
+    """A side-by-side group (its key, its (unit, refit) pairs) split where ``batch`` is a member
+    field of its model (``key[0]``) and the units' batches (``batch``) do not all divide the
+    largest (``models.train.batch_groups``: the fewest groups that train on repeated draws)."""
+    if "batch" not in getattr(key[0], "member_fields", ()):
+        return {key: group}
+    from ..models.train import batch_groups
+
+    out: dict = {}
+    for item, i in zip(group, batch_groups([batch[u] for u, _ in group])):
+        out.setdefault((*key, i), []).append(item)
+    return out
+
+
 def longest_first(chunks: list, steps, teaches, learns) -> list:
     """The order in which groups start when fewer train at once than there are: the groups of
     teachers first, their students' last (a student's group holds its thread until its teacher's
@@ -297,6 +311,7 @@ class FitStore:
         group's units once the group has ended (while other groups may still train)."""
         todo: dict[str, list] = {}
         steps: dict[Unit, int] = {}  # each unit's training steps (its cap): how long its group trains, at most
+        batch: dict[Unit, int | None] = {}  # ... and its batch (a member field: groups split by batch_groups)
         for unit in units:  # teachers' units come first: their groups are fitted first
             entry = self.r.entry(unit.model)
             if "side by side" not in entry.cls.capabilities():
@@ -313,6 +328,8 @@ class FitStore:
                 key = (type(model), repr(sorted(fields.items())), start is not None)
                 todo.setdefault(key, []).append((unit, refit))
                 steps[unit] = getattr(model.config, "train_steps", 0)
+                batch[unit] = getattr(model.config, "batch", None)
+        todo = {k: g for key, group in todo.items() for k, g in by_batch(key, group, batch).items()}
         size = self.r.plan.max_members
         chunks = [group[at:at + size] for group in todo.values() for at in range(0, len(group), size)]
         if self.r.plan.groups_at_once > 1 and len(chunks) > self.r.plan.groups_at_once:
