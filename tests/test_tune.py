@@ -362,7 +362,7 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     200 and 430 steps, the first two cut at a logged window's end, not at 107 and 215): a rung's
     fits keep their state at their cap (ends/), and a promoted trial's fits continue from it: their
     records say so and the rung trains only the steps it adds; and they are the fits that the same
-    tune trains from step 0 without continuing (the same losses, to float rounding); a tune stopped
+    tune trains from step 0 without continuing (the same losses, each fit a stack of its own); a tune stopped
     after its second rung continues them as well when re-run (its replay of the finished rungs keeps
     the states that the last rung continues from)."""
     import functools
@@ -382,7 +382,7 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
 
     def tune_into(out):
         tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
-                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=run, halving=2)
+                      out=out, device="cpu", threads=1, jobs=1, seed=0, run=run, halving=2, max_members=1)
         fits = {}
         for f in (out / "trials" / "vae" / "fits").glob("*.json"):
             fits[f.stem] = json.loads(f.read_text())
@@ -411,7 +411,8 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
 
     with pytest.raises(Stop):
         tune.run_tune(models=["vae"], datasets=["ring8"], seeds=[0, 1], n_trials=4, studies=1, budget="converged",
-                      out=tmp_path / "c", device="cpu", threads=1, jobs=1, seed=0, run=stop_at_the_last_rung, halving=2)
+                      out=tmp_path / "c", device="cpu", threads=1, jobs=1, seed=0, run=stop_at_the_last_rung, halving=2,
+                      max_members=1)
     resumed = tune_into(tmp_path / "c")  # its re-run replays the first two rungs: their states stay for the last
     for name, record in rungs[430].items():
         assert resumed[name]["continued_from"] == record["continued_from"]
@@ -419,9 +420,11 @@ def test_a_promoted_trial_continues_its_fits_from_the_previous_rung(tmp_path, mo
     monkeypatch.setattr(fits_mod.FitStore, "continuation", lambda self, unit, model: None)
     fresh = tune_into(tmp_path / "b")
     assert fresh.keys() == continued.keys() and all("continued_from" not in r for r in fresh.values())
-    for name, record in continued.items():  # the same fits, to the float rounding that another stack of
-        # members gives (a continued fit's first steps were made in its previous rung's group)
-        assert record["losses"] == pytest.approx(fresh[name]["losses"], rel=1e-5)
+    for name, record in continued.items():  # the same fits, to the bit: every fit a stack of its own
+        # (max_members 1), as in both tunes (in stacks of other members, the same to float rounding,
+        # which hundreds of steps amplify: a smaller batch's draws repeated up to the group's largest
+        # sum otherwise than alone)
+        assert record["losses"] == fresh[name]["losses"]
         assert record["kept_step"] == fresh[name]["kept_step"]
     for name, record in rungs[200].items():  # the steps before the cap are the previous rung's own
         prev = continued[record["continued_from"]]
