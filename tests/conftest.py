@@ -263,19 +263,21 @@ def quick_run(tmp_path_factory):
     return out
 
 
-def assert_members_are_solo_fits(cls, params: dict, sample) -> None:
+def assert_members_are_solo_fits(cls, params: dict | list[dict], sample) -> None:
     """Three members of ``cls`` fitted side by side on the CPU against their solo fits: the same
-    loss curve and samples (``sample(model)``), up to the batched arithmetic's rounding."""
+    loss curve and samples (``sample(model)``), up to the batched arithmetic's rounding. ``params``:
+    every member's, or a list of each one's (members that differ in member fields)."""
     import numpy as np
 
     from genbench import datasets
 
     seeds = [0, 1, 2]
+    each = params if isinstance(params, list) else [params] * len(seeds)
     datas = [datasets.get(n).sample(20000, [s, 0]) for n, s in zip(("ring8", "moons", "grid25"), seeds)]
-    group = [cls(params=params) for _ in seeds]
+    group = [cls(params=p) for p in each]
     infos = cls.fit_side_by_side(group, datas, device="cpu", seeds=seeds)
-    for member, info, data, seed in zip(group, infos, datas, seeds):
-        solo = cls(params=params)
+    for member, info, data, seed, p in zip(group, infos, datas, seeds, each, strict=True):
+        solo = cls(params=p)
         alone = solo.fit(data, seed=seed)
         np.testing.assert_allclose(info.losses, alone.losses, rtol=1e-4)
         assert info.extras["side_by_side"] == 3

@@ -108,27 +108,20 @@ def test_members_side_by_side_each_train_at_their_own_member_fields():
 def test_members_of_other_batches_train_on_their_draws_repeated_as_their_solo_fits(name):
     """The batch is a member field of the families whose loss is a mean over it: a member whose batch
     divides the group's largest trains on its own draws repeated up to it, the same mean, so its
-    losses and weights are its solo fit's (to float rounding: the sums run over more terms); a
+    losses and samples are its solo fit's (to float rounding: the sums run over more terms); a
     batch that does not divide the largest is refused (the runner groups by ``batch_groups``)."""
+    from conftest import assert_members_are_solo_fits
+
     from genbench import datasets
     from genbench.registry import resolve
 
     cls = resolve([name])[0].cls
-    data = [datasets.get("ring8").sample(4000, [s, 0]) for s in (0, 1, 2)]
-    batches = ("128", "512", "256")
-    make = lambda b: cls(budget="quick", params={"train_steps": "30", "batch": b})  # noqa: E731
-    group = [make(b) for b in batches]
-    infos = cls.fit_side_by_side(group, data, device="cpu", seeds=[0, 1, 2])
-    for member, info, d, seed, b in zip(group, infos, data, (0, 1, 2), batches):
-        solo = make(b)
-        alone = solo.fit(d, seed=seed)
-        assert info.losses == pytest.approx(alone.losses, rel=1e-4), b
-        weights = lambda m: [t for v in m.state_dict().values() for t in (v.values() if isinstance(v, dict) else [v])  # noqa: E731
-                             if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        for x, y in zip(weights(member), weights(solo), strict=True):
-            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4)
+    assert_members_are_solo_fits(cls, [{"train_steps": "30", "batch": b} for b in ("128", "512", "256")],
+                                 lambda m: m.sample(500, seed=4))
+    data = [datasets.get("ring8").sample(4000, [s, 0]) for s in (0, 1)]
     with pytest.raises(ValueError, match="divide"):
-        cls.fit_side_by_side([make("384"), make("512")], data[:2], device="cpu", seeds=[0, 1])
+        cls.fit_side_by_side([cls(params={"train_steps": "30", "batch": b}) for b in ("384", "512")], data,
+                             device="cpu", seeds=[0, 1])
 
 
 def test_batch_groups_are_the_fewest_whose_batches_divide_their_largest():
