@@ -187,6 +187,21 @@ def test_members_states_joined_in_any_order_split_back_to_themselves():
     assert all(train_s(b) == train_s(longest) for b in back)
 
 
+def test_a_members_kept_state_holds_its_own_rows_only():
+    """A member's state (``member_states``) saved to bytes weighs one member's tensors, not its
+    group's: a view's ``torch.save`` writes its whole storage (a tune's kept states filled a disk)."""
+    from genbench.models.vae import VAE
+    from genbench.store import torch_bytes
+
+    seeds, ends = list(range(6)), []
+    group = [VAE(budget="converged", params={"train_steps": "100"}) for _ in seeds]
+    VAE.fit_side_by_side(group, [RING8.sample(2000, [s, 0]) for s in seeds], device="cpu", seeds=seeds,
+                         monitors=[_monitor(s, 100) for s in seeds],
+                         snapshots=Snapshots(None, lambda s: None, 1e9, at_cap=ends.append))
+    whole, one = len(torch_bytes(ends[0])), len(torch_bytes(member_states(ends[0], len(seeds))[0]))
+    assert one < 1.5 * whole / len(seeds), (one, whole)
+
+
 @pytest.mark.parametrize("side_by_side", [False, True])
 def test_a_run_killed_in_the_middle_of_a_fit_continues_it(tmp_path, monkeypatch, short_patience, side_by_side):
     """In one process: the first run stops (as a killed one would) right after the fit's (or the

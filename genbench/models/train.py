@@ -540,28 +540,30 @@ def member_states(state: dict, members: int) -> list[dict]:
     evaluates, "keeper") split into one state per member, each that of a group of one (its slices of
     the stacked tensors, its generator, curve, flags, monitor, best weights and anneal; the step,
     the group's seconds and shared scalars as they are); ``join_states`` stacks members' states
-    back into a group's, in any order and from any groups at one step."""
+    back into a group's, in any order and from any groups at one step. Each member's tensors are
+    copies of its own rows, not views: ``torch.save`` writes a view's whole storage, so a member's
+    kept state would otherwise weigh its group's (96 members' states wrote 64 GB in a tune)."""
     def part(x, i):  # a stacked tensor's member i, kept as a stack of one
-        return x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+        return x[i:i + 1].clone() if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
     out = []
     for i in range(members):
         loop = state["loop"]
         log = loop["log"]
         one = {k: v for k, v in state.items() if k not in ("loop", "stacked", "keeper")}
-        one["loop"] = {"params": [p[i:i + 1] for p in loop["params"]],
+        one["loop"] = {"params": [part(p, i) for p in loop["params"]],
                        "opt": [{k: part(v, i) for k, v in st.items()} for st in loop["opt"]],
                        "generators": [loop["generators"][i]],
                        "log": log | {"curves": [log["curves"][i]], "diverged": [log["diverged"][i]],
                                      "ended": [0] if i in log["ended"] else []}}
         st = state["stacked"]
-        one["stacked"] = {"buffers": [b[i:i + 1] for b in st["buffers"]],
-                          "shadows": {n: [w[i:i + 1] for w in ws] for n, ws in st["shadows"].items()},
+        one["stacked"] = {"buffers": [part(b, i) for b in st["buffers"]],
+                          "shadows": {n: [part(w, i) for w in ws] for n, ws in st["shadows"].items()},
                           "flags": [st["flags"][i]]}
         if "keeper" in state:
             kp = state["keeper"]
             one["keeper"] = {"monitors": [kp["monitors"][i]], "best": [kp["best"][i]], "stopped": [kp["stopped"][i]],
-                             "anneal": None if kp["anneal"] is None else [a[i:i + 1] for a in kp["anneal"]]}
+                             "anneal": None if kp["anneal"] is None else [part(a, i) for a in kp["anneal"]]}
         out.append(one)
     return out
 
