@@ -4,7 +4,7 @@
 # seconds (SIGTERM: the run keeps its rows and its fits' snapshots, and the next call of the same
 # phase resumes it), and writes its logs under LOG.
 #
-#   PHASE=tests bash benchmarks/cuda_session.sh   # the CUDA tests, then cm-ct's window replay against
+#   PHASE=tests bash benchmarks/cuda_session.sh   # a 96-member step's kernels, the CUDA tests, then cm-ct's window replay against
 #                                                 # a step a replay (group_step.py), one group of mixed
 #                                                 # batches against a group per batch, groups at once
 #                                                 # in threads and in processes, then the tune
@@ -50,6 +50,9 @@ case "$PHASE" in
   tests)
     nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv > "$LOG/gpu.txt" 2>&1
     python3 -c "import torch; print(torch.__version__, torch.version.cuda)" >> "$LOG/gpu.txt"
+    timeout 120 python3 benchmarks/group_step.py --models vae,flow,diffusion,cm-ct,gan --members 96 --steps 300 \
+      --profile > "$LOG/profile.txt" 2>&1  # where a wide group's step spends the GPU's time
+    echo "profile: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     timeout "$(left)" python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider > "$LOG/test_cuda.txt" 2>&1
     echo "test_cuda: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     timeout "$(( $(left) > 150 ? 150 : $(left) ))" python3 benchmarks/group_step.py --models cm-ct \

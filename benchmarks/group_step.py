@@ -5,7 +5,7 @@ warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
                                     [--batches B[,B...]] [--replay window,step] [--rounds 1] [--pacgan PACK]
-                                    [--at-once 1,4,8 [--processes]] [--device cuda]
+                                    [--at-once 1,4,8 [--processes]] [--profile] [--device cuda]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
 ``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
@@ -21,6 +21,11 @@ group's start to the last one's end, each group's pace and the groups' steps a s
 against one group alone; ``--processes`` puts each group in a process of its own instead (its own
 interpreter: the groups then share no interpreter lock, but the GPU time-slices between processes).
 Together they say what bounds groups at once: the GPU, or the one interpreter that launches them.
+
+``--profile`` runs each model's group under torch's profiler and prints where the device's time
+went: the kernels by total time (their count per training step, their share), and the kernels a
+step launches in all. What a faster step has to cut: the member count's share (each member's own
+random draws are kernels of their own) against the matmuls' and the element-wise work's.
 
 To compare two versions of genbench side by side, run it alternately with each on PYTHONPATH
 (``git archive REV genbench | tar -x -C /tmp/old``; ``PYTHONPATH=/tmp/old python benchmarks/group_step.py``):
@@ -53,6 +58,7 @@ def main() -> None:
                     help="gan only: at the PacGAN reproduction's settings with this packing degree")
     ap.add_argument("--at-once", default="", help="K[,K...]: that many groups trained at the same time (threads)")
     ap.add_argument("--processes", action="store_true", help="with --at-once: each group in a process of its own")
+    ap.add_argument("--profile", action="store_true", help="the kernels each model's group spends its time in")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script)")
     args = ap.parse_args()
     if args.at_once:
@@ -80,7 +86,8 @@ def main() -> None:
                 train.WINDOW_REPLAY = replay == "window"
                 group = [cls(budget="converged", params=extra | {"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
                              | beta1(i) | batch(i)) for i in range(args.members)]
-                infos = cls.fit_side_by_side(group, datas, device=args.device, seeds=list(range(args.members)))
+                with _profiled(args.profile, args.device, args.steps) as _:
+                    infos = cls.fit_side_by_side(group, datas, device=args.device, seeds=list(range(args.members)))
                 g = infos[0].extras["group_train_s"]
                 print(f"{genbench.__file__}: {name}{f' (PacGAN{args.pacgan})' if args.pacgan else ''} x{args.members}"
                       f"{' (a beta1 each)' if args.member_beta1 else ''}"
@@ -88,6 +95,39 @@ def main() -> None:
                       f"{args.steps} steps, a {replay} a replay: group {g:.2f} s, {g / args.steps * 1e3:.3f} ms/step "
                       f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, "
                       f"torch {torch.__version__})", flush=True)
+
+
+class _profiled:
+    """``with _profiled(on, device, steps)``: the block under torch's profiler where ``on``, then the
+    kernels (on the CPU: the operators) by their total time, each with its launches a step."""
+
+    def __init__(self, on: bool, device: str, steps: int):
+        self.on, self.cuda, self.steps = on, device.startswith("cuda"), steps
+
+    def __enter__(self):
+        if self.on:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU])
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.on:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.prof.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        total = lambda e: getattr(e, "device_time_total" if self.cuda else "self_cpu_time_total", 0)  # noqa: E731
+        events = [e for e in self.prof.key_averages() if total(e) > 0 and (not self.cuda or e.device_type.name == "CUDA")]
+        whole = sum(total(e) for e in events) or 1
+        launches = sum(e.count for e in events)
+        print(f"  {'kernels' if self.cuda else 'operators'}: {launches / self.steps:.0f} a step, "
+              f"{whole / 1e3 / self.steps:.3f} ms a step of device time; by total time:")
+        for e in sorted(events, key=total, reverse=True)[:25]:
+            print(f"  {total(e) / whole:6.1%}  {e.count / self.steps:7.1f}/step  {total(e) / max(e.count, 1):8.1f} us  {e.key[:110]}")
 
 
 def _group(name: str, steps: int, members: int, index: int, device: str) -> tuple[float, float, float]:
