@@ -9,6 +9,8 @@
 #                                                 # batches against a group per batch, groups at once
 #                                                 # in threads and in processes, then the tune
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
+#   PHASE=doubled bash benchmarks/cuda_session.sh # the same grid with every cap doubled, started or
+#                                                 # resumed (benchmarks/cap_check.py compares the two)
 #   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
 #                                                 # resumed (PACKS=1,2,3,4 by default)
@@ -23,7 +25,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PHASE="${PHASE:-tests}"
-case "$PHASE" in tests|grid|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, tune, pacgan)" >&2; exit 2 ;; esac
+case "$PHASE" in tests|grid|doubled|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, doubled, tune, pacgan)" >&2; exit 2 ;; esac
 if ! command -v genbench > /dev/null; then  # (the built-in models are found through the package's entry points)
   echo "the $PHASE phase needs genbench installed (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
 fi
@@ -82,6 +84,14 @@ case "$PHASE" in
     echo "grid: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     cp "$STATE/grid/rows.jsonl" "$LOG/grid_rows.jsonl" 2>/dev/null
     cp "$STATE/grid/report.md" "$STATE/grid/results.csv" "$LOG/" 2>/dev/null
+    ;;
+  doubled)
+    OUT_DIR="$STATE/doubled" GENBENCH="timeout $(left) python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
+      --score-jobs 14 --groups-at-once 6 --param diffusion.train_steps=160000 --param cm-cd.train_steps=60000 \
+      --param cm-ct.train_steps=240000 --param vae.train_steps=480000 --param flow.train_steps=200000 \
+      --param gan.train_steps=120000 > "$LOG/doubled.out" 2>> "$LOG/doubled.err"
+    echo "doubled: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    cp "$STATE/doubled/rows.jsonl" "$LOG/doubled_rows.jsonl" 2>/dev/null
     ;;
   tune)
     tune

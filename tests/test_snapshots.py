@@ -376,3 +376,85 @@ def test_members_that_converged_before_their_cap_are_the_fits_of_a_longer_cap(mo
         assert strip(monl[j].curve) == strip(mons[j].curve) and infol[j].losses == infos[j].losses
         a, b = _weights(short[j]), _weights(long_[j])
         assert len(a) > 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def early_stops(monkeypatch):
+    """Plateaus found and annealed within a few hundred steps, and a group sheds its stopped fits
+    however few steps are left: members of one group stop hundreds of steps apart."""
+    from genbench.runner import fits as fits_mod
+
+    for name, value in (("MIN_STEPS", 150), ("PATIENCE_FACTOR", 1.2), ("PATIENCE_EVALS", 2), ("ANNEAL_FRACTION", 0.1)):
+        monkeypatch.setattr(monitor_mod, name, value)
+    monkeypatch.setattr(fits_mod, "SHED_STEPS_LEFT", 0)
+
+
+def _shed_plan(out, shed: bool):
+    from genbench.runner.plan import Plan
+
+    return Plan(models=("vae",), datasets=("circles", "grid25", "ring8"), seeds=(0,), device="cpu", budget="converged",
+                params={"vae": {"train_steps": "900"}}, n_samples=300, floor_draws=2, score_jobs=0, side_by_side=True,
+                timed=False, shed=shed, out=str(out))
+
+
+def _records(out) -> dict:
+    from genbench.store import RunDir
+
+    return {d: RunDir(out).load_json("fits", f"vae__{d}__s0") for d in ("circles", "grid25", "ring8")}
+
+
+def test_a_group_sheds_its_stopped_fits_and_the_others_go_on(tmp_path, early_stops):
+    """A group whose fits stop at different steps (by the stopping rule) ends at the step a quarter
+    of them has stopped; the stopped fits are saved as they were (the same records, weights and
+    scores as in a group that trains every member to its last one's stop), the others go on as a
+    smaller group from the group's state: the same loss curve up to that step, then the same fit to
+    the stacked arithmetic's rounding. A fit's train_s is its share of each group it trained in."""
+    from genbench.runner.core import run
+
+    rows = {s: {r["dataset"]: r for r in run(_shed_plan(tmp_path / str(s), s))} for s in (False, True)}
+    kept, shed = _records(tmp_path / "False"), _records(tmp_path / "True")
+    stops = {d: r["train_steps"] for d, r in rows[True].items()}
+    assert stops["circles"] < stops["grid25"] < 900 == stops["ring8"]  # (what this test needs of the fits)
+    assert [shed[d]["side_by_side"] for d in ("circles", "grid25", "ring8")] == [3, 2, 1]  # each its last group's size
+    assert [kept[d]["side_by_side"] for d in ("circles", "grid25", "ring8")] == [3, 3, 3]
+    first = stops["circles"] // 50  # windows before the first shed
+    for d in ("circles", "grid25", "ring8"):
+        assert shed[d]["losses"][:first] == kept[d]["losses"][:first], d
+    for key in ("stop_reason", "kept_step", "energy", "hq_frac", "w2"):
+        assert rows[True]["circles"][key] == rows[False]["circles"][key], key
+    assert shed["grid25"]["losses"][first] == pytest.approx(kept["grid25"]["losses"][first], rel=1e-5)
+    assert rows[True]["grid25"]["stop_reason"] == rows[False]["grid25"]["stop_reason"]
+    # the first to stop trained a third of its group's seconds until then, not the whole group's
+    assert shed["circles"]["train_s"] < 0.6 * kept["circles"]["train_s"]
+    assert shed["circles"]["train_s"] < shed["grid25"]["train_s"] < shed["ring8"]["train_s"]
+    assert not (tmp_path / "True" / "partial").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_group_shed_fits_continues_the_smaller_group(tmp_path, monkeypatch, early_stops):
+    """The smaller group's state is saved the moment it is made: a run killed in it continues it on
+    the re-run (the fits saved before are reused), to the rows of a run never stopped."""
+    from genbench.runner import fits as fits_mod
+    from genbench.runner.core import run
+
+    monkeypatch.setattr(fits_mod, "SNAPSHOT_EVERY_S", 1e9)  # no snapshot but the regrouping's own
+    real, saved = fits_mod.RunDir.save_partial, []
+
+    def save_then_die(self, name, state):
+        real(self, name, state)
+        saved.append((name, state["step"]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fits_mod.RunDir, "save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(_shed_plan(tmp_path / "a", True))
+    assert len(saved) == 1 and "__group2__" in saved[0][0]
+    monkeypatch.setattr(fits_mod.RunDir, "save_partial", real)
+    rows = {r["dataset"]: r for r in run(_shed_plan(tmp_path / "a", True))}
+    whole = {r["dataset"]: r for r in run(_shed_plan(tmp_path / "b", True))}
+    records = _records(tmp_path / "a")
+    assert records["grid25"]["resumed_step"] == records["ring8"]["resumed_step"] == saved[0][1]
+    assert "resumed_step" not in _records(tmp_path / "b")["ring8"]
+    for d in whole:
+        for key in ("stop_reason", "kept_step", "train_steps", "energy", "hq_frac", "final_loss"):
+            assert rows[d][key] == whole[d][key], (d, key)

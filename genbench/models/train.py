@@ -281,6 +281,7 @@ class TorchGenerator(Generator):
         keeper = Keeper(models, setups, monitors, settings, device) if monitors is not None else None
         if keeper and snapshots is not None:
             keeper.snapshot_part(snapshots)
+            keeper.shed = snapshots.shed
         infos = fit_stacked([s.trained for s in setups], lambda member, context, *batch: first.loss(member, context, *batch),
                             draw, context=first.step_context, generators=tuple(s.generator for s in setups),
                             ema=[s.ema for s in setups] if s0.ema is not None else None,
@@ -290,6 +291,10 @@ class TorchGenerator(Generator):
                             anneal=keeper.anneal if keeper else None, snapshots=snapshots, **settings)
         if keeper:
             keeper.restore()
+            if keeper.shed_at is not None:  # the state the members that go on continue from
+                snapshots.shed_state = snapshots.state(keeper.shed_at)
+                snapshots.shed_active = [i for i, (stopped, info) in enumerate(zip(keeper.stopped, infos))
+                                         if not stopped and not isinstance(info, BaseException)]
         return infos
 
 
@@ -322,6 +327,8 @@ class Keeper:
         self.in_stack: set[int] = set()
         self.stopped = [m is None for m in monitors]
         self.together = torch.device(device).type in EVALUATE_TOGETHER_ON
+        self.shed: Callable[[list[bool], int], bool] | None = None  # (``Snapshots.shed``)
+        self.shed_at: int | None = None  # the step the group ended at to shed its stopped members
 
     def on_log(self, k: int, train_s: float, sync=None, stacked=None) -> bool:
         """After step ``k`` (0-based), ``train_s`` seconds of training (the loop's, evaluations
@@ -362,7 +369,12 @@ class Keeper:
             self.stopped[i] = verdict.stop
         if best_in_view:
             self._keep_stacked(best_in_view, view)
-        return all(self.stopped)
+        if all(self.stopped):
+            return True
+        if self.shed is not None and self.shed(list(self.stopped), step):
+            self.shed_at = step  # the loop ends here; the members that go on continue in a smaller group
+            return True
+        return False
 
     def _keep_stacked(self, members: list[int], view: dict) -> None:
         """Members' best weights: their slices of the stacked sampling weights, into ``best_stack``."""
@@ -489,8 +501,16 @@ class Snapshots:
     stopped. The state holds tensors and plain containers only (read back as data)."""
 
     def __init__(self, saved: dict | None, save: Callable[[dict], None], every_s: float = 60.0,
-                 at_cap: Callable[[dict], None] | None = None):
+                 at_cap: Callable[[dict], None] | None = None,
+                 shed: Callable[[list[bool], int], bool] | None = None):
         self.saved, self._save, self.every_s = saved, save, every_s
+        #: a stacked fit that evaluates asks ``shed(stopped, step)`` at each logged window's end; True
+        #: ends the group there (``shed_state``: its whole state; ``shed_active``: the members that
+        #: have not stopped), so that those members go on as a smaller group (``member_states``) and
+        #: the stopped ones no longer cost a step each
+        self.shed = shed
+        self.shed_state: dict | None = None
+        self.shed_active: list[int] | None = None
         self.parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.last = time.perf_counter()
         self.resumed_at: int | None = None  # the step a fit continued from

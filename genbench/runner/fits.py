@@ -20,6 +20,13 @@ from .plan import Resolved, Unit, make_model
 #: a fit (or a group of fits side by side) saves a snapshot of its state this often (seconds of its
 #: wall time): a run stopped in the middle of a fit continues it from there
 SNAPSHOT_EVERY_S = 60.0
+#: a group of fits side by side at the converged budget sheds its stopped members (the others go on
+#: as a smaller group from the group's state: the same fits, to the stacked arithmetic's rounding)
+#: once at least this share of them has stopped by the stopping rule ...
+SHED_SHARE = 0.25
+#: ... and at least this many steps are left to its cap (a smaller group's first steps and capture
+#: cost a few seconds, which a few thousand cheaper steps pay back)
+SHED_STEPS_LEFT = 5_000
 #: where several runs of this process fit groups at the same time (a tune's models, each its own run
 #: of its rungs): the ``Slots`` their groups train in, shared; None: each run's own groups_at_once
 SLOTS: "Slots | None" = None
@@ -214,6 +221,12 @@ class FitStore:
                                  seed=unit.seed, device=self.r.device if self.r.device.startswith("cuda") else "cpu",
                                  first_step=math.ceil(self.r.plan.evaluate_from * c.train_steps) if trial else 0)
 
+    @staticmethod
+    def _snapshot_key(units: list[Unit], models: list[Generator]) -> str:
+        """What a snapshot belongs to: the units and configs of its fits (and genbench's version)."""
+        return hashlib.sha256(repr([__version__, *((tuple(u), repr(m.config)) for u, m in zip(units, models))]).encode()
+                              ).hexdigest()
+
     def snapshots(self, name: str, units: list[Unit], models: list[Generator], doing: str, start: dict | None = None,
                   stacked: bool = False):
         """The mid-fit snapshots of a fit (or of a group of fits side by side) of a model with the
@@ -227,8 +240,7 @@ class FitStore:
             return None
         from ..models.train import Snapshots, member_states
 
-        key = hashlib.sha256(repr([__version__, *((tuple(u), repr(m.config)) for u, m in zip(units, models))]).encode()
-                             ).hexdigest()
+        key = self._snapshot_key(units, models)
         saved = None
         try:
             saved = self.store.load_partial(name, self.r.device)
@@ -252,11 +264,19 @@ class FitStore:
 
         # a tune's trials' states (a teacher's goes no further), stacked: the next rung's group stacks them
         keep = self.r.plan.keep_ends and stacked and all(u.model in self.r.plan.trials for u in units)
-        return Snapshots(saved, save, SNAPSHOT_EVERY_S, at_cap=at_cap if keep else None)
+
+        def shed(stopped: list[bool], step: int) -> bool:  # (``fit_group`` regroups the members that go on)
+            return sum(stopped) >= max(1.0, SHED_SHARE * len(stopped)) and cap - step >= SHED_STEPS_LEFT
+
+        return Snapshots(saved, save, SNAPSHOT_EVERY_S, at_cap=at_cap if keep else None,
+                         shed=shed if stacked and self.r.plan.shed else None)
 
     @staticmethod
-    def _resumed(snapshots) -> dict:
-        return {"resumed_step": snapshots.resumed_at} if snapshots is not None and snapshots.resumed_at else {}
+    def _resumed(snapshots, regrouped: int | None = None) -> dict:
+        """The step a fit resumed from (a stopped run's snapshot); not the step its group shed its
+        stopped members at (``regrouped``), where the members that went on continued at once."""
+        at = snapshots.resumed_at if snapshots is not None else None
+        return {"resumed_step": at} if at and at != regrouped else {}
 
     def _stopping(self, model: Generator, monitor) -> dict:
         """The fit record's stopping fields: the monitor's record, or, at the converged budget, the
@@ -420,15 +440,18 @@ class FitStore:
         if errors:
             raise errors[0]
 
-    def fit_group(self, chunk: list[tuple[Unit, str | None]]) -> None:
+    def fit_group(self, chunk: list[tuple[Unit, str | None]], regrouped: dict | None = None) -> None:
         """One group fitted side by side (from its fits' states at a previous rung's cap, where they
-        continue one: ``continuation``); a group the GPU's memory cannot hold is split in halves."""
+        continue one: ``continuation``); a group the GPU's memory cannot hold is split in halves.
+        Where the group sheds its stopped members (``Plan.shed``: ``SHED_SHARE``), their fits are
+        saved and the others go on as a group of their own from the group's state (``regrouped``),
+        whose snapshot is saved at once: a stopped run continues it."""
         import torch
 
         from ..models.train import join_states
 
         p, trial = self.r.plan, chunk[0][0].model
-        if len(chunk) < 2 and not (trial in p.trials and (p.keep_ends or p.continues.get(trial))):
+        if len(chunk) < 2 and regrouped is None and not (trial in p.trials and (p.keep_ends or p.continues.get(trial))):
             return  # a fit alone is the unit-by-unit pass's; but not a tune's trial whose fit continues a
             # previous rung's, or keeps its state for the next rung (a group of one: a stacked state)
         name = chunk[0][0].model
@@ -451,8 +474,8 @@ class FitStore:
                 kw["monitors"] = monitors
             units = [u for u, _ in chunk]
             partial = f"{name}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
-            starts = [self.continuation(u, m) for u, m in zip(units, models)]
-            start = None
+            starts = [None] * len(units) if regrouped is not None else [self.continuation(u, m) for u, m in zip(units, models)]
+            start = regrouped
             if all(starts):  # (a group is of continued fits or of fresh ones: the grouping's key)
                 states = [self.store.load_end(n, "cpu") for n in starts]
                 try:  # (states that cannot be stacked: the fits start from step 0)
@@ -465,7 +488,7 @@ class FitStore:
                 kw["snapshots"] = snapshots
             infos = entry.cls.fit_side_by_side(models, datas, device=self.r.device, seeds=[u.seed for u, _ in chunk],
                                                **kw)
-            if start is not None and snapshots is not None and snapshots.resumed_at == start["step"]:
+            if regrouped is None and start is not None and snapshots is not None and snapshots.resumed_at == start["step"]:
                 for ex, n in zip(extras, starts):  # (not where the group's own snapshot was later)
                     ex["continued_from"] = n
         except torch.cuda.OutOfMemoryError:
@@ -485,8 +508,36 @@ class FitStore:
             self.fit_group(chunk[:len(chunk) // 2])
             self.fit_group(chunk[len(chunk) // 2:])
             return
-        for (u, refit), model, info, ex, monitor in zip(chunk, models, infos, extras, monitors):
-            if not isinstance(info, BaseException):
-                self.save(u, model, info, ex | self._stopping(model, monitor) | self._resumed(snapshots), refit)
+        going_on = set(snapshots.shed_active or ()) if snapshots is not None and snapshots.shed_state is not None else set()
+        resumed = self._resumed(snapshots, None if regrouped is None else regrouped["step"])
+        if not resumed and regrouped is not None and "resumed_step" in regrouped:  # (the group it came from was)
+            resumed = {"resumed_step": regrouped["resumed_step"]}
+        for j, ((u, refit), model, info, ex, monitor) in enumerate(zip(chunk, models, infos, extras, monitors)):
+            if not isinstance(info, BaseException) and j not in going_on:
+                self.save(u, model, info, ex | self._stopping(model, monitor) | resumed, refit)
+        if going_on:
+            self._regroup(chunk, models, snapshots.shed_state | resumed, sorted(going_on), partial)
+            return
         self.store.drop_partial(partial)
+
+    def _regroup(self, chunk: list, models: list, state: dict, going_on: list[int], partial: str) -> None:
+        """The members ``going_on`` of a group that shed its stopped ones, as a group of their own
+        from ``state`` (the group's, at the step it shed them): each member's slice of it, its
+        training seconds so far its share of the group's (its fit's ``train_s`` adds the smaller
+        group's share to it), saved as the new group's snapshot before the old one is dropped."""
+        from ..models.train import join_states, member_states
+
+        parts = member_states(state, len(chunk))
+        for j in going_on:
+            log = parts[j]["loop"]["log"]
+            log["train_s"] = log["paused"] + (log["train_s"] - log["paused"]) * len(going_on) / len(chunk)
+        rest = [chunk[j] for j in going_on]
+        units = [u for u, _ in rest]
+        start = join_states([parts[j] for j in going_on]) | ({"resumed_step": state["resumed_step"]} if "resumed_step" in state else {})
+        name = f"{units[0].model}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
+        self.store.save_partial(name, {"key": self._snapshot_key(units, [models[j] for j in going_on])} | start)
+        self.store.drop_partial(partial)
+        self.progress.update(f"{units[0].model}: {len(chunk) - len(rest)} of {len(chunk)} fits stopped at step "
+                             f"{start['step']:,}; {len(rest)} go on side by side")
+        self.fit_group(rest, regrouped=start)
 

@@ -37,7 +37,7 @@ GROWTH = 1.15
 #: it, and never before MIN_STEPS: early curves have flat stretches that later steps leave (on one
 #: H200, flows stopped at 3,000-8,000 steps kept 2-4x the validation score of their seed siblings
 #: that trained on; baselines/README.md, "The plateau schedule on two H200s"). A stacked fit's
-#: group trains until its last member stops, so the minimum costs its wall time nothing.
+#: group sheds its stopped members only once a quarter of them has stopped (``fits.SHED_SHARE``).
 PATIENCE_EVALS = 5
 PATIENCE_FACTOR = 2.0
 MIN_STEPS = 10_000

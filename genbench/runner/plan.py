@@ -102,6 +102,9 @@ class Plan:
     #: depend on the cap (``Generator.continues_to_longer_caps``). Not settings, as ``cells``
     keep_ends: bool = False
     continues: dict[str, str] = field(default_factory=dict)
+    #: a group of fits side by side sheds the fits that stopped and goes on with the others
+    #: (``fits.SHED_SHARE``); False: the group trains every member to its last one's stop
+    shed: bool = True
     # resources
     device: str = "auto"
     threads: int = 1
