@@ -440,12 +440,19 @@ class FitStore:
         if errors:
             raise errors[0]
 
-    def fit_group(self, chunk: list[tuple[Unit, str | None]], regrouped: dict | None = None) -> None:
+    def fit_group(self, chunk: list[tuple[Unit, str | None]]) -> None:
         """One group fitted side by side (from its fits' states at a previous rung's cap, where they
         continue one: ``continuation``); a group the GPU's memory cannot hold is split in halves.
         Where the group sheds its stopped members (``Plan.shed``: ``SHED_SHARE``), their fits are
-        saved and the others go on as a group of their own from the group's state (``regrouped``),
-        whose snapshot is saved at once: a stopped run continues it."""
+        saved and the others go on as a group of their own from the group's state, whose snapshot
+        is saved at once: a stopped run continues it."""
+        regrouped = None
+        while chunk:  # (each smaller group once the one before it, and what it held, is gone)
+            chunk, regrouped = self._fit_group(chunk, regrouped) or ([], None)
+
+    def _fit_group(self, chunk: list[tuple[Unit, str | None]], regrouped: dict | None) -> tuple | None:
+        """``fit_group``'s one group (``regrouped``: the state it goes on from, where it is what a
+        group that shed its stopped members left); the members that go on and their state, or None."""
         import torch
 
         from ..models.train import join_states
@@ -516,11 +523,11 @@ class FitStore:
             if not isinstance(info, BaseException) and j not in going_on:
                 self.save(u, model, info, ex | self._stopping(model, monitor) | resumed, refit)
         if going_on:
-            self._regroup(chunk, models, snapshots.shed_state | resumed, sorted(going_on), partial)
-            return
+            return self._regroup(chunk, models, snapshots.shed_state | resumed, sorted(going_on), partial)
         self.store.drop_partial(partial)
+        return None
 
-    def _regroup(self, chunk: list, models: list, state: dict, going_on: list[int], partial: str) -> None:
+    def _regroup(self, chunk: list, models: list, state: dict, going_on: list[int], partial: str) -> tuple:
         """The members ``going_on`` of a group that shed its stopped ones, as a group of their own
         from ``state`` (the group's, at the step it shed them): each member's slice of it, its
         training seconds so far its share of the group's (its fit's ``train_s`` adds the smaller
@@ -539,5 +546,5 @@ class FitStore:
         self.store.drop_partial(partial)
         self.progress.update(f"{units[0].model}: {len(chunk) - len(rest)} of {len(chunk)} fits stopped at step "
                              f"{start['step']:,}; {len(rest)} go on side by side")
-        self.fit_group(rest, regrouped=start)
+        return rest, start
 
