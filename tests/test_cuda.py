@@ -518,3 +518,27 @@ def test_a_tune_of_models_at_once_on_cuda_is_the_tune_of_one_after_another(tmp_p
         assert a["rungs"][0]["scores"]["ring8"] == pytest.approx(b["rungs"][0]["scores"]["ring8"], rel=1e-3)
     reached = {k: sorted(len(t["rungs"]) for t in res) for k, res in results.items()}
     assert reached[2] == reached[1]
+
+
+def test_a_captured_group_sheds_its_stopped_fits(tmp_path, monkeypatch):
+    """On CUDA (captured steps, a window a replay): a group whose first fit stops long before the
+    others' sheds it and goes on smaller; the fit that stopped first is the one a group that trains
+    every member on makes (the same record and scores), and every fit ends with a stop reason."""
+    from test_snapshots import _records, _shed_plan
+
+    from genbench.runner import fits as fits_mod
+    from genbench.runner import monitor as monitor_mod
+    from genbench.runner.core import run
+
+    for name, value in (("MIN_STEPS", 150), ("PATIENCE_FACTOR", 1.2), ("PATIENCE_EVALS", 2), ("ANNEAL_FRACTION", 0.1)):
+        monkeypatch.setattr(monitor_mod, name, value)
+    monkeypatch.setattr(fits_mod, "SHED_STEPS_LEFT", 0)
+    rows = {s: {r["dataset"]: r for r in run(_shed_plan(tmp_path / str(s), s, "cuda"))} for s in (False, True)}
+    kept, shed = _records(tmp_path / "False"), _records(tmp_path / "True")
+    first = min(rows[True], key=lambda d: rows[True][d]["train_steps"])
+    assert rows[True][first]["train_steps"] < max(r["train_steps"] for r in rows[True].values())  # (what it needs)
+    assert shed[first]["side_by_side"] == 3 and min(r["side_by_side"] for r in shed.values()) < 3
+    assert all(r["side_by_side"] == 3 for r in kept.values())
+    for key in ("stop_reason", "kept_step", "energy", "hq_frac", "w2"):
+        assert rows[True][first][key] == rows[False][first][key], key
+    assert all(r["stop_reason"] for r in rows[True].values())

@@ -389,10 +389,10 @@ def early_stops(monkeypatch):
     monkeypatch.setattr(fits_mod, "SHED_STEPS_LEFT", 0)
 
 
-def _shed_plan(out, shed: bool):
+def _shed_plan(out, shed: bool, device: str = "cpu"):
     from genbench.runner.plan import Plan
 
-    return Plan(models=("vae",), datasets=("circles", "grid25", "ring8"), seeds=(0,), device="cpu", budget="converged",
+    return Plan(models=("vae",), datasets=("circles", "grid25", "ring8"), seeds=(0,), device=device, budget="converged",
                 params={"vae": {"train_steps": "900"}}, n_samples=300, floor_draws=2, score_jobs=0, side_by_side=True,
                 timed=False, shed=shed, out=str(out))
 
