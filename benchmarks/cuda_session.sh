@@ -15,8 +15,9 @@
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
 #                                                 # resumed (PACKS=1,2,3,4 by default)
 #
-# Install genbench with the interpreter that runs it ('python3 -m pip install ...'): a 'pip' of
-# another interpreter writes that one into the 'genbench' script, which then lacks typer there.
+# Install genbench with the interpreter that runs it ('python3 -m pip install ...'): installed with a
+# bare 'pip', the 'genbench' script could not import typer on the H200 machine (the grid's report
+# step), which 'python3 -c "import typer"' can: pip writes its own interpreter into the script.
 #
 # W: the phase's seconds (default 540): leave a minute of the command's limit after it, for a
 # stopped run saves its fits' snapshots at their next window ends (up to 30 s measured in the tune),
