@@ -17,7 +17,7 @@
 #
 # Install genbench with the interpreter that runs it ('python3 -m pip install ...'): installed with a
 # bare 'pip', the 'genbench' script could not import typer on the H200 machine (the grid's report
-# step), which 'python3 -c "import typer"' can: pip writes its own interpreter into the script.
+# step; pip writes its own interpreter into the scripts it installs).
 #
 # W: the phase's seconds (default 540): leave a minute of the command's limit after it, for a
 # stopped run saves its fits' snapshots at their next window ends (up to 30 s measured in the tune),
