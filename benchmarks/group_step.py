@@ -86,7 +86,7 @@ def main() -> None:
                 train.WINDOW_REPLAY = replay == "window"
                 group = [cls(budget="converged", params=extra | {"train_steps": str(args.steps), "lr": str(base * (1 + 0.01 * i))}
                              | beta1(i) | batch(i)) for i in range(args.members)]
-                with _profiled(args.profile, args.device, args.steps) as _:
+                with _profiled(args.profile, args.device, args.steps):
                     infos = cls.fit_side_by_side(group, datas, device=args.device, seeds=list(range(args.members)))
                 g = infos[0].extras["group_train_s"]
                 print(f"{genbench.__file__}: {name}{f' (PacGAN{args.pacgan})' if args.pacgan else ''} x{args.members}"

@@ -115,6 +115,11 @@ def by_batch(key: tuple, group: list, batch: dict) -> dict:
     return out
 
 
+def _group_partial(units: list[Unit]) -> str:
+    """The name of a side-by-side group's snapshot (partial/): its model, size and units."""
+    return f"{units[0].model}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
+
+
 def longest_first(chunks: list, steps, teaches, learns) -> list:
     """The order in which groups start when fewer train at once than there are: the groups of
     teachers first, their students' last (a student's group holds its thread until its teacher's
@@ -480,7 +485,7 @@ class FitStore:
             if any(m is not None for m in monitors):
                 kw["monitors"] = monitors
             units = [u for u, _ in chunk]
-            partial = f"{name}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
+            partial = _group_partial(units)
             starts = [None] * len(units) if regrouped is not None else [self.continuation(u, m) for u, m in zip(units, models)]
             start = regrouped
             if all(starts):  # (a group is of continued fits or of fresh ones: the grouping's key)
@@ -515,7 +520,7 @@ class FitStore:
             self.fit_group(chunk[:len(chunk) // 2])
             self.fit_group(chunk[len(chunk) // 2:])
             return
-        going_on = set(snapshots.shed_active or ()) if snapshots is not None and snapshots.shed_state is not None else set()
+        going_on = set(snapshots.shed_active or ()) if snapshots is not None else set()
         resumed = self._resumed(snapshots, None if regrouped is None else regrouped["step"])
         if not resumed and regrouped is not None and "resumed_step" in regrouped:  # (the group it came from was)
             resumed = {"resumed_step": regrouped["resumed_step"]}
@@ -540,9 +545,9 @@ class FitStore:
             log["train_s"] = log["paused"] + (log["train_s"] - log["paused"]) * len(going_on) / len(chunk)
         rest = [chunk[j] for j in going_on]
         units = [u for u, _ in rest]
-        start = join_states([parts[j] for j in going_on]) | ({"resumed_step": state["resumed_step"]} if "resumed_step" in state else {})
-        name = f"{units[0].model}__group{len(units)}__" + hashlib.sha256(repr(units).encode()).hexdigest()[:16]
-        self.store.save_partial(name, {"key": self._snapshot_key(units, [models[j] for j in going_on])} | start)
+        start = join_states([parts[j] for j in going_on])  # (a "resumed_step" of the state's goes along)
+        self.store.save_partial(_group_partial(units), {"key": self._snapshot_key(units, [models[j] for j in going_on])}
+                                | start)
         self.store.drop_partial(partial)
         self.progress.update(f"{units[0].model}: {len(chunk) - len(rest)} of {len(chunk)} fits stopped at step "
                              f"{start['step']:,}; {len(rest)} go on side by side")
