@@ -317,7 +317,7 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
 
     monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
     monkeypatch.setattr(core.Session, "run_unit", run_unit)
-    monkeypatch.setattr(core.Session, "time_unit", lambda self, unit, cells: timed.append((unit.model, time.perf_counter())))
+    monkeypatch.setattr(core.Session, "time_unit", lambda self, unit, cells, model=None: timed.append((unit.model, time.perf_counter())))
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 groups_at_once=2, out=str(tmp_path / "run"))
@@ -429,3 +429,21 @@ def test_groups_start_teachers_first_students_last_and_the_longest_first_between
     steps = {c: int(c.split()[1].rstrip("b")) for c in chunks}
     order = longest_first(chunks, steps.get, lambda c: "teacher" in c, lambda c: c.startswith("cm-cd"))
     assert order == ["diffusion-teacher 80", "vae 8", "vae 8b", "cm-ct 4", "flow 3", "gan 2", "cm-cd 50"]
+
+
+def test_the_timing_pass_times_the_model_that_sampled_the_cells(tmp_path, monkeypatch):
+    """Groups fitted at once: each unit's cells are sampled once its group ends and timed after the
+    last group on the model that sampled them, not on a second copy read back from its checkpoint
+    (a reload per unit in the tail of the run, after the GPU's last group)."""
+    from genbench.runner import Plan, fits, run
+
+    loaded = []
+    fit_or_load = fits.FitStore.fit_or_load
+    monkeypatch.setattr(fits.FitStore, "fit_or_load",
+                        lambda self, unit, model, train: loaded.append((unit, id(model))) or fit_or_load(self, unit, model, train))
+    plan = Plan(models=["vae", "flow"], datasets=["ring8", "moons"], seeds=[0], budget="quick", device="cpu",
+                params={m: {"train_steps": "40"} for m in ("vae", "flow")}, n_samples=300, metrics=("energy",),
+                floor_draws=2, side_by_side=True, groups_at_once=2, jobs=1, score_jobs=0, out=str(tmp_path / "run"))
+    rows = run(plan)
+    assert sorted((u.model, u.dataset) for u, _ in loaded) == sorted((m, d) for m in plan.models for d in plan.datasets)
+    assert len(rows) == 4 and all(r["sample_s"] > 0 and r.get("error") is None for r in rows)

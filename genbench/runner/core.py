@@ -90,12 +90,13 @@ class Session:
         # every model's groups first (that many at a time; a tune's trials of one family stacked
         # across its trials), their cells sampled as each ends and timed after them all
         at_once = r.side_by_side and (r.plan.groups_at_once > 1 or bool(r.plan.trials))
-        sampled: dict[Unit, list] = {}  # unit -> its cells sampled, to be timed
+        sampled: dict[Unit, tuple] = {}  # unit -> (its model, its cells sampled), to be timed
 
         def sample_ended(ended: list[Unit]) -> None:
             for unit in ended:
                 if todo.get(unit) and unit not in sampled:
-                    sampled[unit] = self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit], timed=False)
+                    model = r.model(unit.model, unit.dataset)
+                    sampled[unit] = (model, self.run_unit(unit, model, todo[unit], timed=False))
 
         if at_once:
             self.fits.fit_side_by_side(units, done, on_ended=sample_ended)
@@ -106,7 +107,8 @@ class Session:
                 self.fits.fit_side_by_side(mine, done)
             for unit in mine:
                 if unit in sampled:
-                    self.time_unit(unit, sampled.pop(unit))
+                    model, cells = sampled.pop(unit)
+                    self.time_unit(unit, cells, model)
                 elif todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
                     self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit])
         self.scorer.drain(block=True)
@@ -176,20 +178,23 @@ class Session:
                 self.ledger.write(base | {"steps": k} | fit_columns(model, record), None)
         return []
 
-    def time_unit(self, unit: Unit, cells: list) -> None:
-        """Times the cells ``run_unit(timed=False)`` sampled, on the unit's model reloaded from its
-        checkpoint; each row is written once its scores have arrived (a diverged cell at once)."""
+    def time_unit(self, unit: Unit, cells: list, model=None) -> None:
+        """Times the cells ``run_unit(timed=False)`` sampled, on the model that sampled them (kept
+        since: its loop is captured once more, not reloaded; the same weights) or, without one, the
+        unit's model reloaded from its checkpoint; each row is written once its scores have arrived
+        (a diverged cell at once)."""
         if not cells:  # a unit whose fit failed: its rows are written, nothing to time (or to refit)
             return
         p = self.r.plan
-        model = self.r.model(unit.model, unit.dataset)
-        try:
-            self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
-        except RunDirError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the cells keep their scores, without a time
-            self.notes.append(f"{unit.model} on {unit.dataset} seed {unit.seed}: not timed ({type(e).__name__}: {e})")
-            model = None
+        if model is None:
+            model = self.r.model(unit.model, unit.dataset)
+            try:
+                self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
+            except RunDirError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the cells keep their scores, without a time
+                self.notes.append(f"{unit.model} on {unit.dataset} seed {unit.seed}: not timed ({type(e).__name__}: {e})")
+                model = None
         for row, k, error in cells:
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: timing" + (f" {k} steps" if k else ""))
             try:
