@@ -8,6 +8,9 @@
 #                                                 # a step a replay (group_step.py), one group of mixed
 #                                                 # batches against a group per batch, groups at once
 #                                                 # in threads and in processes, then the tune
+#   PHASE=streams bash benchmarks/cuda_session.sh # the grid's groups at once (group_step.py --together):
+#                                                 # as they are, with the GPU's 32 hardware queues
+#                                                 # (CUDA_DEVICE_MAX_CONNECTIONS), with the flow first
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
 #   PHASE=doubled bash benchmarks/cuda_session.sh # the same grid with every cap doubled, started or
 #                                                 # resumed (benchmarks/cap_check.py compares the two)
@@ -29,7 +32,7 @@
 set -u
 cd "$(dirname "$0")/.."
 PHASE="${PHASE:-tests}"
-case "$PHASE" in tests|grid|doubled|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, grid, doubled, tune, pacgan)" >&2; exit 2 ;; esac
+case "$PHASE" in tests|streams|grid|doubled|tune|pacgan) ;; *) echo "PHASE=$PHASE: not a phase (tests, streams, grid, doubled, tune, pacgan)" >&2; exit 2 ;; esac
 if ! command -v genbench > /dev/null; then  # (the built-in models are found through the package's entry points)
   echo "the $PHASE phase needs genbench installed (pip install .; offline: --no-build-isolation --no-deps)" >&2; exit 2
 fi
@@ -39,6 +42,8 @@ STATE="${STATE:-/tmp/genbench-cuda}"
 mkdir -p "$LOG" "$STATE"
 start=$(date +%s)
 left() { echo $(( W - ($(date +%s) - start) )); }
+# a command's limit: the seconds left, at most $1, at least 1 ('timeout 0' would mean no limit at all)
+lim() { local t; t=$(left); (( t > $1 )) && t=$1; (( t < 1 )) && t=1; echo "$t"; }
 export PYTHONUNBUFFERED=1
 DATASETS=ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard
 
@@ -59,38 +64,47 @@ case "$PHASE" in
     timeout 120 python3 benchmarks/group_step.py --models vae,flow,diffusion,cm-ct,gan --members 96 --steps 300 \
       --profile > "$LOG/profile.txt" 2>&1  # where a wide group's step spends the GPU's time
     echo "profile: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
-    timeout "$(left)" python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider > "$LOG/test_cuda.txt" 2>&1
+    timeout "$(lim "$W")" python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider > "$LOG/test_cuda.txt" 2>&1
     echo "test_cuda: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
-    timeout "$(( $(left) > 150 ? 150 : $(left) ))" python3 benchmarks/group_step.py --models cm-ct \
+    timeout "$(lim 150)" python3 benchmarks/group_step.py --models cm-ct \
       --replay window,step --rounds 2 > "$LOG/group_step_cmct.txt" 2>&1
     echo "group_step cm-ct: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     for spec in "vae,diffusion 256 512 1024" "flow 128 256 512"; do  # a batch as a member field: one mixed
       set -- $spec; m=$1; shift                                       # group against a group per batch
-      timeout "$(( $(left) > 90 ? 90 : $(left) ))" python3 benchmarks/group_step.py --models "$m" --members 96 \
+      timeout "$(lim 90)" python3 benchmarks/group_step.py --models "$m" --members 96 \
         --steps 2000 --batches "$(IFS=,; echo "$*")" >> "$LOG/batches.txt" 2>&1
       for b in "$@"; do
-        timeout "$(( $(left) > 60 ? 60 : $(left) ))" python3 benchmarks/group_step.py --models "$m" --members 32 \
+        timeout "$(lim 60)" python3 benchmarks/group_step.py --models "$m" --members 32 \
           --steps 2000 --batches "$b" >> "$LOG/batches.txt" 2>&1
       done
     done
     echo "group_step batches: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     for how in "" --processes; do  # what bounds groups at once: the GPU, or the one interpreter
-      timeout "$(( $(left) > 120 ? 120 : $(left) ))" python3 benchmarks/group_step.py --models vae,flow \
+      timeout "$(lim 120)" python3 benchmarks/group_step.py --models vae,flow \
         --members 24 --at-once 1,2,4,8,12 $how >> "$LOG/at_once.txt" 2>&1
       echo "group_step at once $how: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     done
     tune
     ;;
+  streams)
+    for how in "" "CUDA_DEVICE_MAX_CONNECTIONS=32" "--first flow"; do
+      (( $(left) > 10 )) || break
+      case "$how" in --*) set -- "$how"; e=() ;; "") set --; e=() ;; *) set --; e=("$how") ;; esac
+      timeout "$(lim 150)" env "${e[@]}" python3 benchmarks/group_step.py --together \
+        --models vae,flow,diffusion,cm-ct,gan --members 24 --steps 1500 --device "${DEVICE:-cuda}" $@ >> "$LOG/streams.txt" 2>&1
+      echo "streams ${how:-as they are}: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
+    done
+    ;;
   grid)
     rm -rf "$STATE/grid"
-    OUT_DIR="$STATE/grid" GENBENCH="timeout $(left) python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
+    OUT_DIR="$STATE/grid" GENBENCH="timeout $(lim "$W") python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
       --score-jobs 14 --groups-at-once 6 > "$LOG/grid.out" 2> "$LOG/grid.err"
     echo "grid: after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     cp "$STATE/grid/rows.jsonl" "$LOG/grid_rows.jsonl" 2>/dev/null
     cp "$STATE/grid/report.md" "$STATE/grid/results.csv" "$LOG/" 2>/dev/null
     ;;
   doubled)
-    OUT_DIR="$STATE/doubled" GENBENCH="timeout $(left) python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
+    OUT_DIR="$STATE/doubled" GENBENCH="timeout $(lim "$W") python3 benchmarks/grid_phases.py" bash baselines/run_cuda.sh \
       --score-jobs 14 --groups-at-once 6 --param diffusion.train_steps=160000 --param cm-cd.train_steps=60000 \
       --param cm-ct.train_steps=240000 --param vae.train_steps=480000 --param flow.train_steps=200000 \
       --param gan.train_steps=120000 > "$LOG/doubled.out" 2>> "$LOG/doubled.err"
@@ -102,7 +116,7 @@ case "$PHASE" in
     cp "$STATE/tune/tune.json" "$STATE/tune/tuned.json" "$LOG/" 2>/dev/null
     ;;
   pacgan)
-    timeout "$(left)" genbench reproduce pacgan --packs "${PACKS:-1,2,3,4}" --device cuda --out "$STATE/pacgan" \
+    timeout "$(lim "$W")" genbench reproduce pacgan --packs "${PACKS:-1,2,3,4}" --device cuda --out "$STATE/pacgan" \
       > "$LOG/pacgan.out" 2>> "$LOG/pacgan.err"
     echo "pacgan: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
     for d in "$STATE"/pacgan/*/; do

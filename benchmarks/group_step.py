@@ -5,7 +5,8 @@ warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
                                     [--batches B[,B...]] [--replay window,step] [--rounds 1] [--pacgan PACK]
-                                    [--at-once 1,4,8 [--processes]] [--profile] [--device cuda]
+                                    [--at-once 1,4,8 [--processes]] [--together [--first MODEL]] [--profile]
+                                    [--device cuda]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
 ``train.WINDOW_REPLAY``) and with one step a replay, alternating, ``--rounds`` times each.
@@ -21,6 +22,13 @@ group's start to the last one's end, each group's pace and the groups' steps a s
 against one group alone; ``--processes`` puts each group in a process of its own instead (its own
 interpreter: the groups then share no interpreter lock, but the GPU time-slices between processes).
 Together they say what bounds groups at once: the GPU, or the one interpreter that launches them.
+
+``--together`` trains one group of each model at the same time (threads, a CUDA stream each: a grid's
+groups at once), after each alone, and prints each group's pace alone and together and the wall of
+the whole; ``--first MODEL`` gives that model's group a high-priority stream (the GPU schedules its
+kernels before the others': a grid's longest group, its critical path). Run it with and without
+``CUDA_DEVICE_MAX_CONNECTIONS=32`` in the environment (the GPU's hardware queues, 8 by default, that
+the streams share) to see whether the groups' streams wait on each other there.
 
 ``--profile`` runs each model's group under torch's profiler and prints where the device's time
 went: the kernels by total time (their count per training step, their share), and the kernels a
@@ -58,11 +66,15 @@ def main() -> None:
                     help="gan only: at the PacGAN reproduction's settings with this packing degree")
     ap.add_argument("--at-once", default="", help="K[,K...]: that many groups trained at the same time (threads)")
     ap.add_argument("--processes", action="store_true", help="with --at-once: each group in a process of its own")
+    ap.add_argument("--together", action="store_true", help="one group of each model at the same time (threads)")
+    ap.add_argument("--first", default="", help="with --together: this model's group on a high-priority stream")
     ap.add_argument("--profile", action="store_true", help="the kernels each model's group spends its time in")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script)")
     args = ap.parse_args()
     if args.at_once:
         return at_once(args)
+    if args.together:
+        return together(args)
     from genbench.models import train
 
     datas = [datasets.get("ring8").sample(20000, [s, 0]) for s in range(args.members)]
@@ -130,9 +142,44 @@ class _profiled:
             print(f"  {total(e) / whole:6.1%}  {e.count / self.steps:7.1f}/step  {total(e) / max(e.count, 1):8.1f} us  {e.key[:110]}")
 
 
-def _group(name: str, steps: int, members: int, index: int, device: str) -> tuple[float, float, float]:
+def together(args) -> None:
+    """``--together``: each model's group alone, then all of them at once (``--first``'s on a
+    high-priority stream); each group's pace in both, and the wall of the whole."""
+    names = args.models.split(",")
+    for name in names:
+        if resolve([name])[0].cls.teacher is not None:
+            raise SystemExit(f"{name}: a distilled model needs teachers; time its teacher's family instead")
+    if args.first and args.first not in names:
+        raise SystemExit(f"--first {args.first}: not one of --models {args.models}")
+    alone = {}
+    for name in names:
+        _group(name, 100, args.members, 10_000, args.device)  # warm-up
+        _, _, alone[name] = _group(name, args.steps, args.members, 0, args.device)
+    got = {}
+
+    def run(name: str) -> None:
+        got[name] = _group(name, args.steps, args.members, 0, args.device, high=name == args.first)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(e for _, e, _ in got.values()) - min(s for s, _, _ in got.values())
+    env = __import__("os").environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")
+    print(f"{len(names)} groups of {args.members} at once, {args.steps} steps each"
+          f"{f', {args.first} first' if args.first else ''} (CUDA_DEVICE_MAX_CONNECTIONS {env}; "
+          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, torch {torch.__version__}): "
+          f"wall {wall:.1f} s, the groups alone one after another {sum(alone.values()):.1f} s", flush=True)
+    for name in names:
+        s, e, g = got[name]
+        print(f"  {name:10s} alone {alone[name] / args.steps * 1e3:6.2f} ms/step, together {g / args.steps * 1e3:6.2f} "
+              f"ms/step, ended {e - min(s for s, _, _ in got.values()):6.1f} s", flush=True)
+
+
+def _group(name: str, steps: int, members: int, index: int, device: str, high: bool = False) -> tuple[float, float, float]:
     """One group of ``members`` (seeds of their own: ``index``) trained ``steps`` steps on its own CUDA
-    stream: (its start, its end, its group_train_s)."""
+    stream (``high``: a high-priority one): (its start, its end, its group_train_s)."""
     import contextlib
 
     from genbench.models.graphs import own_stream
@@ -144,7 +191,7 @@ def _group(name: str, steps: int, members: int, index: int, device: str) -> tupl
     group = [cls(budget="converged", params={"train_steps": str(steps), "lr": str(base * (1 + 0.01 * i))})
              for i in range(members)]
     cuda = device.startswith("cuda")
-    with (own_stream(device) if cuda else contextlib.nullcontext()) as stream, \
+    with (own_stream(device, high=high) if cuda else contextlib.nullcontext()) as stream, \
             (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
         start = time.time()
         infos = cls.fit_side_by_side(group, datas, device=device, seeds=seeds)

@@ -22,16 +22,18 @@ _HELD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def own_stream(device=None):
+def own_stream(device=None, high: bool = False):
     """A CUDA stream that no other holder of one has, for the block. ``torch.cuda.Stream()`` hands
     out the streams of a pool of 32 round-robin, so two calls can give one stream; groups trained
     at once (threads, each on a stream of its own) would then share a stream, and work one thread
     puts on a stream that another is capturing goes into that graph instead of running (and its
     replays later read memory that thread has freed). Every stream genbench's CUDA paths train,
     warm up or capture on comes from here: a thread holds three at most (its group's, its warm-up
-    steps', a capture's), and once the normal-priority pool is held the high-priority one serves."""
+    steps', a capture's), and once the normal-priority pool is held the high-priority one serves.
+    ``high``: a high-priority stream first (the GPU schedules its kernels before the others')."""
     with _HELD_LOCK:
-        offered = (torch.cuda.Stream(device, priority=p) for p in (0, -1) for _ in range(64))  # each pool twice round
+        pools = (-1, 0) if high else (0, -1)
+        offered = (torch.cuda.Stream(device, priority=p) for p in pools for _ in range(64))  # each pool twice round
         stream = next((s for s in offered if s.cuda_stream not in _HELD), None)
         if stream is None:
             raise RuntimeError(f"no free CUDA stream ({len(_HELD)} held by groups trained at once): "
