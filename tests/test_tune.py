@@ -673,10 +673,15 @@ def test_a_promoted_trial_whose_fit_converged_keeps_that_fit(tmp_path, monkeypat
                (tmp_path / "a" / "trials" / "vae" / "checkpoints" / f"{record['continued_from']}.pt").read_bytes()
     # without adoption the fit is trained again (from step 0, in another stack of members), or, where
     # its group trained on to the cap, continued as a stopped member of the next rung's group: the
-    # same stop and kept step (its numbers only to rounding, which training amplifies over thousands
-    # of steps; to the bit in one stack: tests/test_snapshots.py)
+    # same stop and kept step. Compared where the fit it continues is the same in both tunes: without
+    # adoption a rung's groups stack other members, and a stack of another size rounds otherwise,
+    # which this quick stopping rule can turn into another stop of the fits before it (a stack's fits
+    # under a longer cap, to the bit: tests/test_snapshots.py)
     monkeypatch.setattr(fits_mod.FitStore, "adopt", lambda self, unit, model: None)
     again = tune_into(tmp_path / "b")
     assert again.keys() == kept.keys()
-    for name, record in adopted.items():
-        assert (again[name]["stop_reason"], again[name]["kept_step"]) == (record["stop_reason"], record["kept_step"])
+    stop = lambda r: (r["stop_reason"], r["kept_step"])  # noqa: E731
+    comparable = {n: r for n, r in adopted.items() if stop(again[r["continued_from"]]) == stop(kept[r["continued_from"]])}
+    assert comparable, "no adopted fit continues a fit that is the same in both tunes"
+    for name, record in comparable.items():
+        assert stop(again[name]) == stop(record)
