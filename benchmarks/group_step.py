@@ -41,6 +41,7 @@ the line says which source it ran.
 """
 import argparse
 import multiprocessing
+import os
 import statistics
 import threading
 import time
@@ -165,16 +166,17 @@ def together(args) -> None:
         t.start()
     for t in threads:
         t.join()
-    wall = max(e for _, e, _ in got.values()) - min(s for s, _, _ in got.values())
-    env = __import__("os").environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")
+    t0 = min(s for s, _, _ in got.values())
+    wall = max(e for _, e, _ in got.values()) - t0
+    env = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "default")
     print(f"{len(names)} groups of {args.members} at once, {args.steps} steps each"
           f"{f', {args.first} first' if args.first else ''} (CUDA_DEVICE_MAX_CONNECTIONS {env}; "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}, torch {torch.__version__}): "
           f"wall {wall:.1f} s, the groups alone one after another {sum(alone.values()):.1f} s", flush=True)
     for name in names:
-        s, e, g = got[name]
+        _, e, g = got[name]
         print(f"  {name:10s} alone {alone[name] / args.steps * 1e3:6.2f} ms/step, together {g / args.steps * 1e3:6.2f} "
-              f"ms/step, ended {e - min(s for s, _, _ in got.values()):6.1f} s", flush=True)
+              f"ms/step, ended {e - t0:6.1f} s", flush=True)
 
 
 def _group(name: str, steps: int, members: int, index: int, device: str, high: bool = False) -> tuple[float, float, float]:

@@ -317,7 +317,7 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
 
     monkeypatch.setattr(fits.FitStore, "fit_group", fit_group)
     monkeypatch.setattr(core.Session, "run_unit", run_unit)
-    monkeypatch.setattr(core.Session, "time_unit", lambda self, unit, cells, model=None: timed.append((unit.model, time.perf_counter())))
+    monkeypatch.setattr(core.Session, "time_unit", lambda self, unit, cells, model: timed.append((unit.model, time.perf_counter())))
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 groups_at_once=2, out=str(tmp_path / "run"))
@@ -341,7 +341,7 @@ def test_a_unit_whose_fit_failed_is_not_refitted_to_be_timed(tmp_path, monkeypat
     monkeypatch.setattr(fits.FitStore, "fit_or_load", lambda self, *args, **kwargs: calls.append(args))
     runner = check(Plan(models=["vae"], datasets=["ring8"], seeds=[0], device="cpu", out=str(tmp_path / "run")))
     session = Session(runner)
-    session.time_unit(runner.units()[0], [])
+    session.time_unit(runner.units()[0], [], None)
     assert calls == [] and session.notes == []
 
 

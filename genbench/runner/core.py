@@ -178,35 +178,22 @@ class Session:
                 self.ledger.write(base | {"steps": k} | fit_columns(model, record), None)
         return []
 
-    def time_unit(self, unit: Unit, cells: list, model=None) -> None:
+    def time_unit(self, unit: Unit, cells: list, model) -> None:
         """Times the cells ``run_unit(timed=False)`` sampled, on the model that sampled them (kept
-        since: its loop is captured once more, not reloaded; the same weights) or, without one, the
-        unit's model reloaded from its checkpoint; each row is written once its scores have arrived
-        (a diverged cell at once)."""
+        since its group ended: the checkpoint's weights, not read back; nothing captured while it
+        sampled); each row is written once its scores have arrived (a diverged cell at once)."""
         if not cells:  # a unit whose fit failed: its rows are written, nothing to time (or to refit)
             return
         p = self.r.plan
-        if model is None:
-            model = self.r.model(unit.model, unit.dataset)
-            try:
-                self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
-            except RunDirError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the cells keep their scores, without a time
-                self.notes.append(f"{unit.model} on {unit.dataset} seed {unit.seed}: not timed ({type(e).__name__}: {e})")
-                model = None
         for row, k, error in cells:
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: timing" + (f" {k} steps" if k else ""))
             try:
-                if model is None:
-                    raise RuntimeError("the model could not be reloaded")
                 time_cell(model, unit.seed, k, row, n=p.n_samples, device=self.r.device, min_calls=p.repeats,
                           min_time=p.min_time_s)
             except Exception as e:  # noqa: BLE001 - an untimed cell is still written, its time empty
                 row["sample_s"] = None
-                if model is not None:
-                    self.notes.append(f"{cell_name(unit.model, unit.dataset, unit.seed, k)}: not timed "
-                                      f"({type(e).__name__}: {e})")
+                self.notes.append(f"{cell_name(unit.model, unit.dataset, unit.seed, k)}: not timed "
+                                  f"({type(e).__name__}: {e})")
             if error is not None:
                 self.ledger.write(row, error)
         self.scorer.drain()
