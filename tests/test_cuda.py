@@ -542,3 +542,26 @@ def test_a_captured_group_sheds_its_stopped_fits(tmp_path, monkeypatch):
     for key in ("stop_reason", "kept_step", "energy", "hq_frac", "w2"):
         assert rows[True][first][key] == rows[False][first][key], key
     assert all(r["stop_reason"] for r in rows[True].values())
+
+
+def test_a_teachers_group_trains_on_a_high_priority_stream(tmp_path, monkeypatch):
+    """Groups at once: the teacher's group (its students' groups wait for it) trains on a stream of
+    the high-priority pool, the others on normal ones."""
+    from genbench.runner import Plan, check, fits
+    from genbench.runner.core import Session
+
+    priority = {}
+    fit_group = fits.FitStore.fit_group
+
+    def noted(self, chunk):
+        priority[chunk[0][0].model] = torch.cuda.current_stream().priority
+        fit_group(self, chunk)
+
+    monkeypatch.setattr(fits.FitStore, "fit_group", noted)
+    plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8"], seeds=[0, 1], budget="quick", device="cuda",
+                params={m: {"train_steps": "20"} for m in ("diffusion", "cm-cd", "vae")}, side_by_side=True,
+                groups_at_once=3, out=str(tmp_path / "run"))
+    r = check(plan)
+    Session(r).fits.fit_side_by_side(r.units(), set())
+    assert priority.keys() == {"diffusion", "cm-cd", "vae"}
+    assert priority["diffusion"] < priority["cm-cd"] == priority["vae"] == 0  # (lower numbers: higher priority)

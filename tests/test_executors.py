@@ -266,7 +266,7 @@ def test_side_by_side_each_models_groups_fit_right_before_its_cells(tmp_path, mo
 
     calls = []
     monkeypatch.setattr(fits.FitStore, "fit_group", lambda self, chunk: calls.append(("fit", chunk[0][0].model, len(chunk))))
-    monkeypatch.setattr(core.Session, "run_unit", lambda self, unit, model, steps: calls.append(("cells", unit.model)))
+    monkeypatch.setattr(core.Session, "run_unit", lambda self, unit, model, steps, **_: calls.append(("cells", unit.model)))
     plan = Plan(models=["cm-cd", "diffusion", "vae"], datasets=["ring8", "moons"], seeds=[0, 1],
                 steps_by_model={"diffusion": [1, 5], "cm-cd": [1]}, device="cpu", side_by_side=True,
                 out=str(tmp_path / "run"))
@@ -305,10 +305,12 @@ def test_groups_at_once_overlap_and_a_student_waits_for_its_teacher(tmp_path, mo
         time.sleep(0.05)
         with lock:
             spans[model][1] = time.perf_counter()
+        for unit, _ in chunk:  # each fit handed over as _fit_group does: (unit, its model, its record)
+            self._fitted.put((unit, object(), {}))
 
     sampled, timed = [], []
 
-    def run_unit(self, unit, model, steps, timed=True):
+    def run_unit(self, unit, model, steps, timed=True, record=None):
         assert not timed and threading.current_thread() is threading.main_thread()
         sampled.append((unit.model, time.perf_counter()))
         if unit.model == "diffusion":
@@ -431,19 +433,26 @@ def test_groups_start_teachers_first_students_last_and_the_longest_first_between
     assert order == ["diffusion-teacher 80", "vae 8", "vae 8b", "cm-ct 4", "flow 3", "gan 2", "cm-cd 50"]
 
 
-def test_the_timing_pass_times_the_model_that_sampled_the_cells(tmp_path, monkeypatch):
-    """Groups fitted at once: each unit's cells are sampled once its group ends and timed after the
-    last group on the model that sampled them, not on a second copy read back from its checkpoint
-    (a reload per unit in the tail of the run, after the GPU's last group)."""
-    from genbench.runner import Plan, fits, run
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_cells_are_sampled_and_timed_on_the_model_their_group_fitted(tmp_path, monkeypatch, at_once):
+    """Units fitted side by side (groups one after another, or at once) are sampled and timed on the
+    models their groups fitted, not on copies read back from their checkpoints (a read per unit,
+    in the main thread while the other groups train); those models are their checkpoints: a re-run
+    that reads them back samples the same points."""
+    from genbench.runner import Plan, run
+    from genbench.store import RunDir
 
     loaded = []
-    fit_or_load = fits.FitStore.fit_or_load
-    monkeypatch.setattr(fits.FitStore, "fit_or_load",
-                        lambda self, unit, model, train: loaded.append((unit, id(model))) or fit_or_load(self, unit, model, train))
+    load = RunDir.load_checkpoint
+    monkeypatch.setattr(RunDir, "load_checkpoint", lambda self, name, *a, **k: loaded.append(name) or load(self, name, *a, **k))
     plan = Plan(models=["vae", "flow"], datasets=["ring8", "moons"], seeds=[0], budget="quick", device="cpu",
                 params={m: {"train_steps": "40"} for m in ("vae", "flow")}, n_samples=300, metrics=("energy",),
-                floor_draws=2, side_by_side=True, groups_at_once=2, jobs=1, score_jobs=0, out=str(tmp_path / "run"))
+                floor_draws=2, side_by_side=True, groups_at_once=at_once, jobs=1, score_jobs=0, out=str(tmp_path / "run"))
     rows = run(plan)
-    assert sorted((u.model, u.dataset) for u, _ in loaded) == sorted((m, d) for m in plan.models for d in plan.datasets)
+    assert loaded == []
     assert len(rows) == 4 and all(r["sample_s"] > 0 and r.get("error") is None for r in rows)
+    (tmp_path / "run" / "rows.jsonl").unlink()  # the cells again, the fits reused: their models read back, once
+    again = run(plan)
+    assert sorted(loaded) == sorted(f"{m}__{d}__s0" for m in plan.models for d in plan.datasets)
+    assert {(r["model"], r["dataset"]): r["samples_sha256"] for r in again} == \
+        {(r["model"], r["dataset"]): r["samples_sha256"] for r in rows}

@@ -12,6 +12,7 @@ from genbench.models.train import Snapshots, join_states, member_states
 from genbench.runner import monitor as monitor_mod
 from genbench.runner.monitor import ValidationMonitor, validation_floor
 from genbench.scoring import validation_sample
+from genbench.store import RunDir
 
 RING8 = datasets.get("ring8")
 
@@ -431,6 +432,33 @@ def test_a_group_sheds_its_stopped_fits_and_the_others_go_on(tmp_path, early_sto
     assert shed["circles"]["train_s"] < shed["grid25"]["train_s"] < shed["ring8"]["train_s"]
     assert kept["circles"]["train_s"] == kept["grid25"]["train_s"] == kept["ring8"]["train_s"]
     assert not (tmp_path / "True" / "partial").exists()
+
+
+def test_a_fit_that_its_group_sheds_is_handed_over_as_it_is_shed(tmp_path, early_stops, monkeypatch):
+    """The fits a group sheds are handed over (to be sampled and scored while the group trains on)
+    when they are shed, with the models the group fitted; the group's last fits as it ends."""
+    from genbench.runner import fits as fits_mod
+    from genbench.runner import check
+    from genbench.runner.core import Session
+
+    waiting = []  # the fits handed over but not yet taken, each time the group sheds
+    regroup = fits_mod.FitStore._regroup
+    monkeypatch.setattr(fits_mod.FitStore, "_regroup",
+                        lambda self, *a: waiting.append(self._fitted.qsize()) or regroup(self, *a))
+    r = check(_shed_plan(tmp_path / "run", True))
+    handed = []
+    Session(r).fits.fit_side_by_side(r.units(), set(), on_ended=handed.append)
+    assert waiting == [1, 2]  # circles when the group shed it, then grid25 (one thread: taken after the group)
+    assert [[u.dataset for u, _, _ in call] for call in handed] == [["circles", "grid25", "ring8"]]
+    store = RunDir(tmp_path / "run")
+    for unit, model, record in handed[0]:
+        assert record == _records(tmp_path / "run")[unit.dataset] | {"refit_reason": None,
+                                                                     "fit_sha256": store.sha("fits", f"vae__{unit.dataset}__s0", ".json")}
+        assert record["side_by_side"] == {"circles": 3, "grid25": 2, "ring8": 1}[unit.dataset]
+        saved = torch.utils._pytree.tree_leaves(store.load_checkpoint(f"vae__{unit.dataset}__s0", record["checkpoint_sha256"], "cpu"))
+        mine = torch.utils._pytree.tree_leaves(model.state_dict())
+        assert len(mine) == len(saved) > 2 and sum(torch.is_tensor(a) for a in mine) > 2
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(mine, saved))
 
 
 @pytest.mark.slow

@@ -78,9 +78,11 @@ class Session:
         models first, as the plan orders them), so the scoring processes score one model's cells
         while the next model trains; with ``groups_at_once`` above 1 (or a tune's trials), every
         model's groups are fitted first, that many at a time, each group's cells sampled and sent
-        to scoring as soon as it ends (the scoring processes work while the other groups train),
-        and every cell timed after the last group, on a quiet device; a row is written once it is
-        both scored and timed."""
+        to scoring as soon as it ends (a member it shed, as it is shed: the scoring processes work
+        while the other groups train), and every cell timed after the last group, on a quiet
+        device; a row is written once it is both scored and timed. A unit fitted side by side is
+        sampled and timed on the model its group fitted, not on a copy read back from its
+        checkpoint."""
         r = self.r
         todo = {u: [c.steps for c in r.cells([u]) if c not in done] for u in units}
         if self.scorer.pool is not None and r.plan.cells:  # the floor draws go to the scoring processes before the first fit
@@ -91,12 +93,13 @@ class Session:
         # across its trials), their cells sampled as each ends and timed after them all
         at_once = r.side_by_side and (r.plan.groups_at_once > 1 or bool(r.plan.trials))
         sampled: dict[Unit, tuple] = {}  # unit -> (its model, its cells sampled), to be timed
+        fitted: dict[Unit, tuple] = {}  # unit -> (its model, its fit record), fitted side by side
 
-        def sample_ended(ended: list[Unit]) -> None:
-            for unit in ended:
+        def sample_ended(ended: list[tuple]) -> None:
+            for unit, model, record in ended:
                 if todo.get(unit) and unit not in sampled:
-                    model = r.model(unit.model, unit.dataset)
-                    sampled[unit] = (model, self.run_unit(unit, model, todo[unit], timed=False))
+                    cells = self.run_unit(unit, model, todo[unit], timed=False, record=record)
+                    sampled[unit] = (model if cells else None, cells)  # (a model with nothing to time is let go)
 
         if at_once:
             self.fits.fit_side_by_side(units, done, on_ended=sample_ended)
@@ -104,26 +107,30 @@ class Session:
         groups = [[u for u in units if u.model == name] for name in names] if r.side_by_side else [units]
         for mine in groups:
             if r.side_by_side and not at_once:
-                self.fits.fit_side_by_side(mine, done)
+                self.fits.fit_side_by_side(mine, done, on_ended=lambda ended: fitted.update(
+                    (unit, (model, record)) for unit, model, record in ended if todo.get(unit)))
             for unit in mine:
                 if unit in sampled:
                     model, cells = sampled.pop(unit)
                     self.time_unit(unit, cells, model)
-                elif todo[unit]:  # its model made here, one at a time: a fitted model holds its captured graphs
-                    self.run_unit(unit, r.model(unit.model, unit.dataset), todo[unit])
+                elif todo[unit]:  # one model at a time (made here, or its group's): a timed model holds its captured graphs
+                    model, record = fitted.pop(unit, (None, None))
+                    self.run_unit(unit, model or r.model(unit.model, unit.dataset), todo[unit], record=record)
         self.scorer.drain(block=True)
 
-    def run_unit(self, unit: Unit, model, steps: list, timed: bool = True) -> list:
-        """One fit unit: its model fitted or reloaded, evaluated, and each of its cells measured,
-        scored and written. ``timed=False``: the cells are sampled and sent to scoring but not
-        timed; returns them (row, steps, a divergence to record or None) for ``time_unit``, and
-        each row waits for its timing before it is written."""
+    def run_unit(self, unit: Unit, model, steps: list, timed: bool = True, record: dict | None = None) -> list:
+        """One fit unit: its model fitted or reloaded (``record``: the fit record of ``model``,
+        fitted side by side here), evaluated, and each of its cells measured, scored and written.
+        ``timed=False``: the cells are sampled and sent to scoring but not timed; returns them
+        (row, steps, a divergence to record or None) for ``time_unit``, and each row waits for its
+        timing before it is written."""
         if not self.r.plan.cells:
-            return self.fit_rows(unit, model, steps)
+            return self.fit_rows(unit, model, steps, record)
         ds, train, ref, test = self.r.data(unit.dataset, unit.seed)
         base = self.ledger.base_row(*unit)
         try:
-            record = self.fits.fit_or_load(unit, model, train)
+            if record is None:
+                record = self.fits.fit_or_load(unit, model, train)
             self.progress.update(f"{unit.model} on {unit.dataset} seed {unit.seed}: evaluating")
             evaluation = self.scorer.evaluate(unit, model, record, test)
         except RunDirError:
@@ -161,12 +168,13 @@ class Session:
                     self.ledger.write(row, e)
         return untimed
 
-    def fit_rows(self, unit: Unit, model, steps: list) -> list:
-        """A unit of a plan without cells (``Plan.cells`` False): its fit record (read back, or the
-        unit fitted) written as one row per cell, nothing sampled, scored or evaluated."""
+    def fit_rows(self, unit: Unit, model, steps: list, record: dict | None = None) -> list:
+        """A unit of a plan without cells (``Plan.cells`` False): its fit record (``record``, read
+        back, or the unit fitted) written as one row per cell, nothing sampled, scored or evaluated."""
         base = self.ledger.base_row(*unit)
         try:
-            record = self.fits.record(unit) or self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1])
+            record = (record or self.fits.record(unit)
+                      or self.fits.fit_or_load(unit, model, self.r.data(unit.dataset, unit.seed)[1]))
         except RunDirError:
             raise
         except Exception as e:  # noqa: BLE001 - a failing unit is recorded, the run goes on

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import itertools
 import math
+import queue
 import threading
 import time
 
@@ -132,6 +133,7 @@ def longest_first(chunks: list, steps, teaches, learns) -> list:
 class FitStore:
     def __init__(self, store: RunDir, r: Resolved, progress, notes: list[str]):
         self.store, self.r, self.progress, self.notes = store, r, progress, notes
+        self._fitted = None  # fit_side_by_side's queue of the fits that ended (unit, model, record)
         self._validation: dict = {}  # (dataset, seed) -> (validation sample, its metric's floor)
 
     def reuse(self, unit: Unit, model: Generator) -> tuple[dict | None, str | None]:
@@ -330,10 +332,30 @@ class FitStore:
     def fit_side_by_side(self, units: list[Unit], done: set, on_ended=None) -> None:
         """The units that fit side by side and must be fitted, in groups of one model (a student's
         group after its teachers', each member given its own teacher), as one stacked network
-        each; their checkpoints and fit records are then what the unit-by-unit pass reuses. A
-        member that diverged, or a group that failed, is left to that pass (fitted alone, its
-        failure recorded as a solo fit's). ``on_ended(units)``: called in this thread with each
-        group's units once the group has ended (while other groups may still train)."""
+        each, their checkpoints and fit records saved. A member that diverged, or a group that
+        failed, is left to the unit-by-unit pass (fitted alone, its failure recorded as a solo
+        fit's). ``on_ended(fitted)``: called in this thread with the fits that ended, each as
+        (unit, its fitted model, its fit record), once its checkpoint and record are saved: a
+        group's as the group ends, a member that its group shed as it is shed, while other groups
+        may still train; the model is the one fitted (its weights the checkpoint's), not a copy
+        read back from the checkpoint. A unit fitted before (its checkpoint read back here, to
+        know it need not be fitted) is handed over with that model."""
+        fitted: queue.SimpleQueue = queue.SimpleQueue()
+
+        def hand_over() -> None:
+            ready = []
+            while not fitted.empty():
+                ready.append(fitted.get())
+            if ready and on_ended is not None:
+                on_ended(ready)
+
+        self._fitted = fitted if on_ended is not None else None
+        try:
+            self._fit_side_by_side(units, done, hand_over)
+        finally:
+            self._fitted = None
+
+    def _fit_side_by_side(self, units: list[Unit], done: set, hand_over) -> None:
         todo: dict[str, list] = {}
         steps: dict[Unit, int] = {}  # each unit's training steps (its cap): how long its group trains, at most
         batch: dict[Unit, int | None] = {}  # ... and its batch (a member field: groups split by batch_groups)
@@ -345,6 +367,8 @@ class FitStore:
                 continue
             model = self.r.model(unit.model, unit.dataset)
             record, refit = self.reuse(unit, model)
+            if record is not None and self._fitted is not None:  # fitted before: handed over as it was read back
+                self._fitted.put((unit, model, record))
             if record is None:  # one group per family and config but for its member fields (a tuned
                 # config is per dataset; tuning trials differing in a learning rate share a group),
                 # and per step it starts at (fits continued from a previous rung's with each other)
@@ -362,27 +386,25 @@ class FitStore:
             chunks = longest_first(chunks, lambda c: max(steps[u] for u, _ in c),
                                    lambda c: c[0][0].model in teacher.values(), lambda c: teacher[c[0][0].model])
         if self.r.plan.groups_at_once > 1 and (len(chunks) > 1 or (chunks and SLOTS is not None)):
-            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, on_ended,
+            self.fit_groups_at_once(chunks, self.r.plan.groups_at_once, hand_over,
                                     lengths=[max(steps[u] for u, _ in c) for c in chunks])
         else:
             for chunk in chunks:
                 self.fit_group(chunk)
-                if on_ended is not None:
-                    on_ended([u for u, _ in chunk])
+                hand_over()
+        hand_over()  # (the fits read back where no group was fitted)
 
-    def fit_groups_at_once(self, chunks: list[list], at_once: int, on_ended=None, lengths: list | None = None) -> None:
+    def fit_groups_at_once(self, chunks: list[list], at_once: int, hand_over=None, lengths: list | None = None) -> None:
         """``fit_group`` of each chunk, ``at_once`` of them at a time in threads of this process,
         each on a CUDA stream of its own (the GPU runs one group's kernels between another's); a
-        student's group starts once its teacher's groups have ended. Where other runs of this
+        student's group starts once its teacher's groups have ended, and a teacher's group trains
+        on a high-priority stream (the GPU schedules its kernels before the others'). Where other runs of this
         process fit groups too (``SLOTS``), each group trains in one of their shared slots, as
         ``Slots`` grants them (``lengths``: each chunk's most steps; the chain: ``chain_of_thread``). The threads are daemons and
         joined with a timeout, so an interrupt is not held up by a group still training; the first
         error a group raises (a run dir that cannot be written) is raised here once all have ended.
-        ``on_ended(units)`` runs here, in the calling thread, for each group that ended without an
-        error, while the others train on."""
-        import queue
-        import threading
-
+        ``hand_over()`` is called here, in the calling thread, while the groups train (every 0.2 s)
+        and once after them, until a group has raised."""
         import torch
 
         from ..models.graphs import own_stream
@@ -391,6 +413,7 @@ class FitStore:
         # a chunk waits for the chunks that hold its teacher's units; chunks come teachers' first,
         # so those were taken from the queue before it
         needs = [[j for j in range(i) if any(u.model == teachers[i] for u, _ in chunks[j])] for i in range(len(chunks))]
+        taught = {j for n in needs for j in n}  # chunks that others wait for: on high-priority streams
         ended = [threading.Event() for _ in chunks]
         errors: list[BaseException] = []
         todo: queue.SimpleQueue = queue.SimpleQueue()
@@ -410,7 +433,7 @@ class FitStore:
                         ended[j].wait()
                     with SLOTS.slot(lengths[i] if lengths else 0, chain) if SLOTS else contextlib.nullcontext():
                         if not errors and cuda:  # a stream no other group's thread has (graphs.own_stream)
-                            with own_stream(self.r.device) as stream, torch.cuda.stream(stream):
+                            with own_stream(self.r.device, high=i in taught) as stream, torch.cuda.stream(stream):
                                 self.fit_group(chunks[i])
                                 torch.cuda.current_stream().synchronize()
                         elif not errors:
@@ -424,23 +447,15 @@ class FitStore:
                    for n in range(min(at_once, len(chunks)))]
         for t in threads:
             t.start()
-        handled: set[int] = set()
-
-        def hand_over() -> None:
-            for i in range(len(chunks)):
-                if i not in handled and ended[i].is_set():
-                    handled.add(i)
-                    if on_ended is not None and not errors:
-                        on_ended([u for u, _ in chunks[i]])
-
         for t in threads:
             while t.is_alive():
                 t.join(0.2)
                 try:
-                    hand_over()
+                    if hand_over is not None and not errors:
+                        hand_over()
                 except BaseException as e:  # noqa: BLE001 - the run stops once the groups have ended
                     errors.append(e)
-        if not errors:
+        if hand_over is not None and not errors:
             hand_over()
         if errors:
             raise errors[0]
@@ -527,6 +542,9 @@ class FitStore:
         for j, ((u, refit), model, info, ex, monitor) in enumerate(zip(chunk, models, infos, extras, monitors)):
             if not isinstance(info, BaseException) and j not in going_on:
                 self.save(u, model, info, ex | self._stopping(model, monitor) | resumed, refit)
+                record = self.record(u)  # (as read back: what a resumed run's rows get)
+                if self._fitted is not None and record is not None:
+                    self._fitted.put((u, model, record | {"refit_reason": refit}))
         if going_on:
             return self._regroup(chunk, models, snapshots.shed_state | resumed, sorted(going_on), partial)
         self.store.drop_partial(partial)
