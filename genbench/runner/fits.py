@@ -1,6 +1,7 @@
 """The fit store: a fit unit's trained model, reused from the run dir's checkpoint where its
 record and bytes check out, else fitted (after its teacher) and saved; and the units of one model
-fitted side by side in groups, whose checkpoints the unit-by-unit pass then reuses."""
+fitted side by side in groups, whose fitted models are handed over to be sampled (their checkpoints
+are what a resumed run, or a worker process, reuses)."""
 from __future__ import annotations
 
 import contextlib
