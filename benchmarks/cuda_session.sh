@@ -10,11 +10,19 @@
 #                                                 # in threads and in processes, then the tune
 #   PHASE=streams bash benchmarks/cuda_session.sh # the grid's groups at once (group_step.py --together):
 #                                                 # as they are, with the GPU's 32 hardware queues
-#                                                 # (CUDA_DEVICE_MAX_CONNECTIONS), with the flow first
+#                                                 # (CUDA_DEVICE_MAX_CONNECTIONS), with the flow first,
+#                                                 # then what the main thread pays to read back and
+#                                                 # sample a model meanwhile, at three switch intervals
 #   PHASE=grid  bash benchmarks/cuda_session.sh   # the converged canonical grid, from scratch, alone
 #   PHASE=doubled bash benchmarks/cuda_session.sh # the same grid with every cap doubled, started or
 #                                                 # resumed (benchmarks/cap_check.py compares the two)
-#   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed
+#   PHASE=tune  bash benchmarks/cuda_session.sh   # the canonical tune, started or resumed; MODELS=vae,flow
+#                                                 # tunes those alone, and CARRY=DIR writes the tune's
+#                                                 # directory without checkpoints, kept states or
+#                                                 # snapshots to DIR/tune.tgz.aa, .ab, ... (15 MiB each):
+#                                                 # TUNE_FROM=DIR on the next machine starts from them
+#                                                 # (its finished models are read from their rows; a
+#                                                 # tune is assembled model by model, over sessions)
 #   PHASE=pacgan bash benchmarks/cuda_session.sh  # PacGAN's Table 1 at the paper's budget, started or
 #                                                 # resumed (PACKS=1,2,3,4 by default)
 #
@@ -50,7 +58,7 @@ DATASETS=ring8,grid25,moons,circles,swissroll,pinwheel,spirals,checkerboard
 tune() {
   local t; t=$(left)
   (( t > 30 )) || return 0
-  timeout "$t" python3 benchmarks/grid_phases.py tune --models diffusion,cm,vae,flow,gan --datasets "$DATASETS" \
+  timeout "$t" python3 benchmarks/grid_phases.py tune --models "${MODELS:-diffusion,cm,vae,flow,gan}" --datasets "$DATASETS" \
     --trials 32 --seeds 0 --device "${DEVICE:-cuda}" --groups-at-once 8 --halving 3 --max-members 96 --out "$STATE/tune" \
     > "$LOG/tune.out" 2>> "$LOG/tune.err"
   echo "tune: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
@@ -87,9 +95,9 @@ case "$PHASE" in
     tune
     ;;
   streams)
-    for how in "" "CUDA_DEVICE_MAX_CONNECTIONS=32" "--first flow"; do
+    for how in "" "CUDA_DEVICE_MAX_CONNECTIONS=32" "--first flow" "--main-sample diffusion --switch-interval 0.005,0.001,0.0002"; do
       (( $(left) > 10 )) || break
-      case "$how" in --*) set -- "$how"; e=() ;; "") set --; e=() ;; *) set --; e=("$how") ;; esac
+      case "$how" in --*) set -- $how; e=() ;; "") set --; e=() ;; *) set --; e=("$how") ;; esac
       timeout "$(lim 150)" env "${e[@]}" python3 benchmarks/group_step.py --together \
         --models vae,flow,diffusion,cm-ct,gan --members 24 --steps 1500 --device "${DEVICE:-cuda}" $@ >> "$LOG/streams.txt" 2>&1
       echo "streams ${how:-as they are}: exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG/phases.txt"
@@ -112,8 +120,16 @@ case "$PHASE" in
     cp "$STATE/doubled/rows.jsonl" "$LOG/doubled_rows.jsonl" 2>/dev/null
     ;;
   tune)
+    if [ -n "${TUNE_FROM:-}" ] && [ ! -d "$STATE/tune" ]; then
+      cat "$TUNE_FROM"/tune.tgz.* | tar xzf - -C "$STATE" && echo "tune: started from $TUNE_FROM" | tee -a "$LOG/phases.txt"
+    fi
     tune
     cp "$STATE/tune/tune.json" "$STATE/tune/tuned.json" "$LOG/" 2>/dev/null
+    if [ -n "${CARRY:-}" ]; then
+      mkdir -p "$CARRY" && rm -f "$CARRY"/tune.tgz.*
+      tar czf - -C "$STATE" --exclude='*.pt' --exclude=ends --exclude=partial tune | split -b 15m - "$CARRY/tune.tgz."
+      ls -l "$CARRY"/tune.tgz.* >> "$LOG/phases.txt"
+    fi
     ;;
   pacgan)
     timeout "$(lim "$W")" genbench reproduce pacgan --packs "${PACKS:-1,2,3,4}" --device cuda --out "$STATE/pacgan" \

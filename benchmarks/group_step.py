@@ -5,7 +5,8 @@ warm-up steps and capture included) over its steps.
 
     python benchmarks/group_step.py [--models flow,vae,gan,diffusion] [--steps 3000] [--members 24] [--member-beta1]
                                     [--batches B[,B...]] [--replay window,step] [--rounds 1] [--pacgan PACK]
-                                    [--at-once 1,4,8 [--processes]] [--together [--first MODEL]] [--profile]
+                                    [--at-once 1,4,8 [--processes]] [--together [--first MODEL]
+                                    [--main-sample MODEL [--switch-interval S,...]]] [--profile]
                                     [--device cuda]
 
 ``--replay window,step`` times each model with a logged window captured as one graph (the default,
@@ -29,6 +30,12 @@ the whole; ``--first MODEL`` gives that model's group a high-priority stream (th
 kernels before the others': a grid's longest group, its critical path). Run it with and without
 ``CUDA_DEVICE_MAX_CONNECTIONS=32`` in the environment (the GPU's hardware queues, 8 by default, that
 the streams share) to see whether the groups' streams wait on each other there.
+``--main-sample MODEL`` has the main thread, meanwhile, do what a run's thread does with each fitted
+unit while the other groups train: read a fitted MODEL back from its checkpoint's bytes (onto the
+GPU) and sample 3,000 points (eager, the preset's steps), again and again; it prints the medians of
+both alone and while the groups train. ``--switch-interval 0.005,0.001``: the interpreter's switch
+interval (``sys.setswitchinterval``) for each such round in turn, to tell the interpreter lock
+(what a thread waits for between the small operations of its Python loop) from the GPU's queues.
 
 ``--profile`` runs each model's group under torch's profiler and prints where the device's time
 went: the kernels by total time (their count per training step, their share), and the kernels a
@@ -43,14 +50,17 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import sys
 import threading
 import time
 
+import numpy as np
 import torch
 
 import genbench
 from genbench import datasets
 from genbench.registry import resolve
+from genbench.runner import NFECounter
 
 
 def main() -> None:
@@ -69,6 +79,9 @@ def main() -> None:
     ap.add_argument("--processes", action="store_true", help="with --at-once: each group in a process of its own")
     ap.add_argument("--together", action="store_true", help="one group of each model at the same time (threads)")
     ap.add_argument("--first", default="", help="with --together: this model's group on a high-priority stream")
+    ap.add_argument("--main-sample", default="", metavar="MODEL",
+                    help="with --together: the main thread reads back and samples a fitted MODEL meanwhile")
+    ap.add_argument("--switch-interval", default="", help="with --main-sample: S[,S...] seconds, a round each")
     ap.add_argument("--profile", action="store_true", help="the kernels each model's group spends its time in")
     ap.add_argument("--device", default="cuda", help="cuda (cpu: a smoke test of this script)")
     args = ap.parse_args()
@@ -156,15 +169,23 @@ def together(args) -> None:
     for name in names:
         _group(name, 100, args.members, 10_000, args.device)  # warm-up
         _, _, alone[name] = _group(name, args.steps, args.members, 0, args.device)
-    got = {}
-
-    def run(name: str) -> None:
-        got[name] = _group(name, args.steps, args.members, 0, args.device, high=name == args.first)
-
-    threads = [threading.Thread(target=run, args=(name,)) for name in names]
-    for t in threads:
-        t.start()
-    for t in threads:
+    if args.main_sample:
+        unit = _fitted_bytes(args.main_sample, args.device)
+        idle = [_read_and_sample(*unit, args.device) for _ in range(5)]
+        print(f"main thread, {args.main_sample} read back and sampled (3,000 points), no group training: read "
+              f"{np.median([r for r, _ in idle]) * 1e3:.1f} ms, sample {np.median([s for _, s in idle]) * 1e3:.1f} ms "
+              f"(median of 5; switch interval {sys.getswitchinterval() * 1e3:g} ms)", flush=True)
+        for interval in [float(x) for x in args.switch_interval.split(",") if x] or [sys.getswitchinterval()]:
+            sys.setswitchinterval(interval)
+            threads, calls = _at_once(names, args).pop("threads"), []
+            while any(t.is_alive() for t in threads):
+                calls.append(_read_and_sample(*unit, args.device))
+            print(f"  while the {len(names)} groups train (switch interval {interval * 1e3:g} ms): read "
+                  f"{np.median([r for r, _ in calls]) * 1e3:.1f} ms, sample {np.median([s for _, s in calls]) * 1e3:.1f} ms "
+                  f"(median of {len(calls)})", flush=True)
+        sys.setswitchinterval(0.005)
+    got = _at_once(names, args)
+    for t in got.pop("threads"):
         t.join()
     t0 = min(s for s, _, _ in got.values())
     wall = max(e for _, e, _ in got.values()) - t0
@@ -177,6 +198,42 @@ def together(args) -> None:
         _, e, g = got[name]
         print(f"  {name:10s} alone {alone[name] / args.steps * 1e3:6.2f} ms/step, together {g / args.steps * 1e3:6.2f} "
               f"ms/step, ended {e - t0:6.1f} s", flush=True)
+
+
+def _at_once(names: list[str], args) -> dict:
+    """One group of each model started at once in threads of their own: name -> (start, end,
+    group_train_s) once each has ended, and "threads": the threads, started."""
+    got = {}
+
+    def run(name: str) -> None:
+        got[name] = _group(name, args.steps, args.members, 0, args.device, high=name == args.first)
+
+    got["threads"] = [threading.Thread(target=run, args=(name,)) for name in names]
+    for t in got["threads"]:
+        t.start()
+    return got
+
+
+def _fitted_bytes(name: str, device: str) -> tuple:
+    """A ``name`` model fitted briefly on ring8 and its checkpoint's bytes: what a run's thread reads back."""
+    from genbench.store import load_state, torch_bytes
+
+    cls = resolve([name])[0].cls
+    model = cls(budget="converged", params={"train_steps": "200"})
+    model.fit(datasets.get("ring8").sample(20000, [0, 0]), device=device, seed=0)
+    return cls, torch_bytes(model.state_dict()), load_state
+
+
+def _read_and_sample(cls, data: bytes, load_state, device: str) -> tuple[float, float]:
+    """Seconds to read a model back from its checkpoint's bytes onto ``device``, and to sample 3,000 points."""
+    t0 = time.perf_counter()
+    model = cls(budget="converged")
+    model.load_state_dict(load_state(data, device), device=device)
+    t1 = time.perf_counter()
+    with NFECounter(model.nfe_module):  # as a cell is sampled (cell.measure): its evaluations counted
+        x = model.sample(3000, seed=1)
+    x.detach().float().cpu().numpy()  # (on the host: the run's thread saves and scores it)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _group(name: str, steps: int, members: int, index: int, device: str, high: bool = False) -> tuple[float, float, float]:

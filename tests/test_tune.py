@@ -685,3 +685,33 @@ def test_a_promoted_trial_whose_fit_converged_keeps_that_fit(tmp_path, monkeypat
     assert comparable, "no adopted fit continues a fit that is the same in both tunes"
     for name, record in comparable.items():
         assert stop(again[name]) == stop(record)
+
+
+@pytest.mark.slow
+def test_a_tune_is_assembled_model_by_model_from_its_rows_alone(tmp_path, monkeypatch):
+    """A tune made over several invocations: one model's trials in the first, its directory kept
+    without a checkpoint, a kept state or a snapshot (what a GPU machine's output can carry to the
+    next one), then the tune with more models fits only the new models' trials, and the tuned
+    configs are those of the same tune made at once."""
+    import shutil
+
+    from genbench.runner import fits as fits_mod
+
+    def tune_into(out, models):
+        _, results, best, _ = tune.run_tune(models=models, datasets=["ring8"], seeds=[0], n_trials=3, studies=1,
+                                            budget="quick", out=out, device="cpu", threads=1, jobs=1, seed=0,
+                                            run=lambda r: r.run(), halving=2)
+        return results, best
+
+    whole = tune_into(tmp_path / "whole", ["vae", "gan"])
+    tune_into(tmp_path / "split", ["vae"])
+    for p in list((tmp_path / "split").rglob("*")):
+        if p.is_dir() and p.name in ("ends", "partial", "checkpoints"):
+            shutil.rmtree(p)
+    assert not list((tmp_path / "split").rglob("*.pt"))
+    fitted = []
+    save = fits_mod.FitStore.save
+    monkeypatch.setattr(fits_mod.FitStore, "save", lambda self, unit, *a: fitted.append(unit.model) or save(self, unit, *a))
+    split = tune_into(tmp_path / "split", ["vae", "gan"])
+    assert fitted and all(m.startswith("gan~") for m in fitted)
+    assert split == whole
