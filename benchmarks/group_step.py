@@ -175,7 +175,8 @@ def together(args) -> None:
         print(f"main thread, {args.main_sample} read back and sampled (3,000 points), no group training: read "
               f"{np.median([r for r, _ in idle]) * 1e3:.1f} ms, sample {np.median([s for _, s in idle]) * 1e3:.1f} ms "
               f"(median of 5; switch interval {sys.getswitchinterval() * 1e3:g} ms)", flush=True)
-        for interval in [float(x) for x in args.switch_interval.split(",") if x] or [sys.getswitchinterval()]:
+        default = sys.getswitchinterval()
+        for interval in [float(x) for x in args.switch_interval.split(",") if x] or [default]:
             sys.setswitchinterval(interval)
             threads, calls = _at_once(names, args).pop("threads"), []
             while any(t.is_alive() for t in threads):
@@ -183,7 +184,7 @@ def together(args) -> None:
             print(f"  while the {len(names)} groups train (switch interval {interval * 1e3:g} ms): read "
                   f"{np.median([r for r, _ in calls]) * 1e3:.1f} ms, sample {np.median([s for _, s in calls]) * 1e3:.1f} ms "
                   f"(median of {len(calls)})", flush=True)
-        sys.setswitchinterval(0.005)
+        sys.setswitchinterval(default)
     got = _at_once(names, args)
     for t in got.pop("threads"):
         t.join()
@@ -215,17 +216,19 @@ def _at_once(names: list[str], args) -> dict:
 
 
 def _fitted_bytes(name: str, device: str) -> tuple:
-    """A ``name`` model fitted briefly on ring8 and its checkpoint's bytes: what a run's thread reads back."""
-    from genbench.store import load_state, torch_bytes
+    """A ``name`` model fitted briefly on ring8 (its class) and its checkpoint's bytes: what a run's thread reads back."""
+    from genbench.store import torch_bytes
 
     cls = resolve([name])[0].cls
     model = cls(budget="converged", params={"train_steps": "200"})
     model.fit(datasets.get("ring8").sample(20000, [0, 0]), device=device, seed=0)
-    return cls, torch_bytes(model.state_dict()), load_state
+    return cls, torch_bytes(model.state_dict())
 
 
-def _read_and_sample(cls, data: bytes, load_state, device: str) -> tuple[float, float]:
+def _read_and_sample(cls, data: bytes, device: str) -> tuple[float, float]:
     """Seconds to read a model back from its checkpoint's bytes onto ``device``, and to sample 3,000 points."""
+    from genbench.store import load_state
+
     t0 = time.perf_counter()
     model = cls(budget="converged")
     model.load_state_dict(load_state(data, device), device=device)

@@ -543,8 +543,8 @@ class FitStore:
         for j, ((u, refit), model, info, ex, monitor) in enumerate(zip(chunk, models, infos, extras, monitors)):
             if not isinstance(info, BaseException) and j not in going_on:
                 self.save(u, model, info, ex | self._stopping(model, monitor) | resumed, refit)
-                record = self.record(u)  # (as read back: what a resumed run's rows get)
-                if self._fitted is not None and record is not None:
+                record = self.record(u) if self._fitted is not None else None  # (as read back: a resumed run's rows')
+                if record is not None:
                     self._fitted.put((u, model, record | {"refit_reason": refit}))
         if going_on:
             return self._regroup(chunk, models, snapshots.shed_state | resumed, sorted(going_on), partial)
